@@ -1,0 +1,150 @@
+"""The werkfluss exception tree.
+
+Every error a user can catch derives from `WerkflussError`::
+
+    WerkflussError
+    ├── ConfigurationError      bad settings, IDs or options, found at definition time
+    ├── SerializationError      a value msgspec cannot encode (names step + argument)
+    ├── StorageError            Redis/Valkey unreachable or answering nonsense
+    ├── NonDeterminismError     replay found another step than the log recorded
+    ├── StepFailedError         a step exhausted its retries (carries the original error)
+    ├── RunFailedError          a run this caller waited for ended in failure
+    ├── RunConflictError        a run ID already belongs to another workflow or arguments
+    └── NotInWorkflowError      a run-only function was called outside a run or step
+
+`_Suspend` is deliberately *not* in that tree: it is a private `BaseException`
+used to unwind a run whose lease was lost, so that a user's
+`except Exception:` can never swallow it.
+"""
+
+from __future__ import annotations
+
+from typing import final
+
+__all__ = [
+    "ConfigurationError",
+    "NonDeterminismError",
+    "NotInWorkflowError",
+    "RunConflictError",
+    "RunFailedError",
+    "SerializationError",
+    "StepFailedError",
+    "StorageError",
+    "WerkflussError",
+]
+
+
+class WerkflussError(Exception):
+    """Root of every error werkfluss raises on purpose."""
+
+
+class ConfigurationError(WerkflussError):
+    """Settings, IDs or options are invalid; raised where they are defined."""
+
+
+class SerializationError(WerkflussError):
+    """A value cannot be encoded to (or decoded from) the event log.
+
+    Attributes:
+        step_id: The step (or workflow) whose argument or result is at fault.
+        where: Which value: ``"argument 'user'"``, ``"result"``, with a path
+            into the value where one is known (``"argument 'order'.items[2]"``).
+    """
+
+    def __init__(self, message: str, *, step_id: str | None = None, where: str | None = None) -> None:
+        super().__init__(message)
+        self.step_id = step_id
+        self.where = where
+
+
+class StorageError(WerkflussError):
+    """The Redis/Valkey server is unreachable, misconfigured or refused a command."""
+
+
+class NonDeterminismError(WerkflussError):
+    """A rerun called another step at a sequence number than the log recorded.
+
+    The run is parked as ``blocked``; nothing past the divergence executes.
+    Deploy code that calls the recorded steps in the recorded order and start
+    the run again.
+    """
+
+    def __init__(self, run_id: str, seq: int, recorded: str, called: str) -> None:
+        super().__init__(
+            f"run {run_id!r}: step #{seq} was recorded as {recorded!r} but the workflow now "
+            f"calls {called!r}. The workflow code changed under a run in progress; restore the "
+            f"old order of steps (new steps may only be appended after the recorded ones) and "
+            f"start the run again."
+        )
+        self.run_id = run_id
+        self.seq = seq
+        self.recorded = recorded
+        self.called = called
+
+
+class StepFailedError(WerkflussError):
+    """A step failed on its last allowed attempt.
+
+    The original exception is kept as data (type name, message, traceback
+    text), never re-imported by name. ``original`` holds the exception object
+    itself when this process raised it, or when it is a builtin exception that
+    can be rebuilt from its message; otherwise it is ``None``.
+    """
+
+    def __init__(
+        self,
+        *,
+        run_id: str,
+        step_id: str,
+        seq: int,
+        attempts: int,
+        error_type: str,
+        error_message: str,
+        traceback: str,
+        original: BaseException | None = None,
+    ) -> None:
+        plural = "attempt" if attempts == 1 else "attempts"
+        super().__init__(
+            f"step {step_id!r} (#{seq} of run {run_id!r}) failed after {attempts} {plural}: "
+            f"{error_type}: {error_message}"
+        )
+        self.run_id = run_id
+        self.step_id = step_id
+        self.seq = seq
+        self.attempts = attempts
+        self.error_type = error_type
+        self.error_message = error_message
+        self.traceback = traceback
+        self.original = original
+
+
+class RunFailedError(WerkflussError):
+    """A run that this caller attached to ended in failure in another process."""
+
+    def __init__(self, run_id: str, error_type: str, error_message: str, traceback: str = "") -> None:
+        super().__init__(f"run {run_id!r} failed: {error_type}: {error_message}")
+        self.run_id = run_id
+        self.error_type = error_type
+        self.error_message = error_message
+        self.traceback = traceback
+
+
+class RunConflictError(WerkflussError):
+    """A run ID is taken by a run of another workflow, or with other arguments."""
+
+
+class NotInWorkflowError(WerkflussError):
+    """A function that needs a running workflow or step was called outside one."""
+
+
+@final
+class _Suspend(BaseException):
+    """Unwinds a run this process may no longer write (its lease was taken over).
+
+    A `BaseException` so that user code's ``except Exception`` cannot swallow it.
+    """
+
+    def __init__(self, run_id: str, reason: str) -> None:
+        super().__init__(f"run {run_id!r}: {reason}")
+        self.run_id = run_id
+        self.reason = reason

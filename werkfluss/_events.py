@@ -1,0 +1,244 @@
+"""The event log's vocabulary and the one codec for user values.
+
+Events are frozen msgspec Structs in a tagged union, encoded as msgpack
+arrays (compact, and new fields may be appended with defaults: see msgspec's
+schema-evolution rules, the law for anything persisted here). One Encoder
+and one Decoder are built once.
+
+User values (arguments, results, hook payloads) are stored as raw msgpack
+inside the events. They pass through `msgspec.to_builtins` first, which
+keeps what msgpack's timestamp extension would lose: an aware datetime's
+UTC offset, a Decimal's exponent. They decode to the annotated type
+(`msgspec.convert` semantics), so a step returning a dataclass returns an
+equal dataclass on replay. Nothing here ever imports a name read from the
+log: error types are kept as strings.
+"""
+
+from __future__ import annotations
+
+import builtins
+import dataclasses
+import traceback as tb
+from typing import Any, TypeAlias
+
+import msgspec
+
+from ._errors import SerializationError
+
+__all__ = [
+    "AnyEvent",
+    "ErrorInfo",
+    "Event",
+    "RunBlocked",
+    "RunCompleted",
+    "RunFailed",
+    "RunResumed",
+    "RunStarted",
+    "StepCompleted",
+    "StepFailed",
+    "decode_event",
+    "decode_value",
+    "encode_event",
+    "encode_value",
+]
+
+
+class ErrorInfo(msgspec.Struct, frozen=True, array_like=True):
+    """An exception as data: its type name, message and traceback text."""
+
+    type: str
+    message: str
+    traceback: str = ""
+
+    @classmethod
+    def from_exception(cls, exc: BaseException) -> ErrorInfo:
+        """Capture `exc` (type, ``str()``, formatted traceback) as data."""
+        kind = type(exc)
+        name = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+        text = "".join(tb.format_exception(exc))
+        try:
+            message = str(exc)
+        except Exception:  # a broken __str__ must not lose the failure itself
+            message = f"<{name} whose str() failed>"
+        return cls(type=name, message=message, traceback=text)
+
+    def rebuild(self) -> BaseException | None:
+        """The exception object, for builtin exception types only.
+
+        Rebuilding is limited to classes of the `builtins` module: looking
+        up any other name read from the log could import or run code.
+        """
+        cls = getattr(builtins, self.type, None) if "." not in self.type else None
+        if isinstance(cls, type) and issubclass(cls, Exception):
+            try:
+                return cls(self.message)
+            except Exception:
+                return None
+        return None
+
+
+class Event(msgspec.Struct, frozen=True, array_like=True, tag_field="k"):
+    """Base of every logged event; `time` is the writer's Unix time in seconds."""
+
+    time: float
+
+
+class RunStarted(Event, tag="run-started"):
+    """The run was created; `args` is the encoded ``[args, kwargs]`` of the workflow."""
+
+    workflow: str
+    args: msgspec.Raw
+
+
+class RunResumed(Event, tag="run-resumed"):
+    """A process took the run over (after a crash, a failure or a pause)."""
+
+    holder: str
+
+
+class StepCompleted(Event, tag="step-completed"):
+    """Step `seq` returned. Written with its start time, in one round trip."""
+
+    seq: int
+    step: str
+    attempt: int
+    started: float
+    args: msgspec.Raw
+    result: msgspec.Raw
+
+
+class StepFailed(Event, tag="step-failed"):
+    """An attempt of step `seq` failed; `final` when no retry follows."""
+
+    seq: int
+    step: str
+    attempt: int
+    started: float
+    error: ErrorInfo
+    final: bool
+    retry_at: float | None = None
+
+
+class RunCompleted(Event, tag="run-completed"):
+    """The workflow returned `result`."""
+
+    result: msgspec.Raw
+
+
+class RunFailed(Event, tag="run-failed"):
+    """The workflow raised; `seq` names the failed step that caused it, if one did."""
+
+    error: ErrorInfo
+    seq: int | None = None
+
+
+class RunBlocked(Event, tag="run-blocked"):
+    """Replay diverged from the log (`error` says where); the run waits for fixed code."""
+
+    error: ErrorInfo
+
+
+AnyEvent: TypeAlias = RunStarted | RunResumed | StepCompleted | StepFailed | RunCompleted | RunFailed | RunBlocked
+
+_event_encoder = msgspec.msgpack.Encoder()
+_event_decoder = msgspec.msgpack.Decoder(AnyEvent)
+_value_encoder = msgspec.msgpack.Encoder()
+_deterministic_encoder = msgspec.msgpack.Encoder(order="deterministic")
+_KEEP = (bytes, bytearray, memoryview)
+
+
+def encode_event(event: AnyEvent) -> bytes:
+    """Encode one event for the log."""
+    return _event_encoder.encode(event)
+
+
+def decode_event(data: bytes) -> AnyEvent:
+    """Decode one log entry; raises `msgspec.DecodeError` on anything malformed."""
+    return _event_decoder.decode(data)
+
+
+def encode_value(value: Any, *, deterministic: bool = False) -> bytes:
+    """Encode a user value; raises `TypeError`/`ValueError`/`RecursionError` if it cannot."""
+    builtin = msgspec.to_builtins(value, builtin_types=_KEEP, order="deterministic" if deterministic else None)
+    return (_deterministic_encoder if deterministic else _value_encoder).encode(builtin)
+
+
+def encode_checked(value: Any, *, owner: str, where: str, deterministic: bool = False) -> bytes:
+    """`encode_value`, turning failure into a `SerializationError` naming `owner` and `where`."""
+    try:
+        return encode_value(value, deterministic=deterministic)
+    except (TypeError, ValueError, OverflowError, RecursionError, msgspec.EncodeError) as exc:
+        path, reason = _find_unencodable(value, where, set())
+        raise SerializationError(
+            f"{owner}: {path} cannot be stored in the event log ({reason or exc}). Use builtins, "
+            f"dataclasses, msgspec Structs, datetime, UUID, Decimal or enums.",
+            step_id=owner,
+            where=path,
+        ) from None
+
+
+def encode_call(owner: str, args: tuple[Any, ...], kwargs: dict[str, Any], *, deterministic: bool = False) -> bytes:
+    """Encode a call's arguments as ``[args, kwargs]``, naming the argument at fault."""
+    try:
+        return encode_value([args, kwargs], deterministic=deterministic)
+    except (TypeError, ValueError, OverflowError, RecursionError, msgspec.EncodeError):
+        for i, arg in enumerate(args):
+            encode_checked(arg, owner=owner, where=f"argument {i}", deterministic=deterministic)
+        for key, arg in kwargs.items():
+            encode_checked(arg, owner=owner, where=f"argument {key!r}", deterministic=deterministic)
+        raise  # pragma: no cover - one of the loops above raises
+
+
+def decode_value(data: bytes, type_: Any, *, owner: str, where: str) -> Any:
+    """Decode a stored value to `type_` (``Any`` keeps the plain msgpack value)."""
+    try:
+        return msgspec.msgpack.decode(data, type=type_)
+    except (msgspec.DecodeError, RecursionError) as exc:
+        raise SerializationError(
+            f"{owner}: the recorded {where} does not decode as {getattr(type_, '__name__', type_)}: {exc}. "
+            f"Did the annotated type change incompatibly since it was recorded?",
+            step_id=owner,
+            where=where,
+        ) from None
+
+
+def _find_unencodable(value: Any, path: str, seen: set[int]) -> tuple[str, str]:
+    """Walk `value` for the first part that does not encode; returns (path, reason)."""
+    if id(value) in seen:
+        return path, "it contains a reference cycle"
+    try:
+        msgspec.to_builtins(value, builtin_types=_KEEP)
+        return path, ""
+    except RecursionError:
+        pass
+    except (TypeError, ValueError, OverflowError) as exc:
+        reason = str(exc)
+        if not isinstance(value, (dict, list, tuple, set, frozenset)) and not _has_fields(value):
+            return path, reason
+    seen.add(id(value))
+    children: list[tuple[str, Any]]
+    if isinstance(value, dict):
+        children = [(f"{path}[{k!r}]", v) for k, v in value.items()]
+    elif isinstance(value, (list, tuple)):
+        children = [(f"{path}[{i}]", v) for i, v in enumerate(value)]
+    elif isinstance(value, (set, frozenset)):
+        children = [(f"{path}{{…}}", v) for v in value]
+    else:
+        children = [(f"{path}.{name}", getattr(value, name, None)) for name in _field_names(value)]
+    for child_path, child in children:
+        found, reason = _find_unencodable(child, child_path, seen)
+        if reason:
+            return found, reason
+    return path, f"{type(value).__name__} is not supported"
+
+
+def _has_fields(value: Any) -> bool:
+    return dataclasses.is_dataclass(value) or isinstance(value, msgspec.Struct)
+
+
+def _field_names(value: Any) -> list[str]:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return [f.name for f in dataclasses.fields(value)]
+    if isinstance(value, msgspec.Struct):
+        return list(value.__struct_fields__)
+    return []

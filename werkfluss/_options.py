@@ -1,0 +1,133 @@
+"""Options, frozen: step options, retry policies and connection settings.
+
+Each default is documented once, here.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+import msgspec
+
+from ._errors import ConfigurationError
+
+__all__ = ["RetryPolicy", "Settings", "StepOptions"]
+
+Backoff = Literal["exponential", "linear", "constant"]
+
+
+class RetryPolicy(msgspec.Struct, frozen=True, kw_only=True):
+    """How often and how patiently a step is retried.
+
+    Attributes:
+        retries: Retries after the first attempt: ``retries=3`` allows 4 attempts.
+        backoff: ``"exponential"`` (base, 2·base, 4·base, …), ``"linear"``
+            (base, 2·base, 3·base, …) or ``"constant"`` (base every time).
+        base: The first delay in seconds (default 1.0).
+        max_delay: No delay is longer than this many seconds (default 60).
+        retry_on: Exception types that are retried; any other fails the step
+            at once. Default: every `Exception`.
+    """
+
+    retries: int = 0
+    backoff: Backoff = "exponential"
+    base: float = 1.0
+    max_delay: float = 60.0
+    retry_on: tuple[type[BaseException], ...] = (Exception,)
+
+    def __post_init__(self) -> None:
+        if self.retries < 0:
+            raise ConfigurationError(f"retries must be >= 0, got {self.retries}")
+        if self.base < 0 or self.max_delay < 0:
+            raise ConfigurationError("retry delays must be >= 0")
+        if self.backoff not in ("exponential", "linear", "constant"):
+            raise ConfigurationError(f"unknown backoff {self.backoff!r}: use exponential, linear or constant")
+
+    def delay(self, failures: int) -> float:
+        """Seconds to wait after the `failures`-th failed attempt (1-based)."""
+        if self.backoff == "exponential":
+            raw = self.base * 2 ** (failures - 1)
+        elif self.backoff == "linear":
+            raw = self.base * failures
+        else:
+            raw = self.base
+        return min(raw, self.max_delay)
+
+    def retries_on(self, exc: BaseException) -> bool:
+        """Whether `exc` is one this policy retries."""
+        return isinstance(exc, self.retry_on)
+
+
+class StepOptions(msgspec.Struct, frozen=True, kw_only=True):
+    """Options of one step: its retry policy and per-attempt timeout in seconds."""
+
+    retry: RetryPolicy = RetryPolicy()
+    timeout: float | None = None
+
+
+def step_options(retries: int | RetryPolicy, timeout: float | None) -> StepOptions:
+    """Build `StepOptions` from the keyword arguments of `step()`."""
+    policy = retries if isinstance(retries, RetryPolicy) else RetryPolicy(retries=retries)
+    if timeout is not None and timeout <= 0:
+        raise ConfigurationError(f"timeout must be > 0 seconds, got {timeout}")
+    return StepOptions(retry=policy, timeout=timeout)
+
+
+Fsync = Literal["everysec", "always"]
+
+
+class Settings(msgspec.Struct, frozen=True, kw_only=True):
+    """Where the event log lives and how werkfluss talks to it.
+
+    Attributes:
+        redis_url: A Redis ≥ 6.2 or Valkey URL (``redis://``, ``rediss://``,
+            ``unix://``, with auth). ``None`` (the default) starts an embedded
+            Valkey server with its data in `directory`.
+        directory: Data directory of the embedded server (default ``./.werkfluss``).
+        prefix: Prefix of every key werkfluss writes (default ``werkfluss:``).
+        fsync: Embedded server's ``appendfsync``: ``"everysec"`` (default; a
+            power loss can lose the last second) or ``"always"``.
+        lease: Seconds a run stays claimed by a process that stopped
+            renewing it (default 10); renewed every third of that.
+    """
+
+    redis_url: str | None = None
+    directory: str = ".werkfluss"
+    prefix: str = "werkfluss:"
+    fsync: Fsync = "everysec"
+    lease: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.fsync not in ("everysec", "always"):
+            raise ConfigurationError(f"fsync must be 'everysec' or 'always', got {self.fsync!r}")
+        if self.lease < 0.5:
+            raise ConfigurationError(f"lease must be >= 0.5 seconds, got {self.lease}")
+        if not self.prefix or any(c in self.prefix for c in "{}"):
+            raise ConfigurationError(f"invalid key prefix {self.prefix!r}: non-empty, without braces")
+
+    @classmethod
+    def from_env(cls, **overrides: object) -> Settings:
+        """Settings from ``WERKFLUSS_REDIS_URL``, ``WERKFLUSS_DIR``,
+        ``WERKFLUSS_PREFIX``, ``WERKFLUSS_FSYNC`` and ``WERKFLUSS_LEASE``;
+        keyword arguments that are not ``None`` win."""
+        env = os.environ
+        values: dict[str, object] = {}
+        if env.get("WERKFLUSS_REDIS_URL"):
+            values["redis_url"] = env["WERKFLUSS_REDIS_URL"]
+        if env.get("WERKFLUSS_DIR"):
+            values["directory"] = env["WERKFLUSS_DIR"]
+        if env.get("WERKFLUSS_PREFIX"):
+            values["prefix"] = env["WERKFLUSS_PREFIX"]
+        if env.get("WERKFLUSS_FSYNC"):
+            values["fsync"] = env["WERKFLUSS_FSYNC"]
+        if env.get("WERKFLUSS_LEASE"):
+            try:
+                values["lease"] = float(env["WERKFLUSS_LEASE"])
+            except ValueError:
+                raise ConfigurationError(f"WERKFLUSS_LEASE must be a number, got {env['WERKFLUSS_LEASE']!r}") from None
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        try:
+            return msgspec.convert(values, cls)
+        except msgspec.ValidationError as exc:
+            raise ConfigurationError(f"invalid werkfluss settings: {exc}") from None

@@ -1,0 +1,211 @@
+"""`step()` and `workflow()`: typed wrappers around plain coroutine functions.
+
+Both work as bare decorators, as decorators with options, and as plain
+wrappers (``fetch = step(fetch_async)``); ParamSpec keeps the wrapped
+signature for mypy and IDEs.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import typing
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, Generic, ParamSpec, TypeVar, final, overload
+
+from ._context import current_run, current_step
+from ._errors import ConfigurationError, NotInWorkflowError
+from ._ids import callable_id, check_run_id, register
+from ._options import RetryPolicy, Settings, StepOptions, step_options
+
+__all__ = ["Step", "Workflow", "step", "workflow"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+_UNSET: Any = object()
+
+
+def _check_async(fn: object, kind: str) -> None:
+    if not callable(fn):
+        raise ConfigurationError(f"{kind}() needs an async function, got {fn!r}")
+    if not inspect.iscoroutinefunction(fn):
+        name = getattr(fn, "__qualname__", repr(fn))
+        raise ConfigurationError(
+            f"{kind}() needs an async function, but {name} is not 'async def'. Wrap it: "
+            f"'async def {getattr(fn, '__name__', 'f')}(...): return <sync call>(...)'"
+        )
+
+
+def _return_type(fn: Callable[..., Any]) -> Any:
+    try:
+        return typing.get_type_hints(fn).get("return", Any)
+    except Exception:  # unresolvable forward references: decode untyped
+        return Any
+
+
+@final
+class Step(Generic[P, R]):
+    """A durable step: its result is recorded once, and replayed on reruns.
+
+    Inside a workflow run, calling the step takes the next sequence number
+    at once; awaiting it returns the recorded result, or executes the body
+    (with retries and a timeout) and records it. Outside a run, or inside
+    another step, the body runs as a plain coroutine.
+    """
+
+    def __init__(self, fn: Callable[P, Awaitable[R]], *, name: str | None, options: StepOptions) -> None:
+        _check_async(fn, "step")
+        self.fn = fn
+        self.id = callable_id(fn, name)
+        self.options = options
+        register(self.id, "step", fn)
+        functools.update_wrapper(self, fn)
+        self._return_type: Any = _UNSET
+
+    def return_type(self) -> Any:
+        """The annotated return type, resolved once (results decode to it on replay)."""
+        if self._return_type is _UNSET:
+            self._return_type = _return_type(self.fn)
+        return self._return_type
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Coroutine[Any, Any, R]:
+        run = current_run()
+        if run is None:
+            return self._plain(*args, **kwargs)
+        return run.executor.run_step(self, run.next_seq(), args, kwargs)  # type: ignore[no-any-return]
+
+    async def _plain(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        return await self.fn(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<werkfluss step {self.id}>"
+
+
+class RunOptions:
+    """Options of one start of a workflow: its run ID and storage settings."""
+
+    __slots__ = ("run_id", "settings")
+
+    def __init__(self, run_id: str | None = None, settings: Settings | None = None) -> None:
+        self.run_id = run_id
+        self.settings = settings
+
+
+@final
+class Workflow(Generic[P, R]):
+    """A durable workflow: start it with `start()`, `start_async()`.
+
+    Its body must be deterministic between steps: the same arguments and
+    step results must lead to the same steps in the same order.
+    """
+
+    def __init__(
+        self, fn: Callable[P, Awaitable[R]], *, name: str | None, run_options: RunOptions | None = None
+    ) -> None:
+        _check_async(fn, "workflow")
+        self.fn = fn
+        self.id = callable_id(fn, name)
+        self.run_options = run_options or RunOptions()
+        if run_options is None:
+            register(self.id, "workflow", fn)
+        functools.update_wrapper(self, fn)
+        self._return_type: Any = _UNSET
+
+    def return_type(self) -> Any:
+        """The annotated return type, resolved once."""
+        if self._return_type is _UNSET:
+            self._return_type = _return_type(self.fn)
+        return self._return_type
+
+    def options(
+        self, *, run_id: str | None = None, redis_url: str | None = None, settings: Settings | None = None
+    ) -> Workflow[P, R]:
+        """This workflow with run options, for `start()` and friends.
+
+        Args:
+            run_id: The run's ID (default: derived from the workflow ID and the
+                encoded arguments, so the same call reaches the same run).
+            redis_url: Shorthand for ``settings=Settings.from_env(redis_url=...)``.
+            settings: Where the log lives (default: `Settings.from_env()`).
+        """
+        if run_id is not None:
+            check_run_id(run_id)
+        if redis_url is not None:
+            settings = Settings.from_env(redis_url=redis_url)
+        merged = RunOptions(
+            run_id if run_id is not None else self.run_options.run_id,
+            settings if settings is not None else self.run_options.settings,
+        )
+        bound = Workflow.__new__(Workflow)
+        bound.__dict__.update(self.__dict__)
+        bound.run_options = merged
+        return bound
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Coroutine[Any, Any, R]:
+        if current_run() is not None or current_step() is not None:
+            raise NotInWorkflowError(
+                f"workflow {self.id!r} was called inside a run; child workflows are not supported yet. "
+                f"Call its steps directly, or start it from outside the run."
+            )
+        return self._plain(*args, **kwargs)
+
+    async def _plain(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        return await self.fn(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<werkfluss workflow {self.id}>"
+
+
+@overload
+def step(fn: Callable[P, Awaitable[R]], /) -> Step[P, R]: ...
+@overload
+def step(
+    *, name: str | None = None, retries: int | RetryPolicy = 0, timeout: float | None = None
+) -> Callable[[Callable[P, Awaitable[R]]], Step[P, R]]: ...
+def step(
+    fn: Callable[P, Awaitable[R]] | None = None,
+    /,
+    *,
+    name: str | None = None,
+    retries: int | RetryPolicy = 0,
+    timeout: float | None = None,
+) -> Step[P, R] | Callable[[Callable[P, Awaitable[R]]], Step[P, R]]:
+    """Make an async function a durable step.
+
+    Args:
+        fn: The async function (when used bare: ``@step`` or ``step(fn)``).
+        name: The step ID (default ``module:qualname``).
+        retries: Retries after the first attempt, or a `RetryPolicy`.
+        timeout: Seconds per attempt; a slower attempt is cancelled and fails.
+    """
+    options = step_options(retries, timeout)
+    if fn is not None:
+        return Step(fn, name=name, options=options)
+
+    def decorate(f: Callable[P, Awaitable[R]]) -> Step[P, R]:
+        return Step(f, name=name, options=options)
+
+    return decorate
+
+
+@overload
+def workflow(fn: Callable[P, Awaitable[R]], /) -> Workflow[P, R]: ...
+@overload
+def workflow(*, name: str | None = None) -> Callable[[Callable[P, Awaitable[R]]], Workflow[P, R]]: ...
+def workflow(
+    fn: Callable[P, Awaitable[R]] | None = None, /, *, name: str | None = None
+) -> Workflow[P, R] | Callable[[Callable[P, Awaitable[R]]], Workflow[P, R]]:
+    """Make an async function a durable workflow.
+
+    Args:
+        fn: The async function (when used bare: ``@workflow`` or ``workflow(fn)``).
+        name: The workflow ID (default ``module:qualname``).
+    """
+    if fn is not None:
+        return Workflow(fn, name=name)
+
+    def decorate(f: Callable[P, Awaitable[R]]) -> Workflow[P, R]:
+        return Workflow(f, name=name)
+
+    return decorate
