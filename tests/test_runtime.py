@@ -10,8 +10,7 @@ import enum
 import socket
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import msgspec
@@ -33,6 +32,9 @@ from werkfluss import (
 )
 from werkfluss._client import close_stores, open_store
 from werkfluss._events import RunCompleted, RunResumed, StepCompleted, StepFailed, decode_event, encode_event
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
 
 calls: Counter[str] = Counter()
 
@@ -228,7 +230,10 @@ async def test_retries_record_each_failure_and_keep_the_step_key(wf: Settings) -
     assert keys == ["retry:1"] * 3
     log = await events(wf, "retry")
     failed = [e for e in log if isinstance(e, StepFailed)]
-    assert [(e.attempt, e.final, e.error.type) for e in failed] == [(1, False, "ConnectionError"), (2, False, "ConnectionError")]
+    assert [(e.attempt, e.final, e.error.type) for e in failed] == [
+        (1, False, "ConnectionError"),
+        (2, False, "ConnectionError"),
+    ]
     assert all(e.retry_at is not None for e in failed)
     assert [e.attempt for e in log if isinstance(e, StepCompleted)] == [3]
 

@@ -30,9 +30,7 @@ __all__ = ["close_stores", "open_store", "start", "start_async"]
 P = ParamSpec("P")
 R = TypeVar("R")
 
-_stores: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[Settings, RedisStore]] = (
-    weakref.WeakKeyDictionary()
-)
+_stores: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[Settings, RedisStore]] = weakref.WeakKeyDictionary()
 _locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = weakref.WeakKeyDictionary()
 # Runs executing in this process, so that concurrent starts of one run share
 # one execution instead of fencing each other out.
@@ -57,8 +55,9 @@ async def open_store(settings: Settings) -> RedisStore:
 async def _connect(settings: Settings) -> RedisStore:
     if settings.redis_url is not None:
         return await RedisStore.connect(prefix=settings.prefix, url=settings.redis_url)
-    directory = Path(settings.directory).resolve()
-    server = await anyio.to_thread.run_sync(lambda: ensure_server(directory, fsync=settings.fsync))
+    server = await anyio.to_thread.run_sync(
+        lambda: ensure_server(Path(settings.directory).resolve(), fsync=settings.fsync)
+    )
     return await RedisStore.connect(
         prefix=settings.prefix, unix_socket=str(server.socket_path), password=server.password
     )

@@ -83,20 +83,20 @@ class Event(msgspec.Struct, frozen=True, array_like=True, tag_field="k"):
     time: float
 
 
-class RunStarted(Event, tag="run-started"):
+class RunStarted(Event, tag="run-started", frozen=True, array_like=True):
     """The run was created; `args` is the encoded ``[args, kwargs]`` of the workflow."""
 
     workflow: str
     args: msgspec.Raw
 
 
-class RunResumed(Event, tag="run-resumed"):
+class RunResumed(Event, tag="run-resumed", frozen=True, array_like=True):
     """A process took the run over (after a crash, a failure or a pause)."""
 
     holder: str
 
 
-class StepCompleted(Event, tag="step-completed"):
+class StepCompleted(Event, tag="step-completed", frozen=True, array_like=True):
     """Step `seq` returned. Written with its start time, in one round trip."""
 
     seq: int
@@ -107,7 +107,7 @@ class StepCompleted(Event, tag="step-completed"):
     result: msgspec.Raw
 
 
-class StepFailed(Event, tag="step-failed"):
+class StepFailed(Event, tag="step-failed", frozen=True, array_like=True):
     """An attempt of step `seq` failed; `final` when no retry follows."""
 
     seq: int
@@ -119,20 +119,20 @@ class StepFailed(Event, tag="step-failed"):
     retry_at: float | None = None
 
 
-class RunCompleted(Event, tag="run-completed"):
+class RunCompleted(Event, tag="run-completed", frozen=True, array_like=True):
     """The workflow returned `result`."""
 
     result: msgspec.Raw
 
 
-class RunFailed(Event, tag="run-failed"):
+class RunFailed(Event, tag="run-failed", frozen=True, array_like=True):
     """The workflow raised; `seq` names the failed step that caused it, if one did."""
 
     error: ErrorInfo
     seq: int | None = None
 
 
-class RunBlocked(Event, tag="run-blocked"):
+class RunBlocked(Event, tag="run-blocked", frozen=True, array_like=True):
     """Replay diverged from the log (`error` says where); the run waits for fixed code."""
 
     error: ErrorInfo
@@ -141,7 +141,7 @@ class RunBlocked(Event, tag="run-blocked"):
 AnyEvent: TypeAlias = RunStarted | RunResumed | StepCompleted | StepFailed | RunCompleted | RunFailed | RunBlocked
 
 _event_encoder = msgspec.msgpack.Encoder()
-_event_decoder = msgspec.msgpack.Decoder(AnyEvent)
+_event_decoder: msgspec.msgpack.Decoder[AnyEvent] = msgspec.msgpack.Decoder(AnyEvent)
 _value_encoder = msgspec.msgpack.Encoder()
 _deterministic_encoder = msgspec.msgpack.Encoder(order="deterministic")
 _KEEP = (bytes, bytearray, memoryview)

@@ -90,9 +90,7 @@ def register(ident: str, kind: str, fn: Callable[..., Any]) -> None:
 def check_run_id(run_id: str) -> str:
     """Return `run_id` if it can name a run, else raise `ConfigurationError`."""
     if not isinstance(run_id, str) or not _RUN_ID.fullmatch(run_id):
-        raise ConfigurationError(
-            f"invalid run_id {run_id!r}: use 1 to 200 characters without whitespace or braces"
-        )
+        raise ConfigurationError(f"invalid run_id {run_id!r}: use 1 to 200 characters without whitespace or braces")
     return run_id
 
 

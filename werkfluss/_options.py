@@ -47,7 +47,7 @@ class RetryPolicy(msgspec.Struct, frozen=True, kw_only=True):
     def delay(self, failures: int) -> float:
         """Seconds to wait after the `failures`-th failed attempt (1-based)."""
         if self.backoff == "exponential":
-            raw = self.base * 2 ** (failures - 1)
+            raw = self.base * 2.0 ** (failures - 1)
         elif self.backoff == "linear":
             raw = self.base * failures
         else:

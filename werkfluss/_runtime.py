@@ -200,7 +200,9 @@ class RunExecutor:
         final: bool,
         retry_at: float | None,
     ) -> None:
-        event = StepFailed(time.time(), seq, step.id, attempt, started, ErrorInfo.from_exception(error), final, retry_at)
+        event = StepFailed(
+            time.time(), seq, step.id, attempt, started, ErrorInfo.from_exception(error), final, retry_at
+        )
         await self.store.append_step(self.run_id, self.epoch, f"f{seq}:{attempt}", encode_event(event), self.lease)
 
     def _failure(
@@ -333,6 +335,7 @@ async def run_workflow(
             take_over=take_over,
         )  # fmt: skip
         if got.kind == "completed":
+            log.info("run %s (%s) is complete: returning its recorded result", run_id, workflow.id)
             return decode_value(got.result, workflow.return_type(), owner=workflow.id, where="result")
         if got.kind == "conflict":
             raise RunConflictError(
@@ -348,7 +351,11 @@ async def run_workflow(
             replay = await Replay.load(store, run_id, got.retry_seq, got.retry_index)
             _check_same_arguments(run_id, replay, args_raw)
             log.info(
-                "run %s (%s) resumed from %s: %d events in the log", run_id, workflow.id, got.previous, replay.count
+                "run %s (%s) resumed %s: %d events in the log",
+                run_id,
+                workflow.id,
+                _RESUMED_AFTER.get(got.previous, f"from {got.previous}"),
+                replay.count,
             )
         else:
             log.info("run %s (%s) started", run_id, workflow.id)
@@ -358,6 +365,9 @@ async def run_workflow(
         except _Suspend:
             log.info("run %s was taken over by another process; waiting for its result", run_id)
             take_over = ""
+
+
+_RESUMED_AFTER = {"running": "after an interruption", "failed": "after a failure", "blocked": "after a code change"}
 
 
 def _check_same_arguments(run_id: str, replay: Replay, args_raw: bytes) -> None:

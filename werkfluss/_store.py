@@ -22,7 +22,6 @@ never from a worker's.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
@@ -37,6 +36,8 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from ._errors import StorageError, _Suspend
 
 if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
     from redis.commands.core import AsyncScript
 
 __all__ = ["AcquireResult", "RedisStore", "redact"]
@@ -128,6 +129,7 @@ return 1
 """
 
 _LOG_BATCH = 2000
+_Arg = bytes | str | int | float
 
 
 @dataclass(frozen=True, slots=True)
@@ -262,7 +264,7 @@ class RedisStore:
     ) -> AcquireResult:
         """Create run `run_id` or take it over; see `AcquireResult` for the outcomes."""
         keys = [self.key(run_id, "state"), self.key(run_id, "log")]
-        args = [holder, int(lease * 1000), workflow, started, resumed, take_over]
+        args: list[_Arg] = [holder, int(lease * 1000), workflow, started, resumed, take_over]
         reply = await self._call(self._acquire(keys=keys, args=args))
         kind = _text(reply[0])
         if kind == "new":
@@ -309,7 +311,7 @@ class RedisStore:
             _Suspend: the run was taken over (fenced).
         """
         keys = [self.key(run_id, "state"), self.key(run_id, "log")]
-        args = [epoch, status, event, field, value, "" if failed_seq is None else failed_seq]
+        args: list[_Arg] = [epoch, status, event, field, value, "" if failed_seq is None else failed_seq]
         if int(await self._call(self._finish(keys=keys, args=args))) < 0:
             raise _Suspend(run_id, "another process took this run over; this one stops writing")
 

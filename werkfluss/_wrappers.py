@@ -10,13 +10,15 @@ from __future__ import annotations
 import functools
 import inspect
 import typing
-from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Generic, ParamSpec, TypeVar, final, overload
 
 from ._context import current_run, current_step
 from ._errors import ConfigurationError, NotInWorkflowError
 from ._ids import callable_id, check_run_id, register
 from ._options import RetryPolicy, Settings, StepOptions, step_options
+
+if typing.TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable, Coroutine
 
 __all__ = ["Step", "Workflow", "step", "workflow"]
 
@@ -73,7 +75,7 @@ class Step(Generic[P, R]):
         run = current_run()
         if run is None:
             return self._plain(*args, **kwargs)
-        return run.executor.run_step(self, run.next_seq(), args, kwargs)  # type: ignore[no-any-return]
+        return run.executor.run_step(self, run.next_seq(), args, kwargs)
 
     async def _plain(self, *args: P.args, **kwargs: P.kwargs) -> R:
         return await self.fn(*args, **kwargs)

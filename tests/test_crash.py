@@ -1,0 +1,110 @@
+"""Crash tests: a real script is SIGKILLed mid-step or between steps, then rerun.
+
+The steps append to a ledger file, so the test counts real executions.
+The lease is set to 60 s: a rerun that waited for the dead holder's lease
+to expire would miss the subprocess deadline, so these tests also prove
+that a rerun on the same host takes over at once.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections import Counter
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import pytest
+
+from .conftest import wait_for
+
+if TYPE_CHECKING:
+    import subprocess
+    from pathlib import Path
+
+SCRIPT = """
+import os, sys
+from pathlib import Path
+import anyio
+from werkfluss import step, workflow, start
+
+LEDGER = Path(os.environ["LEDGER"])
+
+def mark(name: str) -> None:
+    with LEDGER.open("a") as f:
+        f.write(name + "\\n")
+
+async def hang(point: str) -> None:
+    if os.environ.get("HANG_AT") == point:
+        Path(os.environ["READY"]).write_text(point)
+        await anyio.sleep(120)
+
+@step
+async def fetch_data_for_user(user_id: str) -> dict:
+    mark("fetch")
+    return {"user": user_id, "email": user_id + "@example.com"}
+
+@step
+async def save_something_to_db(data: dict) -> None:
+    await hang("save-before-effect")
+    mark("save")
+    await hang("save-after-effect")
+
+@step(retries=3)
+async def send_some_email(data: dict) -> None:
+    mark("email")
+
+@workflow
+async def my_workflow(user_id: str) -> str:
+    data = await fetch_data_for_user(user_id)
+    await hang("between")
+    await save_something_to_db(data)
+    await send_some_email(data)
+    return "done"
+
+print(start(my_workflow, "user-123"))
+"""
+
+Runner = Callable[..., "subprocess.Popen[str]"]
+
+
+def ledger(path: Path) -> Counter[str]:
+    return Counter(path.read_text().split()) if path.exists() else Counter()
+
+
+def finish(proc: subprocess.Popen[str]) -> str:
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    return out.strip()
+
+
+@pytest.mark.parametrize(
+    ("hang_at", "expected"),
+    [
+        ("save-before-effect", {"fetch": 1, "save": 1, "email": 1}),
+        ("save-after-effect", {"fetch": 1, "save": 2, "email": 1}),
+        ("between", {"fetch": 1, "save": 1, "email": 1}),
+    ],
+)
+def test_sigkill_then_rerun_executes_only_unfinished_steps(
+    tmp_path: Path, run_script: Runner, hang_at: str, expected: dict[str, int]
+) -> None:
+    script = tmp_path / "flow.py"
+    script.write_text(SCRIPT)
+    book = tmp_path / "ledger.txt"
+    ready = tmp_path / "ready"
+    env = {"LEDGER": str(book), "READY": str(ready), "WERKFLUSS_LEASE": "60"}
+
+    victim = run_script(script, env={**env, "HANG_AT": hang_at})
+    wait_for(lambda: ready.exists() or victim.poll() is not None, what=f"the script to reach {hang_at}")
+    assert victim.poll() is None, victim.communicate()
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.communicate()
+    assert ledger(book)["fetch"] == 1
+
+    assert finish(run_script(script, env=env)) == "done"
+    assert ledger(book) == expected
+
+    # A third run: the run is completed, nothing executes, "done" at once.
+    assert finish(run_script(script, env=env)) == "done"
+    assert ledger(book) == expected
