@@ -7,7 +7,9 @@ import dataclasses
 import datetime
 import decimal
 import enum
+import shutil
 import socket
+import subprocess
 import uuid
 from collections import Counter
 from typing import TYPE_CHECKING, Any
@@ -33,8 +35,10 @@ from werkfluss import (
 from werkfluss._client import close_stores, open_store
 from werkfluss._events import RunCompleted, RunResumed, StepCompleted, StepFailed, decode_event, encode_event
 
+from .conftest import wait_for
+
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
+    from collections.abc import AsyncIterator, Iterator
 
 calls: Counter[str] = Counter()
 
@@ -415,6 +419,8 @@ async def test_run_id_conflicts_are_refused(wf: Settings) -> None:
         await start_async(interrupted.options(settings=wf, run_id="args"), 1)
     with pytest.raises(RunConflictError, match="other arguments"):
         await start_async(interrupted.options(settings=wf, run_id="args"), 2)
+    with pytest.raises(RunConflictError, match="other arguments"):  # completed runs too
+        await start_async(first.options(settings=wf, run_id="taken"), 5)
 
 
 async def test_a_fenced_process_cannot_write(wf: Settings) -> None:
@@ -440,7 +446,7 @@ async def test_a_fenced_process_cannot_write(wf: Settings) -> None:
         got = await store.acquire(
             "fence", workflow=fenced.id, holder="otherhost/1/x", lease=10, started=b"",
             resumed=encode_event(RunResumed(0.0, "otherhost/1/x")),
-            take_over=state["holder"].decode(),
+            take_over=state["holder"].decode(), args_digest=state["args"].decode(),
         )  # fmt: skip
         assert got.kind == "resumed" and got.epoch == 2
         release.set()  # the stale process now tries to record its result
@@ -461,14 +467,18 @@ async def test_a_fenced_process_cannot_write(wf: Settings) -> None:
 
 async def test_store_refuses_stale_epochs_and_duplicate_completions(wf: Settings) -> None:
     store = await open_store(wf)
-    got = await store.acquire("f2", workflow="w", holder="h1/1/a", lease=10, started=b"s", resumed=b"r", take_over="")
+    got = await store.acquire(
+        "f2", workflow="w", holder="h1/1/a", lease=10, started=b"s", resumed=b"r", take_over="", args_digest="d"
+    )
     assert got.kind == "new"
     assert await store.append_step("f2", 1, "c1", b"first", 10) == 2
     assert await store.append_step("f2", 1, "c1", b"second", 10) == 0  # first writer wins
-    busy = await store.acquire("f2", workflow="w", holder="h2/1/b", lease=10, started=b"s", resumed=b"r", take_over="")
+    busy = await store.acquire(
+        "f2", workflow="w", holder="h2/1/b", lease=10, started=b"s", resumed=b"r", take_over="", args_digest="d"
+    )
     assert busy.kind == "busy" and busy.holder == "h1/1/a"
     taken = await store.acquire(
-        "f2", workflow="w", holder="h2/1/b", lease=10, started=b"s", resumed=b"r", take_over="h1/1/a"
+        "f2", workflow="w", holder="h2/1/b", lease=10, started=b"s", resumed=b"r", take_over="h1/1/a", args_digest="d"
     )
     assert taken.kind == "resumed" and taken.epoch == 2
     from werkfluss._errors import _Suspend
@@ -548,3 +558,35 @@ async def test_resumed_event_names_the_new_holder(wf: Settings) -> None:
     assert await start_async(twice.options(settings=wf, run_id="res")) == 2
     resumed = [e for e in await events(wf, "res") if isinstance(e, RunResumed)]
     assert len(resumed) == 1 and resumed[0].holder.count("/") == 2
+
+
+@pytest.fixture
+def lossy_redis(tmp_path: Any, redis_server: Any) -> Iterator[str]:
+    """A redis-server with an eviction policy and no persistence."""
+    binary = shutil.which("redis-server")
+    assert binary is not None
+    sock = tmp_path / "lossy.sock"
+    proc = subprocess.Popen(
+        [binary, "--port", "0", "--unixsocket", str(sock), "--dir", str(tmp_path), "--appendonly", "no",
+         "--save", "", "--maxmemory-policy", "allkeys-lru", "--logfile", str(tmp_path / "log")],
+    )  # fmt: skip
+    wait_for(sock.exists, what="redis-server's socket")
+    yield f"unix://{sock}"
+    proc.terminate()
+    proc.wait(10)
+
+
+async def test_connecting_to_a_server_that_can_lose_data_warns(
+    lossy_redis: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    @workflow
+    async def lossy() -> int:
+        return 1
+
+    try:
+        with caplog.at_level("WARNING", logger="werkfluss"):
+            assert await start_async(lossy.options(settings=Settings(redis_url=lossy_redis))) == 1
+    finally:
+        await close_stores()
+    messages = " ".join(r.getMessage() for r in caplog.records)
+    assert "allkeys-lru" in messages and "no persistence" in messages

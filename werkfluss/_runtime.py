@@ -8,6 +8,7 @@ nothing on the step path grows with the run's history.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from typing import TYPE_CHECKING, Any
@@ -326,13 +327,14 @@ async def run_workflow(
 ) -> Any:
     """Attach to run `run_id` of `workflow`: return its result, resuming or starting it as needed."""
     holder = process_holder()
+    digest = hashlib.sha256(args_raw).hexdigest()[:32]
     started = encode_event(RunStarted(time.time(), workflow.id, msgspec.Raw(args_raw)))
     take_over = ""
     while True:
         resumed = encode_event(RunResumed(time.time(), holder))
         got = await store.acquire(
             run_id, workflow=workflow.id, holder=holder, lease=lease, started=started, resumed=resumed,
-            take_over=take_over,
+            take_over=take_over, args_digest=digest,
         )  # fmt: skip
         if got.kind == "completed":
             log.info("run %s (%s) is complete: returning its recorded result", run_id, workflow.id)
@@ -340,6 +342,11 @@ async def run_workflow(
         if got.kind == "conflict":
             raise RunConflictError(
                 f"run {run_id!r} belongs to workflow {got.workflow!r}, not {workflow.id!r}; choose another run_id"
+            )
+        if got.kind == "other-arguments":
+            raise RunConflictError(
+                f"run {run_id!r} was started with other arguments; a run ID names one call, so use "
+                f"another run_id for these arguments"
             )
         if got.kind == "busy":
             take_over = await _wait_for_holder(store, run_id, got)
@@ -349,7 +356,6 @@ async def run_workflow(
         replay = Replay()
         if got.kind == "resumed":
             replay = await Replay.load(store, run_id, got.retry_seq, got.retry_index)
-            _check_same_arguments(run_id, replay, args_raw)
             log.info(
                 "run %s (%s) resumed %s: %d events in the log",
                 run_id,
@@ -368,14 +374,6 @@ async def run_workflow(
 
 
 _RESUMED_AFTER = {"running": "after an interruption", "failed": "after a failure", "blocked": "after a code change"}
-
-
-def _check_same_arguments(run_id: str, replay: Replay, args_raw: bytes) -> None:
-    if replay.started is not None and bytes(replay.started.args) != args_raw:
-        raise RunConflictError(
-            f"run {run_id!r} was started with other arguments; a run ID names one call, so use "
-            f"another run_id for these arguments"
-        )
 
 
 async def _wait_for_holder(store: RedisStore, run_id: str, busy: AcquireResult) -> str:

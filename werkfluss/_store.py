@@ -50,18 +50,20 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 """
 
 # KEYS: state, log. ARGV: holder, lease_ms, workflow, run-started event,
-# run-resumed event, holder to take over ('' for none).
+# run-resumed event, holder to take over ('' for none), digest of the arguments.
 _ACQUIRE = (
     _NOW
     + """
 local cur = redis.call('HMGET', KEYS[1], 'status', 'workflow', 'holder', 'lease')
 if not cur[1] then
   redis.call('HSET', KEYS[1], 'status', 'running', 'workflow', ARGV[3], 'holder', ARGV[1],
-             'lease', now + tonumber(ARGV[2]), 'epoch', 1, 'n', 1, 'created', now, 'updated', now)
+             'lease', now + tonumber(ARGV[2]), 'epoch', 1, 'n', 1, 'created', now, 'updated', now,
+             'args', ARGV[7])
   redis.call('XADD', KEYS[2], '0-1', 'e', ARGV[4])
   return {'new', 1, now}
 end
 if cur[2] ~= ARGV[3] then return {'conflict', cur[2]} end
+if redis.call('HGET', KEYS[1], 'args') ~= ARGV[7] then return {'other-arguments'} end
 if cur[1] == 'completed' then return {'completed', redis.call('HGET', KEYS[1], 'result')} end
 if cur[1] == 'running' and cur[3] ~= ARGV[1] and cur[3] ~= ARGV[6] and tonumber(cur[4]) > now then
   return {'busy', cur[3], tonumber(cur[4]) - now}
@@ -134,7 +136,8 @@ _Arg = bytes | str | int | float
 
 @dataclass(frozen=True, slots=True)
 class AcquireResult:
-    """What `RedisStore.acquire` found: ``kind`` is new, resumed, completed, busy or conflict."""
+    """What `RedisStore.acquire` found: ``kind`` is new, resumed, completed, busy,
+    conflict (another workflow's run) or other-arguments."""
 
     kind: str
     epoch: int = 0
@@ -260,11 +263,20 @@ class RedisStore:
             raise StorageError(f"{self.where} refused a command: {exc}") from None
 
     async def acquire(
-        self, run_id: str, *, workflow: str, holder: str, lease: float, started: bytes, resumed: bytes, take_over: str
+        self,
+        run_id: str,
+        *,
+        workflow: str,
+        holder: str,
+        lease: float,
+        started: bytes,
+        resumed: bytes,
+        take_over: str,
+        args_digest: str,
     ) -> AcquireResult:
         """Create run `run_id` or take it over; see `AcquireResult` for the outcomes."""
         keys = [self.key(run_id, "state"), self.key(run_id, "log")]
-        args: list[_Arg] = [holder, int(lease * 1000), workflow, started, resumed, take_over]
+        args: list[_Arg] = [holder, int(lease * 1000), workflow, started, resumed, take_over, args_digest]
         reply = await self._call(self._acquire(keys=keys, args=args))
         kind = _text(reply[0])
         if kind == "new":
@@ -283,6 +295,8 @@ class RedisStore:
             return AcquireResult("completed", result=bytes(reply[1] or b""))
         if kind == "busy":
             return AcquireResult("busy", holder=_text(reply[1]), lease_left=int(reply[2]) / 1000)
+        if kind == "other-arguments":
+            return AcquireResult("other-arguments")
         return AcquireResult("conflict", workflow=_text(reply[1]))
 
     async def renew(self, run_id: str, epoch: int, lease: float) -> bool:
