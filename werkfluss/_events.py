@@ -153,8 +153,18 @@ def encode_event(event: AnyEvent) -> bytes:
 
 
 def decode_event(data: bytes) -> AnyEvent:
-    """Decode one log entry; raises `msgspec.DecodeError` on anything malformed."""
-    return _event_decoder.decode(data)
+    """Decode one log entry.
+
+    Raises:
+        msgspec.DecodeError: for anything malformed: bad msgpack, a wrong
+            shape, invalid UTF-8, absurdly deep nesting.
+    """
+    try:
+        return _event_decoder.decode(data)
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        if isinstance(exc, msgspec.DecodeError):
+            raise
+        raise msgspec.DecodeError(f"malformed event: {type(exc).__name__}: {exc}") from None
 
 
 def encode_value(value: Any, *, deterministic: bool = False) -> bytes:
@@ -193,7 +203,7 @@ def decode_value(data: bytes, type_: Any, *, owner: str, where: str) -> Any:
     """Decode a stored value to `type_` (``Any`` keeps the plain msgpack value)."""
     try:
         return msgspec.msgpack.decode(data, type=type_)
-    except (msgspec.DecodeError, RecursionError) as exc:
+    except (msgspec.DecodeError, ValueError, RecursionError) as exc:
         raise SerializationError(
             f"{owner}: the recorded {where} does not decode as {getattr(type_, '__name__', type_)}: {exc}. "
             f"Did the annotated type change incompatibly since it was recorded?",

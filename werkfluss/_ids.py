@@ -10,6 +10,7 @@ so that the script and a worker agree.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import sys
 from pathlib import Path
@@ -48,7 +49,7 @@ def callable_id(fn: Callable[..., Any], name: str | None = None) -> str:
     alone are not unique in a module.
     """
     if name is not None:
-        if not name or any(c in name for c in "{}\n\r\t"):
+        if not name or any(c in "{}" or c.isspace() or not c.isprintable() for c in name):
             raise ConfigurationError(f"invalid name {name!r}: it must be non-empty, without braces or whitespace")
         return name
     qualname = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None)
@@ -66,7 +67,8 @@ def _location(fn: Callable[..., Any]) -> tuple[str, int]:
     code = getattr(fn, "__code__", None)
     if code is None:
         return (repr(fn), 0)
-    return (code.co_filename, code.co_firstlineno)
+    # realpath: `python ./app.py` and a later `import app` name one file two ways.
+    return (os.path.realpath(code.co_filename), code.co_firstlineno)
 
 
 def register(ident: str, kind: str, fn: Callable[..., Any]) -> None:

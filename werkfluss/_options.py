@@ -5,6 +5,7 @@ Each default is documented once, here.
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Literal
 
@@ -15,6 +16,10 @@ from ._errors import ConfigurationError
 __all__ = ["RetryPolicy", "Settings", "StepOptions"]
 
 Backoff = Literal["exponential", "linear", "constant"]
+
+
+def _finite(value: float) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
 
 
 class RetryPolicy(msgspec.Struct, frozen=True, kw_only=True):
@@ -39,15 +44,18 @@ class RetryPolicy(msgspec.Struct, frozen=True, kw_only=True):
     def __post_init__(self) -> None:
         if self.retries < 0:
             raise ConfigurationError(f"retries must be >= 0, got {self.retries}")
-        if self.base < 0 or self.max_delay < 0:
-            raise ConfigurationError("retry delays must be >= 0")
+        if not (_finite(self.base) and self.base >= 0 and _finite(self.max_delay) and self.max_delay >= 0):
+            raise ConfigurationError(
+                f"retry delays must be >= 0 and finite, got base={self.base}, max_delay={self.max_delay}"
+            )
         if self.backoff not in ("exponential", "linear", "constant"):
             raise ConfigurationError(f"unknown backoff {self.backoff!r}: use exponential, linear or constant")
 
     def delay(self, failures: int) -> float:
         """Seconds to wait after the `failures`-th failed attempt (1-based)."""
         if self.backoff == "exponential":
-            raw = self.base * 2.0 ** (failures - 1)
+            # Capping the exponent keeps 2**n finite for retry-for-days policies.
+            raw = self.base * 2.0 ** min(failures - 1, 1000)
         elif self.backoff == "linear":
             raw = self.base * failures
         else:
@@ -69,7 +77,7 @@ class StepOptions(msgspec.Struct, frozen=True, kw_only=True):
 def step_options(retries: int | RetryPolicy, timeout: float | None) -> StepOptions:
     """Build `StepOptions` from the keyword arguments of `step()`."""
     policy = retries if isinstance(retries, RetryPolicy) else RetryPolicy(retries=retries)
-    if timeout is not None and timeout <= 0:
+    if timeout is not None and not (_finite(timeout) and timeout > 0):
         raise ConfigurationError(f"timeout must be > 0 seconds, got {timeout}")
     return StepOptions(retry=policy, timeout=timeout)
 
@@ -101,7 +109,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     def __post_init__(self) -> None:
         if self.fsync not in ("everysec", "always"):
             raise ConfigurationError(f"fsync must be 'everysec' or 'always', got {self.fsync!r}")
-        if self.lease < 0.5:
+        if not (_finite(self.lease) and self.lease >= 0.5):
             raise ConfigurationError(f"lease must be >= 0.5 seconds, got {self.lease}")
         if not self.prefix or any(c in self.prefix for c in "{}"):
             raise ConfigurationError(f"invalid key prefix {self.prefix!r}: non-empty, without braces")
@@ -126,6 +134,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
                 values["lease"] = float(env["WERKFLUSS_LEASE"])
             except ValueError:
                 raise ConfigurationError(f"WERKFLUSS_LEASE must be a number, got {env['WERKFLUSS_LEASE']!r}") from None
+        unknown = sorted(set(overrides) - set(cls.__struct_fields__))
+        if unknown:
+            raise ConfigurationError(
+                f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(cls.__struct_fields__)}"
+            )
         values.update({k: v for k, v in overrides.items() if v is not None})
         try:
             return msgspec.convert(values, cls)

@@ -413,5 +413,5 @@ async def _wait_for_holder(store: RedisStore, run_id: str, busy: AcquireResult) 
 def _error_info(raw: bytes) -> ErrorInfo:
     try:
         return msgspec.msgpack.decode(raw, type=ErrorInfo)
-    except (msgspec.DecodeError, RecursionError):
+    except (msgspec.DecodeError, ValueError, RecursionError):
         return ErrorInfo(type="werkfluss.UnknownError", message="the recorded error could not be decoded")

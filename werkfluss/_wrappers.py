@@ -58,11 +58,12 @@ class Step(Generic[P, R]):
 
     def __init__(self, fn: Callable[P, Awaitable[R]], *, name: str | None, options: StepOptions) -> None:
         _check_async(fn, "step")
+        # First: update_wrapper copies fn.__dict__, which must not override ours.
+        functools.update_wrapper(self, fn)
         self.fn = fn
         self.id = callable_id(fn, name)
         self.options = options
         register(self.id, "step", fn)
-        functools.update_wrapper(self, fn)
         self._return_type: Any = _UNSET
 
     def return_type(self) -> Any:
@@ -106,12 +107,12 @@ class Workflow(Generic[P, R]):
         self, fn: Callable[P, Awaitable[R]], *, name: str | None, run_options: RunOptions | None = None
     ) -> None:
         _check_async(fn, "workflow")
+        functools.update_wrapper(self, fn)  # first, as in Step
         self.fn = fn
         self.id = callable_id(fn, name)
         self.run_options = run_options or RunOptions()
         if run_options is None:
             register(self.id, "workflow", fn)
-        functools.update_wrapper(self, fn)
         self._return_type: Any = _UNSET
 
     def return_type(self) -> Any:
