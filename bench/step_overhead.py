@@ -72,12 +72,21 @@ async def noop(i: int) -> int:
     return i
 
 
+# Nanoseconds of each step of the last `chain` run, timed inside the workflow,
+# for a per-step median next to the raw calls' medians.
+STEP_TIMES: list[int] = []
+
+
 @workflow
 async def chain(n: int) -> int:
     """N trivial steps in a row: n = 0 measures the fixed cost of a run."""
     total = 0
+    clock = time.perf_counter_ns
+    times = STEP_TIMES
     for i in range(n):
+        t0 = clock()
         total += await noop(i)
+        times.append(clock() - t0)
     return total
 
 
@@ -283,6 +292,7 @@ class RunSample:
     cpu: float  # seconds of this process
     server_cpu: float | None  # seconds of the server process
     server_evalsha_us: float | None = None  # INFO commandstats usec_per_call of EVALSHA
+    step_median_us: float | None = None  # median of the steps timed inside the workflow
 
 
 @dataclass
@@ -294,6 +304,10 @@ class ServerResult:
     def raw(self, kind: str) -> float:
         """Median over repetitions of the median µs per call."""
         return median([s.us for s in self.raw_samples.get(kind, [])])
+
+    def raw_mean(self, kind: str) -> float:
+        """Median over repetitions of the mean µs per call."""
+        return median([s.mean_us for s in self.raw_samples.get(kind, [])])
 
     def raw_cpu(self, kind: str) -> float:
         return median([s.cpu_us for s in self.raw_samples.get(kind, [])])
@@ -325,6 +339,7 @@ async def timed_run(target: Target, wf: Any, n: int, store: RedisStore, *, stats
     bound = wf.options(settings=target.settings, run_id=new_run_id(f"n{n}"))
     has_stats = stats and await reset_stats(store.client)
     gc.collect()
+    STEP_TIMES.clear()
     server0 = cpu_seconds(target.pid)
     cpu0 = time.process_time()
     t0 = time.perf_counter()
@@ -335,6 +350,8 @@ async def timed_run(target: Target, wf: Any, n: int, store: RedisStore, *, stats
     assert result == n * (n - 1) // 2, result
     server = server1 - server0 if server0 is not None and server1 is not None else None
     sample = RunSample(wall, cpu, server)
+    if STEP_TIMES:
+        sample.step_median_us = statistics.median(STEP_TIMES) / 1000
     if has_stats:
         sample.server_evalsha_us = await usec_per_call(store.client, "evalsha")
     return sample
@@ -344,6 +361,7 @@ async def timed_run(target: Target, wf: Any, n: int, store: RedisStore, *, stats
 class RawSample:
     us: float  # median wall µs per call
     cpu_us: float  # this process's CPU µs per call (mean)
+    mean_us: float  # mean wall µs per call
     server_us: float | None = None  # the server's own µs per call (INFO commandstats)
 
 
@@ -366,7 +384,8 @@ async def per_call_us(calls: int, fn: Callable[[], Awaitable[Any]]) -> RawSample
         t0 = clock()
         await fn()
         samples.append(clock() - t0)
-    return RawSample(statistics.median(samples) / 1000, (time.process_time() - cpu0) / calls * 1e6)
+    cpu = (time.process_time() - cpu0) / calls * 1e6
+    return RawSample(statistics.median(samples) / 1000, cpu, statistics.fmean(samples) / 1000)
 
 
 def _ping_command(password: str | None, username: str | None) -> tuple[bytes, bytes]:
@@ -404,7 +423,7 @@ def _blocking_ping_us(kwargs: dict[str, Any], calls: int) -> RawSample | None:
             sock.recv(128)
             samples.append(clock() - t0)
         cpu = (time.process_time() - cpu0) / calls * 1e6
-    return RawSample(statistics.median(samples) / 1000, cpu)
+    return RawSample(statistics.median(samples) / 1000, cpu, statistics.fmean(samples) / 1000)
 
 
 async def _stream_ping_us(kwargs: dict[str, Any], calls: int) -> RawSample | None:
@@ -672,7 +691,7 @@ def report_steps(results: Sequence[ServerResult], steps: Sequence[int], calls: i
 def report_breakdown(results: Sequence[ServerResult], steps: Sequence[int]) -> None:
     n = max(steps)
     header = [
-        "server", "what", "wall µs", "client CPU µs", "server CPU µs", "server µs in command",
+        "server", "what", "wall µs median", "wall µs mean", "client CPU µs", "server CPU µs", "server µs in command",
     ]  # fmt: skip
     rows = []
     for res in results:
@@ -690,8 +709,10 @@ def report_breakdown(results: Sequence[ServerResult], steps: Sequence[int]) -> N
             return median(per) if len(per) == len(big) else None
 
         server_cmd = [s.server_evalsha_us for s in big if s.server_evalsha_us is not None]
+        in_run = [s.step_median_us for s in big if s.step_median_us is not None]
         rows.append([
-            res.target.label, f"werkfluss step (N={n})", fmt(marginal(lambda s: s.wall)),
+            res.target.label, f"werkfluss step (N={n})", fmt(median(in_run) if in_run else None),
+            fmt(marginal(lambda s: s.wall)),
             fmt(marginal(lambda s: s.cpu)), fmt(marginal(lambda s: s.server_cpu)),
             fmt(median(server_cmd) if server_cmd else None, 2),
         ])  # fmt: skip
@@ -709,7 +730,7 @@ def report_breakdown(results: Sequence[ServerResult], steps: Sequence[int]) -> N
         for kind, name in names.items():
             if kind in res.raw_samples:
                 rows.append([
-                    res.target.label, name, fmt(res.raw(kind)), fmt(res.raw_cpu(kind)), "",
+                    res.target.label, name, fmt(res.raw(kind)), fmt(res.raw_mean(kind)), fmt(res.raw_cpu(kind)), "",
                     fmt(res.raw_server(kind), 2),
                 ])  # fmt: skip
     print_table(
@@ -717,8 +738,11 @@ def report_breakdown(results: Sequence[ServerResult], steps: Sequence[int]) -> N
         header,
         rows,
         [
-            "client CPU: this process's CPU time (user+system, incl. syscalls) per step or call; for the step,",
-            "  marginal like the wall figure. server CPU: the server process's (psutil, local servers only;",
+            "wall µs median: of single steps timed inside the workflow (perf_counter around each await), or of",
+            f"  single raw calls. wall µs mean: for the step, the marginal figure of the first table (N={n});",
+            "  for raw calls, their total time / calls. Means include the slow tail (scheduler, GC) that medians hide.",
+            "client CPU: this process's CPU time (user+system, incl. syscalls) per step or call (a mean; for the",
+            "  step marginal like the wall mean). server CPU: the server process's (psutil, local servers only;",
             "  clock ticks of 10 ms, so +-10 µs at N=1000). Wall > CPU: waiting for the other process to be scheduled.",
             "server µs in command: INFO commandstats usec_per_call (EVALSHA includes its Lua and inner commands).",
             "append script: the Lua of a live step (HGET, HEXISTS, HINCRBY, XADD, 2 HSET) with a real-size event.",

@@ -46,8 +46,31 @@ def _return_type(fn: Callable[..., Any]) -> Any:
         return Any
 
 
+class _Wrapper:
+    """What steps and workflows share: the wrapped function, its ID, its return type."""
+
+    fn: Callable[..., Awaitable[Any]]
+    id: str
+
+    def _wrap(self, fn: Callable[..., Awaitable[Any]], kind: str, name: str | None, *, claim: bool) -> None:
+        _check_async(fn, kind)
+        # First: update_wrapper copies fn.__dict__, which must not override ours.
+        functools.update_wrapper(self, fn)  # type: ignore[arg-type]  # the subclasses are callable
+        self.fn = fn
+        self.id = callable_id(fn, name)
+        if claim:
+            register(self.id, kind, fn)
+        self._return_type: Any = _UNSET
+
+    def return_type(self) -> Any:
+        """The annotated return type, resolved once (results decode to it on replay)."""
+        if self._return_type is _UNSET:
+            self._return_type = _return_type(self.fn)
+        return self._return_type
+
+
 @final
-class Step(Generic[P, R]):
+class Step(_Wrapper, Generic[P, R]):
     """A durable step: its result is recorded once, and replayed on reruns.
 
     Inside a workflow run, calling the step takes the next sequence number
@@ -56,21 +79,11 @@ class Step(Generic[P, R]):
     another step, the body runs as a plain coroutine.
     """
 
-    def __init__(self, fn: Callable[P, Awaitable[R]], *, name: str | None, options: StepOptions) -> None:
-        _check_async(fn, "step")
-        # First: update_wrapper copies fn.__dict__, which must not override ours.
-        functools.update_wrapper(self, fn)
-        self.fn = fn
-        self.id = callable_id(fn, name)
-        self.options = options
-        register(self.id, "step", fn)
-        self._return_type: Any = _UNSET
+    fn: Callable[P, Awaitable[R]]
 
-    def return_type(self) -> Any:
-        """The annotated return type, resolved once (results decode to it on replay)."""
-        if self._return_type is _UNSET:
-            self._return_type = _return_type(self.fn)
-        return self._return_type
+    def __init__(self, fn: Callable[P, Awaitable[R]], *, name: str | None, options: StepOptions) -> None:
+        self._wrap(fn, "step", name, claim=True)
+        self.options = options
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Coroutine[Any, Any, R]:
         run = current_run()
@@ -96,30 +109,20 @@ class RunOptions:
 
 
 @final
-class Workflow(Generic[P, R]):
+class Workflow(_Wrapper, Generic[P, R]):
     """A durable workflow: start it with `start()`, `start_async()`.
 
     Its body must be deterministic between steps: the same arguments and
     step results must lead to the same steps in the same order.
     """
 
+    fn: Callable[P, Awaitable[R]]
+
     def __init__(
         self, fn: Callable[P, Awaitable[R]], *, name: str | None, run_options: RunOptions | None = None
     ) -> None:
-        _check_async(fn, "workflow")
-        functools.update_wrapper(self, fn)  # first, as in Step
-        self.fn = fn
-        self.id = callable_id(fn, name)
+        self._wrap(fn, "workflow", name, claim=run_options is None)
         self.run_options = run_options or RunOptions()
-        if run_options is None:
-            register(self.id, "workflow", fn)
-        self._return_type: Any = _UNSET
-
-    def return_type(self) -> Any:
-        """The annotated return type, resolved once."""
-        if self._return_type is _UNSET:
-            self._return_type = _return_type(self.fn)
-        return self._return_type
 
     def options(
         self, *, run_id: str | None = None, redis_url: str | None = None, settings: Settings | None = None
