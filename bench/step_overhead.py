@@ -2,7 +2,7 @@
 
 Run from the repository root:
 
-    python bench/step_overhead.py                 # everything, about 2-4 minutes
+    python bench/step_overhead.py                 # everything, about 1.5 minutes on 2 cores
     python bench/step_overhead.py --quick         # replay of 1k/10k steps only
     python bench/step_overhead.py --profile       # also cProfile a 1000-step run
     python bench/step_overhead.py --redis-url unix:///path/redis.sock   # instead of Debian's redis-server
@@ -388,12 +388,17 @@ async def per_call_us(calls: int, fn: Callable[[], Awaitable[Any]]) -> RawSample
     return RawSample(statistics.median(samples) / 1000, cpu, statistics.fmean(samples) / 1000)
 
 
+def resp(*parts: bytes | str | int) -> bytes:
+    """One command in the Redis protocol (RESP2 array of bulk strings)."""
+    raw = [p if isinstance(p, bytes) else str(p).encode() for p in parts]
+    return b"*%d\r\n" % len(raw) + b"".join(b"$%d\r\n%s\r\n" % (len(p), p) for p in raw)
+
+
 def _ping_command(password: str | None, username: str | None) -> tuple[bytes, bytes]:
     auth = b""
     if password:
-        parts = [b"AUTH", *([username.encode()] if username else []), password.encode()]
-        auth = b"*%d\r\n" % len(parts) + b"".join(b"$%d\r\n%s\r\n" % (len(p), p) for p in parts)
-    return auth, b"*1\r\n$4\r\nPING\r\n"
+        auth = resp("AUTH", *([username] if username else []), password)
+    return auth, resp("PING")
 
 
 def _blocking_ping_us(kwargs: dict[str, Any], calls: int) -> RawSample | None:
@@ -426,9 +431,9 @@ def _blocking_ping_us(kwargs: dict[str, Any], calls: int) -> RawSample | None:
     return RawSample(statistics.median(samples) / 1000, cpu, statistics.fmean(samples) / 1000)
 
 
-async def _stream_ping_us(kwargs: dict[str, Any], calls: int) -> RawSample | None:
-    """PING over asyncio streams: adds the event loop, still without redis-py."""
-    auth, ping = _ping_command(kwargs.get("password"), kwargs.get("username"))
+async def _stream_us(kwargs: dict[str, Any], calls: int, command: Callable[[], bytes]) -> RawSample | None:
+    """Hand-packed commands with one-line replies over asyncio streams: the event loop, no redis-py."""
+    auth, _ = _ping_command(kwargs.get("password"), kwargs.get("username"))
     if "path" in kwargs:
         reader, writer = await asyncio.open_unix_connection(kwargs["path"])
     elif "host" in kwargs and not kwargs.get("ssl"):
@@ -439,12 +444,16 @@ async def _stream_ping_us(kwargs: dict[str, Any], calls: int) -> RawSample | Non
         if auth:
             writer.write(auth)
             await reader.readline()
+        replies = []
 
         async def one() -> None:
-            writer.write(ping)
-            await reader.readline()
+            writer.write(command())
+            replies.append(await reader.readline())
 
-        return await per_call_us(calls, one)
+        sample = await per_call_us(calls, one)
+        if any(reply[:1] == b"-" for reply in replies):
+            raise RuntimeError(f"the server refused a hand-packed command: {replies[0]!r}")
+        return sample
     finally:
         writer.close()
 
@@ -465,6 +474,19 @@ async def raw_round_trips(store: RedisStore, calls: int, payload: bytes) -> dict
     # The same server with redis-py's defaults: no socket_timeout (on Python 3.11 redis-py then
     # wraps every send in asyncio.wait_for, a new Task), no health checks, no retry object.
     kwargs = store.client.connection_pool.connection_kwargs
+    # The step's script, hand-packed (a constant prefix) and written straight to an asyncio stream.
+    stream_run = f"rawbench-{tag}-stream"
+    await client.hset(store.key(stream_run, "state"), mapping={"epoch": 1, "n": 0})
+    stream_keys = [store.key(stream_run, part) for part in ("state", "log", "steps")]
+    sha = await client.script_load(_APPEND_STEP_LUA)
+    head = resp("EVALSHA", sha, 3, *stream_keys, 1)[len(b"*7\r\n") :]
+    tail = resp(payload, 10000)[len(b"*2\r\n") :]
+    stream_ids = itertools.count(1)
+
+    def append_packed() -> bytes:
+        field = b"c%d" % next(stream_ids)
+        return b"*10\r\n" + head + b"$%d\r\n%s\r\n" % (len(field), field) + tail  # 7 + field + 2 parts
+
     pool = store.client.connection_pool
     plain_kwargs = {k: v for k, v in kwargs.items() if k not in _STORE_OPTIONS}
     plain = aioredis.Redis(
@@ -496,7 +518,11 @@ async def raw_round_trips(store: RedisStore, calls: int, payload: bytes) -> dict
             lambda: plain_script(keys=plain_keys, args=[1, f"c{next(ids['plain'])}", payload, 10000]),
         ),
     ]
-    floors = {"ping_socket": _blocking_ping_us(kwargs, calls), "ping_stream": await _stream_ping_us(kwargs, calls)}
+    floors = {
+        "ping_socket": _blocking_ping_us(kwargs, calls),
+        "ping_stream": await _stream_us(kwargs, calls, lambda: resp("PING")),
+        "append_stream": await _stream_us(kwargs, calls, append_packed),
+    }
     out = {kind: sample for kind, sample in floors.items() if sample is not None}
     for kind, command, fn in cases:
         await per_call_us(min(100, calls), fn)  # warm this path (and load the script)
@@ -504,7 +530,7 @@ async def raw_round_trips(store: RedisStore, calls: int, payload: bytes) -> dict
         out[kind] = await per_call_us(calls, fn)
         if has_stats:
             out[kind].server_us = await usec_per_call(client, command)
-    runs = (script_run, store_run, plain_run)
+    runs = (script_run, store_run, plain_run, stream_run)
     await client.delete(xadd_key, eval_key, *(store.key(r, p) for r in runs for p in ("state", "log", "steps")))
     await plain.aclose()
     return out
@@ -606,7 +632,50 @@ async def profile_steps(target: Target, n: int, top: int) -> None:
         print()
         print(f"top {top} by {key} (of {stats.total_tt:.3f} s profiled):")
         print(text[start:].rstrip())
+    print_profile_groups(pstats.Stats(profiler), n)
     await micro_costs(store)
+
+
+def _profile_group(filename: str, func: str) -> str:
+    path = filename.replace("\\", "/")
+    if "/werkfluss/" in path:
+        return "werkfluss (_runtime, _store, _events, _context, ...)"
+    if "/redis/" in path:
+        return "redis-py (Python code)"
+    if "/anyio/" in path:
+        return "anyio"
+    if "/asyncio/" in path or path.endswith("selectors.py"):
+        return "asyncio event loop and streams (Python code)"
+    if path.endswith("step_overhead.py"):
+        return "this benchmark (workflow body, noop)"
+    if path == "~":
+        if "_socket.socket" in func:
+            return "syscalls: socket send/recv"
+        if "epoll" in func:
+            return "syscalls: epoll (waiting for the server)"
+        if "msgspec" in func:
+            return "msgspec (C)"
+        return "other builtins (isinstance, len, contextvars, ...)"
+    return "other stdlib"
+
+
+def print_profile_groups(stats: pstats.Stats, n: int) -> None:
+    """Self time (tottime) of the profiled run, summed by package."""
+    groups: dict[str, float] = {}
+    for (filename, _line, func), (_cc, _nc, tottime, _ct, _callers) in stats.stats.items():
+        name = _profile_group(filename, func)
+        groups[name] = groups.get(name, 0.0) + tottime
+    total = sum(groups.values())
+    rows = [
+        [name, f"{seconds * 1e3:,.1f}", f"{seconds / total:.0%}", fmt(seconds / n * 1e6)]
+        for name, seconds in sorted(groups.items(), key=lambda item: -item[1])
+    ]
+    print_table(
+        "Profiled self time by package (tottime summed; includes the profiler's own overhead per call)",
+        ["where", "ms", "share", "µs per step"],
+        rows,
+        left=1,
+    )
 
 
 async def micro_costs(store: RedisStore) -> None:
@@ -722,6 +791,7 @@ def report_breakdown(results: Sequence[ServerResult], steps: Sequence[int]) -> N
             "evalsha": "EVALSHA trivial XADD (redis-py)",
             "xadd": "XADD (redis-py)",
             "append_plain": "EVALSHA append script (redis-py defaults)",
+            "append_stream": "EVALSHA append script (asyncio streams)",
             "ping": "PING (redis-py)",
             "ping_plain": "PING (redis-py defaults)",
             "ping_stream": "PING (asyncio streams, no redis-py)",
@@ -748,6 +818,8 @@ def report_breakdown(results: Sequence[ServerResult], steps: Sequence[int]) -> N
             "append script: the Lua of a live step (HGET, HEXISTS, HINCRBY, XADD, 2 HSET) with a real-size event.",
             "redis-py: the store's client (socket_timeout=30, health checks, retries); redis-py defaults: a client",
             "  with none of these (on Python < 3.12 a socket_timeout wraps each send in asyncio.wait_for, a new Task).",
+            "asyncio streams: hand-packed RESP written to asyncio.open_unix_connection, reply read with readline();",
+            "  no redis-py at all. blocking socket: no event loop either (the transport and scheduler floor).",
         ],
     )
 
@@ -837,7 +909,7 @@ async def run_all(args: argparse.Namespace, targets: list[Target]) -> None:
             if max(args.replay) >= 100_000:
                 print(
                     f"\nreplay: building a {max(args.replay):,}-step run first takes a while "
-                    "(about 30-60 s here); --quick skips it",
+                    "(about 20 s on a 2-core VM); --quick skips it",
                     flush=True,
                 )
             for k in args.replay:
