@@ -56,14 +56,13 @@ log = logging.getLogger("werkfluss")
 class Replay:
     """What a run's log says about its steps, indexed by sequence number."""
 
-    __slots__ = ("attempts", "completed", "count", "failed", "started", "steps")
+    __slots__ = ("attempts", "completed", "count", "failed", "steps")
 
     def __init__(self) -> None:
         self.completed: dict[int, StepCompleted] = {}
         self.failed: dict[int, StepFailed] = {}
         self.steps: dict[int, str] = {}
         self.attempts: dict[int, int] = {}
-        self.started: RunStarted | None = None
         self.count = 0
 
     @classmethod
@@ -98,8 +97,6 @@ class Replay:
             self.attempts[event.seq] = max(event.attempt, self.attempts.get(event.seq, 0))
             if event.final and not (event.seq == retry_seq and index <= retry_index):
                 self.failed[event.seq] = event
-        elif isinstance(event, RunStarted):
-            self.started = event
 
 
 class RunExecutor:
