@@ -172,11 +172,11 @@ class RunExecutor:
             failures += 1
             retry = failures <= policy.retries and policy.retries_on(error)
             delay = policy.delay(failures) if retry else 0.0
-            await self._record_failure(
+            info = await self._record_failure(
                 step, seq, attempt, started, error, final=not retry, retry_at=time.time() + delay if retry else None
             )
             if not retry:
-                raise self._failure(step, seq, attempt, ErrorInfo.from_exception(error), error) from error
+                raise self._failure(step, seq, attempt, info, error) from error
             log.info(
                 "run %s: step %s attempt %d failed (%s), retrying in %.3g s",
                 self.run_id,
@@ -197,11 +197,12 @@ class RunExecutor:
         *,
         final: bool,
         retry_at: float | None,
-    ) -> None:
-        event = StepFailed(
-            time.time(), seq, step.id, attempt, started, ErrorInfo.from_exception(error), final, retry_at
-        )
+    ) -> ErrorInfo:
+        """Record a failed attempt; returns the error as recorded."""
+        info = ErrorInfo.from_exception(error)
+        event = StepFailed(time.time(), seq, step.id, attempt, started, info, final, retry_at)
         await self.store.append_step(self.run_id, self.epoch, f"f{seq}:{attempt}", encode_event(event), self.lease)
+        return info
 
     def _failure(
         self, step: Step[Any, Any], seq: int, attempt: int, info: ErrorInfo, original: BaseException | None
