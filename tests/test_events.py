@@ -27,13 +27,19 @@ from werkfluss._events import (
     AnyEvent,
     ErrorInfo,
     Event,
+    HookReceived,
+    RaceWon,
     RunBlocked,
+    RunCancelled,
     RunCompleted,
     RunFailed,
+    RunPaused,
     RunResumed,
     RunStarted,
     StepCompleted,
     StepFailed,
+    TimerStarted,
+    Waiting,
     decode_event,
     decode_value,
     encode_call,
@@ -544,6 +550,11 @@ ALL_EVENTS: list[AnyEvent] = [
     RunFailed(6.0, ERROR, 2),
     RunFailed(6.0, ERROR),
     RunBlocked(7.0, ErrorInfo(type="werkfluss.NonDeterminismError", message="step #1 ...")),
+    RunPaused(8.0, [Waiting("hook", token="approve:7"), Waiting("timer", due=9.5), Waiting("child", run="r/3")]),
+    TimerStarted(8.5, 3, 86408.5),
+    HookReceived(9.0, 4, "approve:7", 1, "1700000000000-0", msgspec.Raw(encode_value({"ok": True}))),
+    RaceWon(9.5, 5, 1),
+    RunCancelled(10.0, "customer asked"),
 ]
 
 
@@ -567,6 +578,7 @@ def test_events_are_compact_tagged_arrays() -> None:
     tags = [msgspec.msgpack.decode(encode_event(e))[0] for e in ALL_EVENTS]
     assert set(tags) == {
         "run-started", "run-resumed", "step-completed", "step-failed", "run-completed", "run-failed", "run-blocked",
+        "run-paused", "timer-started", "hook-received", "race-won", "run-cancelled",
     }  # fmt: skip
 
 

@@ -471,8 +471,8 @@ async def test_store_refuses_stale_epochs_and_duplicate_completions(wf: Settings
         "f2", workflow="w", holder="h1/1/a", lease=10, started=b"s", resumed=b"r", take_over="", args_digest="d"
     )
     assert got.kind == "new"
-    assert await store.append_step("f2", 1, "c1", b"first", 10) == 2
-    assert await store.append_step("f2", 1, "c1", b"second", 10) == 0  # first writer wins
+    assert await store.append("f2", 1, "c1", b"first", 10) == (2, None)
+    assert await store.append("f2", 1, "c1", b"second", 10) == (0, None)  # first writer wins
     busy = await store.acquire(
         "f2", workflow="w", holder="h2/1/b", lease=10, started=b"s", resumed=b"r", take_over="", args_digest="d"
     )
@@ -484,7 +484,7 @@ async def test_store_refuses_stale_epochs_and_duplicate_completions(wf: Settings
     from werkfluss._errors import _Suspend
 
     with pytest.raises(_Suspend):
-        await store.append_step("f2", 1, "c2", b"zombie", 10)
+        await store.append("f2", 1, "c2", b"zombie", 10)
     bodies = [body async for batch in store.read_log("f2") for _, body in batch]
     assert bodies == [b"s", b"first", b"r"]
 
@@ -525,7 +525,7 @@ async def test_a_live_step_costs_one_round_trip_and_resume_reads_in_batches(wf: 
     await raw.aclose()
 
 
-_SCRIPT_INTERNAL = {"hexists", "hset", "hget", "hmget", "hincrby", "xadd", "time"}
+_SCRIPT_INTERNAL = {"hexists", "hset", "hget", "hmget", "hdel", "hincrby", "xadd", "time"}
 
 
 def client_commands(stats: dict[str, Any]) -> int:

@@ -26,7 +26,7 @@ from werkfluss._context import RunContext, StepContext, enter_run, enter_step, e
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Iterator
 
-    from werkfluss._runtime import RunExecutor
+    from werkfluss._executor import RunExecutor
 
 
 @dataclasses.dataclass
@@ -101,6 +101,12 @@ class FakeExecutor:
     async def run_step(self, step_: Step[Any, Any], seq: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
         self.calls.append((step_.id, seq, args, kwargs))
         return f"recorded #{seq}"
+
+    async def run_child(
+        self, wf: Workflow[Any, Any], seq: int, child_id: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> str:
+        self.calls.append((f"{wf.id} as {child_id}", seq, args, kwargs))
+        return f"child #{seq}"
 
 
 @pytest.fixture
@@ -331,10 +337,12 @@ async def test_step_inside_a_run_goes_to_the_executor_numbered_at_call_time(in_r
     ]
 
 
-async def test_workflow_inside_a_run_is_refused(in_run: FakeExecutor) -> None:
-    with pytest.raises(NotInWorkflowError, match="child workflows"):
-        fulfil("o")  # type: ignore[unused-coroutine]
-    assert in_run.calls == []
+async def test_workflow_inside_a_run_is_a_child_run_with_a_derived_id(in_run: FakeExecutor) -> None:
+    first = fulfil("o")
+    second = fulfil.options(run_id="chosen")("p")
+    assert await first == "child #1"
+    assert await second == "child #2"
+    assert in_run.calls == [(f"{fulfil.id} as run-1/1", 1, ("o",), {}), (f"{fulfil.id} as chosen", 2, ("p",), {})]
 
 
 def test_workflow_inside_a_step_is_refused(in_step: StepContext) -> None:

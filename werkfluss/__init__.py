@@ -7,20 +7,37 @@ that did not complete.
 
 This module only re-exports; the implementation lives in private modules,
 from pure (``_errors``, ``_ids``, ``_options``, ``_events``, ``_context``)
-to I/O (``_store``, ``_embedded``) to orchestration (``_runtime``,
-``_wrappers``, ``_client``).
+to I/O (``_store``, ``_scripts``, ``_embedded``) to orchestration
+(``_replay``, ``_executor``, ``_runtime``, ``_waits``, ``_wrappers``,
+``_client``, ``_worker``).
 """
 
 from __future__ import annotations
 
 from msgspec import Struct as _Struct
 
-from ._client import start, start_async
+from ._client import (
+    PendingHook,
+    cancel,
+    cancel_async,
+    enqueue,
+    enqueue_async,
+    expire_hooks,
+    expire_hooks_async,
+    invoke_hook,
+    invoke_hook_async,
+    pending_hooks,
+    pending_hooks_async,
+    start,
+    start_async,
+)
 from ._context import step_key
 from ._errors import (
     ConfigurationError,
+    HookConflictError,
     NonDeterminismError,
     NotInWorkflowError,
+    RunCancelledError,
     RunConflictError,
     RunFailedError,
     SerializationError,
@@ -29,13 +46,19 @@ from ._errors import (
     WerkflussError,
 )
 from ._options import RetryPolicy, Settings
+from ._waits import Hook, hook, race, sleep
+from ._worker import Worker
 from ._wrappers import Step, Workflow, step, workflow
 
 __all__ = [
     "ConfigurationError",
+    "Hook",
+    "HookConflictError",
     "NonDeterminismError",
     "NotInWorkflowError",
+    "PendingHook",
     "RetryPolicy",
+    "RunCancelledError",
     "RunConflictError",
     "RunFailedError",
     "SerializationError",
@@ -44,7 +67,21 @@ __all__ = [
     "StepFailedError",
     "StorageError",
     "WerkflussError",
+    "Worker",
     "Workflow",
+    "cancel",
+    "cancel_async",
+    "enqueue",
+    "enqueue_async",
+    "expire_hooks",
+    "expire_hooks_async",
+    "hook",
+    "invoke_hook",
+    "invoke_hook_async",
+    "pending_hooks",
+    "pending_hooks_async",
+    "race",
+    "sleep",
     "start",
     "start_async",
     "step",

@@ -1,4 +1,5 @@
-"""What a script calls: `start()` and `start_async()`, and the connections behind them.
+"""What a script calls: start, enqueue, invoke_hook, cancel (each sync and async),
+and the connections behind them.
 
 One `RedisStore` is kept per event loop and settings, so repeated
 `start_async` calls reuse their connections; `start()` runs its own event
@@ -8,27 +9,53 @@ loop and closes what it opened before returning.
 from __future__ import annotations
 
 import asyncio
+import time
 import weakref
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 import anyio
 import anyio.to_thread
+import msgspec
 
 from ._embedded import ensure_server
-from ._events import encode_call
-from ._ids import derive_run_id
-from ._options import Settings
-from ._runtime import run_workflow
+from ._errors import RunConflictError
+from ._events import RunCancelled, RunStarted, Waiting, encode_call, encode_checked, encode_event
+from ._executor import LIVE
+from ._ids import check_run_id, derive_run_id
+from ._options import Settings, parse_duration
+from ._runtime import args_digest, drive
 from ._store import RedisStore
+from ._waits import _check_token
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+    from datetime import timedelta
+
     from ._wrappers import Workflow
 
-__all__ = ["close_stores", "open_store", "start", "start_async"]
+__all__ = [
+    "PendingHook",
+    "cancel",
+    "cancel_async",
+    "close_stores",
+    "enqueue",
+    "enqueue_async",
+    "expire_hooks",
+    "expire_hooks_async",
+    "invoke_hook",
+    "invoke_hook_async",
+    "open_store",
+    "pending_hooks",
+    "pending_hooks_async",
+    "start",
+    "start_async",
+]
 
 P = ParamSpec("P")
 R = TypeVar("R")
+T = TypeVar("T")
 
 _stores: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[Settings, RedisStore]] = weakref.WeakKeyDictionary()
 _locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = weakref.WeakKeyDictionary()
@@ -75,13 +102,17 @@ async def start_async(workflow: Workflow[P, R], /, *args: P.args, **kwargs: P.kw
     The run ID is ``workflow.options(run_id=...)``'s, or derived from the
     workflow ID and the arguments, so the same call reaches the same run:
     a completed run returns its recorded result without executing
-    anything; an interrupted or failed one resumes, executing only the
-    steps that did not complete.
+    anything; an interrupted, paused or failed one resumes, executing only
+    the steps that did not complete. While the run is paused (a hook, a
+    sleep), this waits for it; the pause is durable, so if this process
+    stops, any later `start` or a worker resumes the run.
 
     Raises:
         StepFailedError: a step exhausted its retries and the workflow did not catch it.
         NonDeterminismError: the code no longer matches the run's log; the run is blocked.
         RunFailedError: the run failed in another process while this one waited for it.
+        RunCancelledError: the run was cancelled.
+        RunConflictError: the run ID belongs to another workflow or other arguments.
         SerializationError: an argument or result cannot be stored.
         StorageError: Redis/Valkey is unreachable.
     """
@@ -97,7 +128,7 @@ async def start_async(workflow: Workflow[P, R], /, *args: P.args, **kwargs: P.kw
     future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
     _active[key] = future
     try:
-        result = await run_workflow(store, workflow, run_id, args, kwargs, args_raw, settings.lease)
+        result = await drive(store, workflow, run_id, args, kwargs, args_raw, settings.lease)
     except BaseException as exc:
         future.set_exception(exc)
         future.exception()  # mark retrieved: nobody else may be waiting
@@ -115,18 +146,188 @@ def start(workflow: Workflow[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
     The blocking twin of `start_async`, for scripts; it runs its own event
     loop, so it cannot be called from inside one.
     """
+    return _blocking("start", lambda: start_async(workflow, *args, **kwargs))
+
+
+def _blocking(name: str, call: Callable[[], Awaitable[T]]) -> T:
+    """Run `call` on an event loop of its own, closing the connections it opened."""
     try:
         asyncio.get_running_loop()
     except RuntimeError:
         pass
     else:
-        raise RuntimeError("start() cannot be called inside a running event loop; use 'await start_async(...)'")
+        raise RuntimeError(f"{name}() cannot be called inside a running event loop; use 'await {name}_async(...)'")
 
-    async def main() -> R:
+    async def main() -> T:
         try:
-            return await start_async(workflow, *args, **kwargs)
+            return await call()
         finally:
             with anyio.CancelScope(shield=True):
                 await close_stores()
 
     return anyio.run(main, backend="asyncio")
+
+
+async def enqueue_async(workflow: Workflow[P, R], /, *args: P.args, **kwargs: P.kwargs) -> str:
+    """Put a run of `workflow` on the queue and return its run ID at once.
+
+    Any worker that has the workflow (``werkfluss worker MODULE``) runs it.
+    The run ID is chosen like `start_async`'s, so enqueueing the same call
+    twice reaches the same run: an existing run is not started again (a
+    failed or blocked one is put back on the queue to resume).
+
+    Raises:
+        RunConflictError: the run ID belongs to another workflow or other arguments.
+        SerializationError: an argument cannot be stored.
+        StorageError: Redis/Valkey is unreachable.
+    """
+    settings = workflow.run_options.settings or Settings.from_env()
+    args_raw = encode_call(workflow.id, args, kwargs, deterministic=True)
+    run_id = workflow.run_options.run_id or derive_run_id(workflow.id, args_raw)
+    store = await open_store(settings)
+    started = encode_event(RunStarted(time.time(), workflow.id, msgspec.Raw(args_raw)))
+    kind, detail = await store.create(run_id, workflow=workflow.id, started=started, args_digest=args_digest(args_raw))
+    if kind == "conflict":
+        raise RunConflictError(f"run {run_id!r} belongs to workflow {detail!r}, not {workflow.id!r}")
+    if kind == "other-arguments":
+        raise RunConflictError(f"run {run_id!r} was enqueued with other arguments; use another run_id")
+    if kind == "new" or detail == "pending":
+        await store.enqueue(run_id)
+    elif detail in ("failed", "blocked"):
+        await store.enqueue(run_id, retry=True)
+    return run_id
+
+
+def enqueue(workflow: Workflow[P, R], /, *args: P.args, **kwargs: P.kwargs) -> str:
+    """Blocking twin of `enqueue_async`: put a run on the queue, return its run ID."""
+    return _blocking("enqueue", lambda: enqueue_async(workflow, *args, **kwargs))
+
+
+async def invoke_hook_async(token: str, payload: Any = None, *, settings: Settings | None = None) -> None:
+    """Deliver `payload` to hook `token`, from any process, at any time.
+
+    The payload is kept in the token's mailbox until a run takes it, so it
+    may arrive before the run reaches its ``await``; the run that owns the
+    token is woken. Payloads for a token no run has claimed yet are kept
+    (see `pending_hooks` and `discard_hook`).
+
+    Raises:
+        SerializationError: the payload cannot be stored (nothing is delivered).
+        ConfigurationError: the token is not a valid token.
+        StorageError: Redis/Valkey is unreachable.
+    """
+    _check_token(token)
+    raw = encode_checked(payload, owner=f"hook {token!r}", where="payload")
+    store = await open_store(settings or Settings.from_env())
+    owner = await store.deliver(token, raw)
+    if owner:
+        await store.wake(owner)
+
+
+def invoke_hook(token: str, payload: Any = None, *, settings: Settings | None = None) -> None:
+    """Blocking twin of `invoke_hook_async`: deliver `payload` to hook `token`."""
+    _blocking("invoke_hook", lambda: invoke_hook_async(token, payload, settings=settings))
+
+
+async def cancel_async(run_id: str, reason: str = "", *, settings: Settings | None = None) -> bool:
+    """Cancel run `run_id` from any process.
+
+    A paused, pending, interrupted or failed run is `cancelled` at once. A
+    run that a live process is executing stops at its next step boundary
+    (a step running in this process is cancelled through anyio
+    cancellation; elsewhere within a third of the lease) and is recorded
+    cancelled, with `reason` in its log. Starting a cancelled run raises
+    `RunCancelledError`. Child runs it is waiting for are cancelled too.
+
+    Returns False when the run had already completed or been cancelled.
+
+    Raises:
+        RunConflictError: there is no run `run_id`.
+    """
+    check_run_id(run_id)
+    store = await open_store(settings or Settings.from_env())
+    return await _cancel(store, run_id, reason, depth=0)
+
+
+async def _cancel(store: RedisStore, run_id: str, reason: str, depth: int) -> bool:
+    waiting = (await store.state(run_id)).get("waiting")
+    outcome, parent = await store.cancel(run_id, reason, encode_event(RunCancelled(time.time(), reason)))
+    if outcome == "missing":
+        raise RunConflictError(f"there is no run {run_id!r}")
+    if outcome == "requested":
+        live = LIVE.get((id(store), run_id))
+        if live is not None:
+            live.request_cancel(reason)
+    elif outcome == "cancelled":
+        await store.unschedule(run_id)
+        if parent:
+            await store.wake(parent)
+    if waiting and depth < 20:
+        for wait in _decode_waits(waiting):
+            if wait.kind == "child" and wait.run:
+                await _cancel(store, wait.run, reason or f"parent run {run_id!r} was cancelled", depth + 1)
+    return outcome in ("cancelled", "requested")
+
+
+def _decode_waits(raw: bytes) -> list[Waiting]:
+    try:
+        return msgspec.msgpack.decode(raw, type=list[Waiting])
+    except (msgspec.DecodeError, ValueError, RecursionError):
+        return []
+
+
+def cancel(run_id: str, reason: str = "", *, settings: Settings | None = None) -> bool:
+    """Blocking twin of `cancel_async`: cancel run `run_id`."""
+    return _blocking("cancel", lambda: cancel_async(run_id, reason, settings=settings))
+
+
+@dataclass(frozen=True, slots=True)
+class PendingHook:
+    """Payloads delivered to a hook token that no run has taken yet.
+
+    Attributes:
+        token: The hook's token.
+        payloads: How many payloads wait in its mailbox.
+        last_delivery: Unix time of the latest delivery.
+        owner: The run that claimed the token, or None if no run has
+            reached a hook with it yet.
+    """
+
+    token: str
+    payloads: int
+    last_delivery: float
+    owner: str | None
+
+
+async def pending_hooks_async(*, limit: int = 100, settings: Settings | None = None) -> list[PendingHook]:
+    """Hook tokens with payloads no run has taken yet, oldest delivery first."""
+    store = await open_store(settings or Settings.from_env())
+    found = await store.pending_hooks(limit)
+    return [PendingHook(token, count, last, owner or None) for token, last, count, owner in found if count]
+
+
+def pending_hooks(*, limit: int = 100, settings: Settings | None = None) -> list[PendingHook]:
+    """Blocking twin of `pending_hooks_async`."""
+    return _blocking("pending_hooks", lambda: pending_hooks_async(limit=limit, settings=settings))
+
+
+async def expire_hooks_async(older_than: float | timedelta | str, *, settings: Settings | None = None) -> list[str]:
+    """Discard payloads last delivered more than `older_than` ago that no run
+    will take: their token has no owner, or its run has ended. Returns the tokens.
+    """
+    cutoff = time.time() - parse_duration(older_than, what="older_than")
+    store = await open_store(settings or Settings.from_env())
+    expired = []
+    for token, last, _, owner in await store.pending_hooks(10_000):
+        if last > cutoff:
+            break
+        if owner and await store.status(owner) in ("running", "paused", "pending"):
+            continue
+        await store.discard_hook(token)
+        expired.append(token)
+    return expired
+
+
+def expire_hooks(older_than: float | timedelta | str, *, settings: Settings | None = None) -> list[str]:
+    """Blocking twin of `expire_hooks_async`."""
+    return _blocking("expire_hooks", lambda: expire_hooks_async(older_than, settings=settings))

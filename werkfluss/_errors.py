@@ -10,6 +10,8 @@ Every error a user can catch derives from `WerkflussError`::
     ├── StepFailedError         a step exhausted its retries (carries the original error)
     ├── RunFailedError          a run this caller waited for ended in failure
     ├── RunConflictError        a run ID already belongs to another workflow or arguments
+    ├── RunCancelledError       the run was cancelled (by `cancel()` or the CLI)
+    ├── HookConflictError       a hook token already belongs to another run
     └── NotInWorkflowError      a run-only function was called outside a run or step
 
 `_Suspend` is deliberately *not* in that tree: it is a private `BaseException`
@@ -23,8 +25,10 @@ from typing import final
 
 __all__ = [
     "ConfigurationError",
+    "HookConflictError",
     "NonDeterminismError",
     "NotInWorkflowError",
+    "RunCancelledError",
     "RunConflictError",
     "RunFailedError",
     "SerializationError",
@@ -131,6 +135,32 @@ class RunFailedError(WerkflussError):
 
 class RunConflictError(WerkflussError):
     """A run ID is taken by a run of another workflow, or with other arguments."""
+
+
+class RunCancelledError(WerkflussError):
+    """The run was cancelled; starting it again does not execute it afresh."""
+
+    def __init__(self, run_id: str, reason: str = "") -> None:
+        super().__init__(f"run {run_id!r} was cancelled" + (f": {reason}" if reason else ""))
+        self.run_id = run_id
+        self.reason = reason
+
+
+class HookConflictError(WerkflussError):
+    """A run awaited a hook whose token another run already waits on.
+
+    A token names one mailbox for one run: pick tokens that include
+    something unique to the run (an order ID), or use ``hook()``'s default.
+    """
+
+    def __init__(self, token: str, run_id: str, owner: str) -> None:
+        super().__init__(
+            f"run {run_id!r} awaits hook {token!r}, but that token belongs to run {owner!r}; "
+            f"use a token unique to the run"
+        )
+        self.token = token
+        self.run_id = run_id
+        self.owner = owner
 
 
 class NotInWorkflowError(WerkflussError):

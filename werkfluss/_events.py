@@ -29,13 +29,19 @@ __all__ = [
     "AnyEvent",
     "ErrorInfo",
     "Event",
+    "HookReceived",
+    "RaceWon",
     "RunBlocked",
+    "RunCancelled",
     "RunCompleted",
     "RunFailed",
+    "RunPaused",
     "RunResumed",
     "RunStarted",
     "StepCompleted",
     "StepFailed",
+    "TimerStarted",
+    "Waiting",
     "decode_event",
     "decode_value",
     "encode_event",
@@ -84,10 +90,12 @@ class Event(msgspec.Struct, frozen=True, array_like=True, tag_field="k"):
 
 
 class RunStarted(Event, tag="run-started", frozen=True, array_like=True):
-    """The run was created; `args` is the encoded ``[args, kwargs]`` of the workflow."""
+    """The run was created; `args` is the encoded ``[args, kwargs]`` of the workflow,
+    `parent` the run that started it as a child, if one did."""
 
     workflow: str
     args: msgspec.Raw
+    parent: str | None = None
 
 
 class RunResumed(Event, tag="run-resumed", frozen=True, array_like=True):
@@ -119,6 +127,51 @@ class StepFailed(Event, tag="step-failed", frozen=True, array_like=True):
     retry_at: float | None = None
 
 
+class Waiting(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True):
+    """One thing a paused run waits for: a hook's token, a timer's due time, a child run."""
+
+    kind: str  # "hook", "timer" or "child"
+    token: str | None = None
+    due: float | None = None
+    run: str | None = None
+
+
+class RunPaused(Event, tag="run-paused", frozen=True, array_like=True):
+    """The run parked: no process holds it until one of `waits` happens."""
+
+    waits: list[Waiting]
+
+
+class TimerStarted(Event, tag="timer-started", frozen=True, array_like=True):
+    """``sleep()`` number `seq` is due at Unix time `due`, however often the run replays."""
+
+    seq: int
+    due: float
+
+
+class HookReceived(Event, tag="hook-received", frozen=True, array_like=True):
+    """Payload number `n` of hook `seq` (`token`), taken from its mailbox entry `entry`."""
+
+    seq: int
+    token: str
+    n: int
+    entry: str
+    payload: msgspec.Raw
+
+
+class RaceWon(Event, tag="race-won", frozen=True, array_like=True):
+    """``race()`` number `seq` was won by its awaitable number `index`."""
+
+    seq: int
+    index: int
+
+
+class RunCancelled(Event, tag="run-cancelled", frozen=True, array_like=True):
+    """The run was cancelled, with the canceller's `reason`."""
+
+    reason: str
+
+
 class RunCompleted(Event, tag="run-completed", frozen=True, array_like=True):
     """The workflow returned `result`."""
 
@@ -138,7 +191,20 @@ class RunBlocked(Event, tag="run-blocked", frozen=True, array_like=True):
     error: ErrorInfo
 
 
-AnyEvent: TypeAlias = RunStarted | RunResumed | StepCompleted | StepFailed | RunCompleted | RunFailed | RunBlocked
+AnyEvent: TypeAlias = (
+    RunStarted
+    | RunResumed
+    | StepCompleted
+    | StepFailed
+    | RunPaused
+    | TimerStarted
+    | HookReceived
+    | RaceWon
+    | RunCompleted
+    | RunFailed
+    | RunBlocked
+    | RunCancelled
+)
 
 _event_encoder = msgspec.msgpack.Encoder()
 _event_decoder: msgspec.msgpack.Decoder[AnyEvent] = msgspec.msgpack.Decoder(AnyEvent)

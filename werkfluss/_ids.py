@@ -105,3 +105,17 @@ def derive_run_id(workflow_id: str, encoded_args: bytes) -> str:
     digest = hashlib.sha256(workflow_id.encode() + b"\0" + encoded_args).hexdigest()[:24]
     short = workflow_id.rsplit(":", 1)[-1].replace("{", "").replace("}", "")
     return check_run_id(f"{short[:60]}-{digest}")
+
+
+def child_run_id(parent: str, seq: int) -> str:
+    """The run ID of the child workflow a parent run calls at `seq`: ``<parent>/<seq>``.
+
+    Deterministic, so a rerun of the parent reaches the same child instead
+    of starting it twice. Deep nesting keeps it within 200 characters by
+    hashing the parent's part.
+    """
+    ident = f"{parent}/{seq}"
+    if len(ident) > 200:
+        digest = hashlib.sha256(parent.encode()).hexdigest()[:24]
+        ident = f"{parent[:120]}~{digest}/{seq}"
+    return check_run_id(ident)

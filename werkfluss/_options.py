@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import math
 import os
+import re
+from datetime import timedelta
 from typing import Literal
 
 import msgspec
 
 from ._errors import ConfigurationError
 
-__all__ = ["RetryPolicy", "Settings", "StepOptions"]
+__all__ = ["RetryPolicy", "Settings", "StepOptions", "parse_duration"]
 
 Backoff = Literal["exponential", "linear", "constant"]
 
@@ -80,6 +82,44 @@ def step_options(retries: int | RetryPolicy, timeout: float | None) -> StepOptio
     if timeout is not None and not (_finite(timeout) and timeout > 0):
         raise ConfigurationError(f"timeout must be > 0 seconds, got {timeout}")
     return StepOptions(retry=policy, timeout=timeout)
+
+
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
+_DURATION = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h|d|w)\s*")
+
+
+def parse_duration(duration: float | timedelta | str, *, what: str = "duration") -> float:
+    """Seconds in `duration`: a number of seconds, a `timedelta`, or text.
+
+    Text is one or more ``<number><unit>`` parts, units ``ms s m h d w``:
+    ``"400ms"``, ``"2h"``, ``"7d"``, ``"1h30m"``.
+
+    Raises:
+        ConfigurationError: naming `what` and the value, for anything else
+            (negative, not finite, unknown unit).
+    """
+    if isinstance(duration, timedelta):
+        seconds = duration.total_seconds()
+    elif isinstance(duration, str):
+        pos, seconds = 0, 0.0
+        text = duration.strip()
+        while pos < len(text):
+            match = _DURATION.match(text, pos)
+            if match is None or match.end() == pos:
+                raise ConfigurationError(
+                    f"invalid {what} {duration!r}: use seconds, a timedelta, or text like '400ms', '2h', '7d', '1h30m'"
+                )
+            seconds += float(match[1]) * _UNITS[match[2]]
+            pos = match.end()
+        if not text:
+            raise ConfigurationError(f"invalid {what} {duration!r}: it is empty")
+    elif isinstance(duration, (int, float)) and not isinstance(duration, bool):
+        seconds = float(duration)
+    else:
+        raise ConfigurationError(f"invalid {what} {duration!r}: use seconds, a timedelta or text like '2h'")
+    if not (_finite(seconds) and seconds >= 0):
+        raise ConfigurationError(f"invalid {what} {duration!r}: it must be finite and not negative")
+    return seconds
 
 
 Fsync = Literal["everysec", "always"]

@@ -22,6 +22,7 @@ never from a worker's.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
@@ -33,6 +34,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from . import _scripts
 from ._errors import StorageError, _Suspend
 
 if TYPE_CHECKING:
@@ -44,92 +46,6 @@ __all__ = ["AcquireResult", "RedisStore", "redact"]
 
 log = logging.getLogger("werkfluss")
 
-_NOW = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-"""
-
-# KEYS: state, log. ARGV: holder, lease_ms, workflow, run-started event,
-# run-resumed event, holder to take over ('' for none), digest of the arguments.
-_ACQUIRE = (
-    _NOW
-    + """
-local cur = redis.call('HMGET', KEYS[1], 'status', 'workflow', 'holder', 'lease')
-if not cur[1] then
-  redis.call('HSET', KEYS[1], 'status', 'running', 'workflow', ARGV[3], 'holder', ARGV[1],
-             'lease', now + tonumber(ARGV[2]), 'epoch', 1, 'n', 1, 'created', now, 'updated', now,
-             'args', ARGV[7])
-  redis.call('XADD', KEYS[2], '0-1', 'e', ARGV[4])
-  return {'new', 1, now}
-end
-if cur[2] ~= ARGV[3] then return {'conflict', cur[2]} end
-if redis.call('HGET', KEYS[1], 'args') ~= ARGV[7] then return {'other-arguments'} end
-if cur[1] == 'completed' then return {'completed', redis.call('HGET', KEYS[1], 'result')} end
-if cur[1] == 'running' and cur[3] ~= ARGV[1] and cur[3] ~= ARGV[6] and tonumber(cur[4]) > now then
-  return {'busy', cur[3], tonumber(cur[4]) - now}
-end
-local epoch = redis.call('HINCRBY', KEYS[1], 'epoch', 1)
-local n = redis.call('HINCRBY', KEYS[1], 'n', 1)
-redis.call('XADD', KEYS[2], '0-' .. n, 'e', ARGV[5])
-redis.call('HSET', KEYS[1], 'status', 'running', 'holder', ARGV[1],
-           'lease', now + tonumber(ARGV[2]), 'updated', now)
-if cur[1] == 'failed' then
-  -- Remember which step failed the run: the replay re-executes it instead
-  -- of replaying its recorded failure (failures recorded up to index n).
-  redis.call('HSET', KEYS[1], 'retry_seq', redis.call('HGET', KEYS[1], 'failed_seq') or '', 'retry_index', n)
-end
-local retry = redis.call('HMGET', KEYS[1], 'retry_seq', 'retry_index')
-return {'resumed', epoch, cur[1], retry[1] or '', retry[2] or ''}
-"""
-)
-
-# KEYS: state. ARGV: epoch, lease_ms.
-_RENEW = (
-    _NOW
-    + """
-if redis.call('HGET', KEYS[1], 'epoch') ~= ARGV[1] then return 0 end
-redis.call('HSET', KEYS[1], 'lease', now + tonumber(ARGV[2]))
-return 1
-"""
-)
-
-# KEYS: state, log, steps. ARGV: epoch, dedup field, event, lease_ms.
-# Returns the event index, 0 if this (run, seq[, attempt]) was recorded
-# before (a re-sent command or a competing writer: first writer wins), -1 if fenced.
-_APPEND_STEP = (
-    _NOW
-    + """
-if redis.call('HGET', KEYS[1], 'epoch') ~= ARGV[1] then return -1 end
-if redis.call('HEXISTS', KEYS[3], ARGV[2]) == 1 then return 0 end
-local n = redis.call('HINCRBY', KEYS[1], 'n', 1)
-redis.call('XADD', KEYS[2], '0-' .. n, 'e', ARGV[3])
-redis.call('HSET', KEYS[3], ARGV[2], n)
-redis.call('HSET', KEYS[1], 'updated', now, 'lease', now + tonumber(ARGV[4]))
-return n
-"""
-)
-
-# KEYS: state, log. ARGV: epoch, status, event, result-or-error field, its value, failed_seq.
-_FINISH = (
-    _NOW
-    + """
-if redis.call('HGET', KEYS[1], 'epoch') ~= ARGV[1] then return -1 end
-if redis.call('HGET', KEYS[1], 'status') == 'completed' then return 0 end
-local n = redis.call('HINCRBY', KEYS[1], 'n', 1)
-redis.call('XADD', KEYS[2], '0-' .. n, 'e', ARGV[3])
-redis.call('HSET', KEYS[1], 'status', ARGV[2], ARGV[4], ARGV[5], 'failed_seq', ARGV[6],
-           'holder', '', 'lease', 0, 'updated', now)
-return n
-"""
-)
-
-# KEYS: state. ARGV: epoch. Lets a rerun take over at once after Ctrl-C.
-_RELEASE = """
-if redis.call('HGET', KEYS[1], 'epoch') ~= ARGV[1] then return 0 end
-redis.call('HSET', KEYS[1], 'lease', 0, 'holder', '')
-return 1
-"""
-
 _LOG_BATCH = 2000
 _Arg = bytes | str | int | float
 
@@ -137,7 +53,9 @@ _Arg = bytes | str | int | float
 @dataclass(frozen=True, slots=True)
 class AcquireResult:
     """What `RedisStore.acquire` found: ``kind`` is new, resumed, completed, busy,
-    conflict (another workflow's run) or other-arguments."""
+    cancelled, ended (failed or blocked, not resumed), missing, conflict
+    (another workflow's run) or other-arguments. `cancel` is a pending
+    cancel's reason."""
 
     kind: str
     epoch: int = 0
@@ -148,6 +66,7 @@ class AcquireResult:
     workflow: str = ""
     retry_seq: int | None = None
     retry_index: int = 0
+    cancel: str | None = None
 
 
 def redact(url: str) -> str:
@@ -175,11 +94,9 @@ class RedisStore:
         self.client = client
         self.prefix = prefix
         self.where = where  # redacted, for error messages
-        self._acquire: AsyncScript = client.register_script(_ACQUIRE)
-        self._renew: AsyncScript = client.register_script(_RENEW)
-        self._append: AsyncScript = client.register_script(_APPEND_STEP)
-        self._finish: AsyncScript = client.register_script(_FINISH)
-        self._release: AsyncScript = client.register_script(_RELEASE)
+        self._scripts: dict[str, AsyncScript] = {
+            name: client.register_script(getattr(_scripts, name)) for name in _scripts.__all__
+        }
 
     @classmethod
     async def connect(
@@ -262,6 +179,14 @@ class RedisStore:
         except ResponseError as exc:
             raise StorageError(f"{self.where} refused a command: {exc}") from None
 
+    async def _run(self, script: str, keys: list[str], args: list[_Arg]) -> Any:
+        return await self._call(self._scripts[script](keys=keys, args=args))
+
+    def _run_keys(self, run_id: str, *parts: str) -> list[str]:
+        return [self.key(run_id, part) for part in parts]
+
+    # -- runs -------------------------------------------------------------------------
+
     async def acquire(
         self,
         run_id: str,
@@ -271,72 +196,128 @@ class RedisStore:
         lease: float,
         started: bytes,
         resumed: bytes,
-        take_over: str,
-        args_digest: str,
+        take_over: str = "",
+        args_digest: str = "",
+        retry: bool = True,
+        parent: str = "",
     ) -> AcquireResult:
-        """Create run `run_id` or take it over; see `AcquireResult` for the outcomes."""
-        keys = [self.key(run_id, "state"), self.key(run_id, "log")]
-        args: list[_Arg] = [holder, int(lease * 1000), workflow, started, resumed, take_over, args_digest]
-        reply = await self._call(self._acquire(keys=keys, args=args))
+        """Create run `run_id` or take it over; see `AcquireResult` for the outcomes.
+
+        An empty `workflow`, `started` or `args_digest` means: accept any
+        workflow, never create, do not compare arguments (what a worker
+        passes, knowing only the run ID). `retry` lets a failed or blocked
+        run resume.
+        """
+        args: list[_Arg] = [
+            holder, int(lease * 1000), workflow, started, resumed, take_over, args_digest, "1" if retry else "", parent,
+        ]  # fmt: skip
+        reply = await self._run("ACQUIRE", self._run_keys(run_id, "state", "log"), args)
         kind = _text(reply[0])
         if kind == "new":
             await self._call(self.client.zadd(self.runs_key, {run_id: int(reply[2])}, nx=True))
-            return AcquireResult("new", epoch=int(reply[1]))
+            return AcquireResult("new", epoch=int(reply[1]), workflow=workflow)
         if kind == "resumed":
-            retry_seq = int(reply[3]) if reply[3] else None
             return AcquireResult(
                 "resumed",
                 epoch=int(reply[1]),
                 previous=_text(reply[2]),
-                retry_seq=retry_seq,
+                retry_seq=int(reply[3]) if reply[3] else None,
                 retry_index=int(reply[4]) if reply[4] else 0,
+                workflow=_text(reply[5]),
+                cancel=_text(reply[6]) if reply[6] else None,
             )
         if kind == "completed":
             return AcquireResult("completed", result=bytes(reply[1] or b""))
         if kind == "busy":
-            return AcquireResult("busy", holder=_text(reply[1]), lease_left=int(reply[2]) / 1000)
-        if kind == "other-arguments":
-            return AcquireResult("other-arguments")
-        return AcquireResult("conflict", workflow=_text(reply[1]))
+            return AcquireResult(
+                "busy", holder=_text(reply[1]), lease_left=int(reply[2]) / 1000, workflow=_text(reply[3])
+            )
+        if kind == "conflict":
+            return AcquireResult("conflict", workflow=_text(reply[1]))
+        if kind == "cancelled":
+            return AcquireResult("cancelled", cancel=_text(reply[1]))
+        if kind == "ended":
+            return AcquireResult("ended", previous=_text(reply[1]))
+        return AcquireResult(kind)  # missing, other-arguments
 
-    async def renew(self, run_id: str, epoch: int, lease: float) -> bool:
-        """Extend the lease; False when the run was taken over."""
-        keys = [self.key(run_id, "state")]
-        return bool(await self._call(self._renew(keys=keys, args=[epoch, int(lease * 1000)])))
+    async def create(self, run_id: str, *, workflow: str, started: bytes, args_digest: str) -> tuple[str, str]:
+        """Create a pending run for the queue: ``("new", "")``, ``("exists", status)``,
+        ``("conflict", workflow)`` or ``("other-arguments", "")``."""
+        reply = await self._run("CREATE", self._run_keys(run_id, "state", "log"), [workflow, started, args_digest])
+        kind = _text(reply[0])
+        if kind == "new":
+            await self._call(self.client.zadd(self.runs_key, {run_id: int(reply[1])}, nx=True))
+            return kind, ""
+        return kind, _text(reply[1]) if len(reply) > 1 else ""
 
-    async def append_step(self, run_id: str, epoch: int, dedup: str, event: bytes, lease: float) -> int:
-        """Append a step event once per `dedup` field; 0 if it was recorded before.
+    async def renew(self, run_id: str, epoch: int, lease: float) -> tuple[bool, str | None]:
+        """Extend the lease: ``(held, cancel reason or None)``; held is False once taken over."""
+        reply = await self._run("RENEW", [self.key(run_id, "state")], [epoch, int(lease * 1000)])
+        if not int(reply[0]):
+            return False, None
+        return True, _text(reply[1]) or None
+
+    async def append(self, run_id: str, epoch: int, dedup: str, event: bytes, lease: float) -> tuple[int, str | None]:
+        """Append an event once per `dedup` field: ``(index or 0 if recorded before, cancel reason)``.
 
         Raises:
             _Suspend: the run was taken over (fenced).
         """
-        keys = [self.key(run_id, "state"), self.key(run_id, "log"), self.key(run_id, "steps")]
-        n = int(await self._call(self._append(keys=keys, args=[epoch, dedup, event, int(lease * 1000)])))
+        keys = self._run_keys(run_id, "state", "log", "steps")
+        reply = await self._run("APPEND", keys, [epoch, dedup, event, int(lease * 1000)])
+        n = int(reply[0])
         if n < 0:
             raise _Suspend(run_id, "another process took this run over; this one stops writing")
-        return n
+        return n, _text(reply[1]) or None
+
+    async def pause(self, run_id: str, epoch: int, event: bytes, waiting: bytes) -> str | None:
+        """Park the run; returns a pending cancel's reason instead of parking, if there is one.
+
+        Raises:
+            _Suspend: the run was taken over (fenced).
+        """
+        reply = await self._run("PAUSE", self._run_keys(run_id, "state", "log"), [epoch, event, waiting])
+        if int(reply[0]) < 0:
+            raise _Suspend(run_id, "another process took this run over; this one stops writing")
+        return _text(reply[1]) or None
 
     async def finish(
         self, run_id: str, epoch: int, *, status: str, event: bytes, field: str, value: bytes, failed_seq: int | None
-    ) -> None:
-        """Record the run's end (completed, failed or blocked) with its event.
+    ) -> str:
+        """Record the run's end (completed, failed, blocked or cancelled); returns its parent run or ``""``.
 
         Raises:
             _Suspend: the run was taken over (fenced).
         """
-        keys = [self.key(run_id, "state"), self.key(run_id, "log")]
         args: list[_Arg] = [epoch, status, event, field, value, "" if failed_seq is None else failed_seq]
-        if int(await self._call(self._finish(keys=keys, args=args))) < 0:
+        reply = await self._run("FINISH", self._run_keys(run_id, "state", "log"), args)
+        if int(reply[0]) < 0:
             raise _Suspend(run_id, "another process took this run over; this one stops writing")
+        return _text(reply[1])
 
     async def release(self, run_id: str, epoch: int) -> None:
-        """Give up the lease at once (the run stays interrupted, resumable)."""
-        await self._call(self._release(keys=[self.key(run_id, "state")], args=[epoch]))
+        """Give up the lease at once (the run stays resumable by anyone)."""
+        await self._run("RELEASE", [self.key(run_id, "state")], [epoch])
+
+    async def cancel(self, run_id: str, reason: str, event: bytes) -> tuple[str, str]:
+        """Cancel a run: ``(outcome, parent)``; outcome is cancelled, requested (its live
+        holder stops at the next step), completed, missing or (already) cancelled."""
+        reply = await self._run("CANCEL", self._run_keys(run_id, "state", "log"), [reason, event])
+        return _text(reply[0]), _text(reply[1])
 
     async def state(self, run_id: str) -> dict[str, bytes]:
         """The run's state hash (empty if there is no such run)."""
         raw = await self._call(self.client.hgetall(self.key(run_id, "state")))
         return {_text(k): v for k, v in raw.items()}
+
+    async def status(self, run_id: str) -> str:
+        """The run's status, ``""`` if there is no such run."""
+        return _text(await self._call(self.client.hget(self.key(run_id, "state"), "status")) or b"")
+
+    async def first_event(self, run_id: str) -> bytes | None:
+        """The run's first event (its RunStarted), encoded."""
+        entries = await self._call(self.client.xrange(self.key(run_id, "log"), min="0-1", max="0-1"))
+        return (entries[0][1] or {}).get(b"e") if entries else None
 
     async def read_log(self, run_id: str) -> AsyncIterator[list[tuple[int, bytes | None]]]:
         """The run's log in batches of ``(index, encoded event)``, oldest first.
@@ -358,3 +339,186 @@ class RedisStore:
             if len(entries) < _LOG_BATCH:
                 return
             start = f"({_text(entries[-1][0])}"
+
+    # -- hooks ------------------------------------------------------------------------
+
+    def hook_key(self, token: str, part: str) -> str:
+        """The key of `part` (box, meta) of hook `token`."""
+        return f"{self.prefix}{{hook:{token}}}:{part}"
+
+    @property
+    def hooks_key(self) -> str:
+        """Tokens with payloads waiting, by last delivery time."""
+        return f"{self.prefix}hooks"
+
+    async def deliver(self, token: str, payload: bytes) -> str:
+        """Store a payload for `token`; returns the run that owns the token, or ``""``."""
+        entry, owner = await self._run(
+            "DELIVER", [self.hook_key(token, "box"), self.hook_key(token, "meta")], [payload]
+        )
+        ms = int(_text(entry).split("-", 1)[0])
+        await self._call(self.client.zadd(self.hooks_key, {token: ms}))
+        return _text(owner)
+
+    async def take(self, token: str, run_id: str, after: str) -> tuple[str, str, bytes | None]:
+        """Claim `token` for `run_id` and peek at its next payload after entry `after`.
+
+        Returns ``("payload", entry, payload)``, ``("empty", "", None)`` or
+        ``("conflict", owner, None)``.
+        """
+        keys = [self.hook_key(token, "box"), self.hook_key(token, "meta")]
+        reply = await self._run("TAKE", keys, [run_id, after])
+        kind = _text(reply[0])
+        if kind == "payload":
+            return kind, _text(reply[1]), bytes(reply[2]) if reply[2] else None
+        if kind == "conflict":
+            return kind, _text(reply[1]), None
+        return kind, "", None
+
+    async def consumed(self, token: str, entry: str) -> None:
+        """Drop a payload the run recorded; forget the token in the index once none are left."""
+        left = int(await self._run("CONSUMED", [self.hook_key(token, "box")], [entry]))
+        if left == 0:
+            await self._call(self.client.zrem(self.hooks_key, token))
+
+    async def pending_hooks(self, limit: int) -> list[tuple[str, float, int, str]]:
+        """Tokens with payloads waiting: ``(token, last delivery, count, owner)``, oldest first."""
+        listed = await self._call(self.client.zrange(self.hooks_key, 0, limit - 1, withscores=True))
+        found = []
+        for raw, score in listed:
+            token = _text(raw)
+            count = int(await self._call(self.client.xlen(self.hook_key(token, "box"))))
+            owner = _text(await self._call(self.client.hget(self.hook_key(token, "meta"), "owner")) or b"")
+            found.append((token, score / 1000, count, owner))
+        return found
+
+    async def discard_hook(self, token: str) -> None:
+        """Delete the payloads waiting for `token` (and its claim)."""
+        await self._call(self.client.delete(self.hook_key(token, "box"), self.hook_key(token, "meta")))
+        await self._call(self.client.zrem(self.hooks_key, token))
+
+    # -- timers -----------------------------------------------------------------------
+
+    def queue_key(self, part: str) -> str:
+        """The key of `part` (queue, timers, dead, errors) of the shared queue."""
+        return f"{self.prefix}{{q}}:{part}"
+
+    async def wake(self, run_id: str, at: float | None = None) -> None:
+        """Make run `run_id` due at Unix time `at` (default now), unless it is due sooner."""
+        when = int((time.time() if at is None else at) * 1000)
+        await self._call(self.client.zadd(self.queue_key("timers"), {run_id: when}, lt=True))
+
+    async def schedule(self, run_id: str, at: float, *, later_only: bool = False) -> None:
+        """Set run `run_id`'s next look at Unix time `at`; `later_only` never moves it earlier."""
+        await self._call(self.client.zadd(self.queue_key("timers"), {run_id: int(at * 1000)}, gt=later_only))
+
+    async def reschedule(self, run_id: str, at: float | None) -> None:
+        """Set (or with None remove) the run's timer, keeping a wake-up that is already due."""
+        await self._run("RESCHEDULE", [self.queue_key("timers")], [run_id, "" if at is None else int(at * 1000)])
+
+    async def unschedule(self, run_id: str) -> None:
+        """Remove the run's timer entry."""
+        await self._call(self.client.zrem(self.queue_key("timers"), run_id))
+
+    async def due(self, run_ids: list[str]) -> list[float | None]:
+        """When each run is due next (Unix time), None for no entry."""
+        scores = await self._call(self.client.zmscore(self.queue_key("timers"), run_ids))
+        return [None if s is None else float(s) / 1000 for s in scores]
+
+    async def claim_timer(self, run_id: str, push: float) -> bool:
+        """Take the run's due timer entry by pushing it `push` seconds ahead."""
+        return bool(await self._run("CLAIM_TIMER", [self.queue_key("timers")], [run_id, int(push * 1000)]))
+
+    async def move_due(self, limit: int = 100) -> tuple[int, float | None]:
+        """Move due timers to the queue: ``(moved, next due Unix time)``."""
+        moved, nxt = await self._run("MOVE_DUE", [self.queue_key("timers"), self.queue_key("queue")], [limit])
+        return int(moved), float(_text(nxt)) / 1000 if nxt else None
+
+    # -- the queue --------------------------------------------------------------------
+
+    async def ensure_group(self, group: str) -> None:
+        """Create the consumer group (reading from the start of the queue) if missing."""
+        try:
+            await self.client.xgroup_create(self.queue_key("queue"), group, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise StorageError(f"{self.where} refused to create the consumer group: {exc}") from None
+        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            raise StorageError(f"cannot reach {self.where}: {exc}") from None
+
+    async def enqueue(self, run_id: str, *, retry: bool = False) -> str:
+        """Put "run or resume `run_id`" on the queue; returns the message ID."""
+        fields: dict[str, str] = {"r": run_id, **({"x": "1"} if retry else {})}
+        return _text(await self._call(self.client.xadd(self.queue_key("queue"), fields)))  # type: ignore[arg-type]
+
+    async def read_queue(self, group: str, consumer: str, count: int, block: float) -> list[tuple[str, dict[str, str]]]:
+        """Up to `count` new messages for `consumer`, waiting up to `block` seconds."""
+        reply = await self._call(
+            self.client.xreadgroup(
+                group, consumer, {self.queue_key("queue"): ">"}, count=count, block=int(block * 1000)
+            )
+        )
+        return [(_text(i), _fields(f)) for _, entries in reply or [] for i, f in entries]
+
+    async def reclaim(
+        self, group: str, consumer: str, min_idle: float, count: int, max_deliveries: int
+    ) -> list[tuple[str, dict[str, str]]]:
+        """Claim messages idle longer than `min_idle` seconds (their worker is gone),
+        dead-lettering those delivered more than `max_deliveries` times."""
+        keys = [self.queue_key("queue"), self.queue_key("dead"), self.queue_key("errors")]
+        claimed: list[tuple[str, dict[str, str]]] = []
+        cursor = "0-0"
+        while len(claimed) < count:
+            args: list[_Arg] = [group, consumer, int(min_idle * 1000), count, max_deliveries, cursor]
+            nxt, entries = await self._run("RECLAIM", keys, args)
+            claimed.extend((_text(i), _fields(f)) for i, f in entries)
+            cursor = _text(nxt)
+            if cursor == "0-0":
+                break
+        return claimed
+
+    async def touch(self, group: str, consumer: str, ids: list[str]) -> set[str]:
+        """Reset the idle time of messages `consumer` still owns; returns those."""
+        if not ids:
+            return set()
+        owned = await self._run("TOUCH", [self.queue_key("queue")], [group, consumer, *ids])
+        return {_text(i) for i in owned}
+
+    async def ack(self, group: str, *ids: str) -> None:
+        """Acknowledge and delete messages whose progress is in the log."""
+        await self._run("ACK", [self.queue_key("queue"), self.queue_key("errors")], [group, *ids])
+
+    async def requeue(self, group: str, message: str, run_id: str) -> None:
+        """Hand a message back as a fresh one (its delivery count starts over)."""
+        await self._run("REQUEUE", [self.queue_key("queue")], [group, message, run_id])
+
+    async def note_error(self, message: str, error: str) -> None:
+        """Remember the last error a worker hit on `message` (for its dead letter)."""
+        await self._call(self.client.hset(self.queue_key("errors"), message, error[:2000]))
+
+    async def dead_letter(self, group: str, message: str, run_id: str, reason: str) -> None:
+        """Move `message` to the dead letters with `reason`."""
+        keys = [self.queue_key("queue"), self.queue_key("dead"), self.queue_key("errors")]
+        await self._run("DEAD", keys, [group, message, run_id, reason[:2000]])
+
+    async def dead_letters(self, limit: int) -> list[tuple[str, dict[str, str]]]:
+        """The dead letters, oldest first."""
+        entries = await self._call(self.client.xrange(self.queue_key("dead"), count=limit))
+        return [(_text(i), _fields(f)) for i, f in entries]
+
+    async def redrive(self, dead_id: str) -> str:
+        """Put a dead letter's run back on the queue; returns the new message ID or ``""``."""
+        return _text(await self._run("REDRIVE", [self.queue_key("queue"), self.queue_key("dead")], [dead_id]))
+
+    async def queue_depth(self, group: str) -> tuple[int, int]:
+        """``(messages not yet delivered, messages pending)`` for `group`."""
+        groups = await self._call(self.client.xinfo_groups(self.queue_key("queue")))
+        for info in groups:
+            if _text(info.get("name", b"")) == group:
+                lag = info.get("lag")
+                return int(lag or 0), int(info.get("pending", 0))
+        return 0, 0
+
+
+def _fields(raw: Any) -> dict[str, str]:
+    return {_text(k): _text(v) for k, v in (raw or {}).items()}

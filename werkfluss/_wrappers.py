@@ -12,15 +12,18 @@ import inspect
 import typing
 from typing import Any, Generic, ParamSpec, TypeVar, final, overload
 
+import msgspec
+
 from ._context import current_run, current_step
-from ._errors import ConfigurationError, NotInWorkflowError
-from ._ids import callable_id, check_run_id, register
+from ._errors import ConfigurationError, NotInWorkflowError, SerializationError
+from ._events import decode_value
+from ._ids import callable_id, check_run_id, child_run_id, register
 from ._options import RetryPolicy, Settings, StepOptions, step_options
 
 if typing.TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Coroutine
 
-__all__ = ["Step", "Workflow", "step", "workflow"]
+__all__ = ["Step", "Workflow", "registered_workflow", "registered_workflows", "step", "workflow"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -39,11 +42,29 @@ def _check_async(fn: object, kind: str) -> None:
         )
 
 
-def _return_type(fn: Callable[..., Any]) -> Any:
+def _hints(fn: Callable[..., Any]) -> dict[str, Any]:
     try:
-        return typing.get_type_hints(fn).get("return", Any)
+        return typing.get_type_hints(fn)
     except Exception:  # unresolvable forward references: decode untyped
-        return Any
+        return {}
+
+
+def _return_type(fn: Callable[..., Any]) -> Any:
+    return _hints(fn).get("return", Any)
+
+
+# Every workflow defined in this process, by ID: what a worker can run.
+_workflows: dict[str, Workflow[Any, Any]] = {}
+
+
+def registered_workflow(workflow_id: str) -> Workflow[Any, Any] | None:
+    """The workflow defined here under `workflow_id`, if any."""
+    return _workflows.get(workflow_id)
+
+
+def registered_workflows() -> list[str]:
+    """The IDs of every workflow defined in this process, sorted."""
+    return sorted(_workflows)
 
 
 class _Wrapper:
@@ -123,6 +144,8 @@ class Workflow(_Wrapper, Generic[P, R]):
     ) -> None:
         self._wrap(fn, "workflow", name, claim=run_options is None)
         self.run_options = run_options or RunOptions()
+        if run_options is None:
+            _workflows[self.id] = self
 
     def options(
         self, *, run_id: str | None = None, redis_url: str | None = None, settings: Settings | None = None
@@ -149,12 +172,47 @@ class Workflow(_Wrapper, Generic[P, R]):
         return bound
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Coroutine[Any, Any, R]:
-        if current_run() is not None or current_step() is not None:
+        run = current_run()
+        if run is not None:
+            seq = run.next_seq()
+            child_id = self.run_options.run_id or child_run_id(run.run_id, seq)
+            return run.executor.run_child(self, seq, child_id, args, kwargs)
+        if current_step() is not None:
             raise NotInWorkflowError(
-                f"workflow {self.id!r} was called inside a run; child workflows are not supported yet. "
-                f"Call its steps directly, or start it from outside the run."
+                f"workflow {self.id!r} was called inside a step; call it from the workflow body "
+                f"(a child run) or start it from outside the run"
             )
         return self._plain(*args, **kwargs)
+
+    def decode_call(self, raw: bytes) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """A recorded ``[args, kwargs]`` decoded to the workflow's parameter types.
+
+        Raises:
+            SerializationError: naming the argument that does not decode.
+        """
+        try:
+            args_raw, kwargs_raw = msgspec.msgpack.decode(raw, type=tuple[list[msgspec.Raw], dict[str, msgspec.Raw]])
+        except (msgspec.DecodeError, ValueError, RecursionError) as exc:
+            raise SerializationError(
+                f"{self.id}: the recorded arguments do not decode: {exc}", step_id=self.id, where="arguments"
+            ) from None
+        params = list(inspect.signature(self.fn).parameters.values())
+        hints = _hints(self.fn)
+        positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        star = next((p for p in params if p.kind == p.VAR_POSITIONAL), None)
+        double = next((p for p in params if p.kind == p.VAR_KEYWORD), None)
+        args = []
+        for i, value in enumerate(args_raw):
+            param = positional[i] if i < len(positional) else star
+            kind = hints.get(param.name, Any) if param is not None else Any
+            args.append(decode_value(bytes(value), kind, owner=self.id, where=f"argument {i}"))
+        kwargs = {}
+        by_name = {p.name: p for p in params}
+        for name, value in kwargs_raw.items():
+            param = by_name.get(name, double)
+            kind = hints.get(param.name, Any) if param is not None else Any
+            kwargs[name] = decode_value(bytes(value), kind, owner=self.id, where=f"argument {name!r}")
+        return tuple(args), kwargs
 
     async def _plain(self, *args: P.args, **kwargs: P.kwargs) -> R:
         return await self.fn(*args, **kwargs)

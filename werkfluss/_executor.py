@@ -1,0 +1,638 @@
+"""Execute one run's workflow body for the process that holds the run.
+
+A live step costs one round trip: its start time and arguments travel in
+the same script call as its result. Replayed calls (steps, hooks, timers,
+races, children) are dict lookups in the `Replay` index.
+
+A run *pauses* when everything it is doing waits for something that is
+not there yet (a hook payload, a timer more than `HOLD` seconds away, a
+child run that paused). The executor then cancels the body with anyio
+cancellation (never an `Exception` a user's ``except Exception`` could
+swallow), records what the run waits for, and returns `Paused`; the thing
+it waits for wakes the run later, and a replay picks it up where it was.
+Stopping the body too early is harmless: a replay redoes only what was not
+recorded.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import anyio.lowlevel
+import msgspec
+
+from ._context import RunContext, StepContext, enter_run, enter_step, exit_run, exit_step
+from ._errors import (
+    HookConflictError,
+    NonDeterminismError,
+    RunCancelledError,
+    SerializationError,
+    StepFailedError,
+    StorageError,
+    _Suspend,
+)
+from ._events import (
+    AnyEvent,
+    ErrorInfo,
+    HookReceived,
+    RaceWon,
+    RunBlocked,
+    RunCancelled,
+    RunCompleted,
+    RunFailed,
+    RunPaused,
+    StepCompleted,
+    StepFailed,
+    TimerStarted,
+    Waiting,
+    decode_value,
+    encode_call,
+    encode_checked,
+    encode_event,
+)
+
+if TYPE_CHECKING:
+    from ._replay import Replay
+    from ._store import RedisStore
+    from ._wrappers import Step, Workflow
+
+__all__ = ["HOLD", "LIVE", "Paused", "Released", "RunExecutor", "describe", "wait_for_wake"]
+
+log = logging.getLogger("werkfluss")
+
+HOLD = 2.0  # a timer due this soon is waited for in memory instead of pausing the run
+_SETTLE = 0.01  # how long everything must stay waiting before the run pauses
+_POLL = 0.2  # how often a held run looks for a hook payload or a child's end
+
+
+@dataclass(frozen=True, slots=True)
+class Paused:
+    """The run parked; `waits` is what wakes it."""
+
+    waits: list[Waiting]
+
+
+@dataclass(frozen=True, slots=True)
+class Released:
+    """The run was handed back unfinished (a worker shutting down)."""
+
+
+# drive_child(store, workflow, child run ID, args, kwargs, encoded args, lease, parent run ID)
+ChildDriver = Callable[
+    ["RedisStore", "Workflow[Any, Any]", str, tuple[Any, ...], dict[str, Any], bytes, float, str], Awaitable[Any]
+]
+
+_waits_encoder = msgspec.msgpack.Encoder()
+
+# The runs executing in this process, by (store, run ID): `cancel()` stops one
+# at once instead of at its next lease renewal.
+LIVE: dict[tuple[int, str], RunExecutor] = {}
+
+
+class RunExecutor:
+    """Runs one workflow body for a run this process holds (epoch `epoch`)."""
+
+    def __init__(
+        self,
+        store: RedisStore,
+        workflow: Workflow[Any, Any],
+        run_id: str,
+        epoch: int,
+        replay: Replay,
+        lease: float,
+        drive_child: ChildDriver,
+        *,
+        cancel: str | None = None,
+        parent: str = "",
+        inline: bool = False,
+    ) -> None:
+        self.store = store
+        self.workflow = workflow
+        self.run_id = run_id
+        self.epoch = epoch
+        self.replay = replay
+        self.lease = lease
+        self.drive_child = drive_child
+        self.lost = False
+        self.diverged: NonDeterminismError | None = None
+        self.cancel_reason = cancel
+        self.parent = parent  # the run that started this one as a child
+        self.inline = inline  # driven by the parent's own process
+        self.stopping = False
+        self.ended = False  # its end (completed, failed, blocked, cancelled) is recorded
+        self.cursors = dict(replay.cursors)
+        self._body: anyio.CancelScope | None = None
+        self._active = 0  # steps executing, records being written, children being driven
+        self._waits: dict[int, Waiting] = {}
+        self._generation = 0
+        self._changed = anyio.Event()
+        self._paused: list[Waiting] | None = None
+
+    # -- bookkeeping of what the body is doing ------------------------------------------
+
+    def _touch(self) -> None:
+        self._generation += 1
+        self._changed.set()
+
+    @contextmanager
+    def busy(self) -> Iterator[None]:
+        """Mark work in progress: the run does not pause meanwhile."""
+        self._active += 1
+        self._touch()
+        try:
+            yield
+        finally:
+            self._active -= 1
+            self._touch()
+
+    @contextmanager
+    def waiting(self, wait: Waiting) -> Iterator[None]:
+        """Mark a wait that may pause the run when nothing else is going on."""
+        key = id(wait)
+        self._waits[key] = wait
+        self._touch()
+        try:
+            yield
+        finally:
+            del self._waits[key]
+            self._touch()
+
+    def check(self, seq: int, label: str) -> None:
+        """Raise `NonDeterminismError` if the log recorded something else at `seq`."""
+        if self.diverged is not None:
+            raise self.diverged
+        recorded = self.replay.labels.get(seq)
+        if recorded is not None and recorded != label:
+            self.diverged = NonDeterminismError(self.run_id, seq, recorded, label)
+            raise self.diverged
+
+    async def record(self, dedup: str, event: AnyEvent) -> None:
+        """Append one event to the log (fenced, first writer wins)."""
+        with self.busy():
+            _, cancel = await self.store.append(self.run_id, self.epoch, dedup, encode_event(event), self.lease)
+        if cancel is not None:
+            self.request_cancel(cancel)
+
+    def request_cancel(self, reason: str) -> None:
+        """Stop the body at its next checkpoint; the run ends cancelled."""
+        if self.cancel_reason is None:
+            log.info("run %s: cancel requested (%s); stopping at the next step", self.run_id, reason or "no reason")
+        self.cancel_reason = reason
+        if self._body is not None:
+            self._body.cancel()
+
+    def stop(self) -> None:
+        """Hand the run back at the next step boundary (a worker shutting down);
+        a run that only waits pauses instead."""
+        self.stopping = True
+        self._touch()
+
+    async def _checkpoint(self) -> None:
+        """Where a cancel or a shutdown takes effect: before anything live runs."""
+        if (self.cancel_reason is not None or self.stopping) and self._body is not None:
+            self._body.cancel()
+            await anyio.lowlevel.checkpoint()
+
+    # -- steps --------------------------------------------------------------------------
+
+    async def run_step(self, step: Step[Any, Any], seq: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """Return step `seq`'s recorded outcome, or execute it and record it."""
+        self.check(seq, step.id)
+        done = self.replay.completed.get(seq)
+        if done is not None:
+            log.debug("run %s: step #%d %s replayed from the log", self.run_id, seq, step.id)
+            return decode_value(done.result, step.return_type(), owner=step.id, where="result")
+        failed = self.replay.failed.get(seq)
+        if failed is not None:
+            log.debug("run %s: step #%d %s replayed its recorded failure", self.run_id, seq, step.id)
+            raise self._failure(step.id, seq, failed.attempt, failed.error, failed.error.rebuild())
+        await self._checkpoint()
+        with self.busy():
+            return await self._execute(step, seq, args, kwargs)
+
+    async def _execute(self, step: Step[Any, Any], seq: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        args_raw = msgspec.Raw(encode_call(step.id, args, kwargs))  # before any side effect
+        policy = step.options.retry
+        timeout = step.options.timeout
+        attempt = self.replay.attempts.get(seq, 0)
+        failures = 0
+        while True:
+            attempt += 1
+            started = time.time()
+            token = enter_step(StepContext(self.run_id, step.id, seq, attempt))
+            error: BaseException | None = None
+            try:
+                if timeout is None:
+                    result = await step.fn(*args, **kwargs)
+                else:
+                    with anyio.move_on_after(timeout) as scope:
+                        result = await step.fn(*args, **kwargs)
+                    if scope.cancelled_caught:
+                        error = TimeoutError(f"step {step.id!r} timed out after {timeout:g} s")
+            except Exception as exc:
+                error = exc
+            finally:
+                exit_step(token)
+            if error is None:
+                try:
+                    raw = encode_checked(result, owner=step.id, where="result")
+                except SerializationError as exc:
+                    # Retrying would return the same unstorable value: fail now.
+                    await self._record_failure(step.id, seq, attempt, started, exc, final=True, retry_at=None)
+                    raise
+                event = StepCompleted(time.time(), seq, step.id, attempt, started, args_raw, msgspec.Raw(raw))
+                await self.record(f"c{seq}", event)
+                log.debug("run %s: step #%d %s executed (attempt %d)", self.run_id, seq, step.id, attempt)
+                return result
+            failures += 1
+            retry = failures <= policy.retries and policy.retries_on(error)
+            delay = policy.delay(failures) if retry else 0.0
+            info = await self._record_failure(
+                step.id, seq, attempt, started, error, final=not retry, retry_at=time.time() + delay if retry else None
+            )
+            if not retry:
+                raise self._failure(step.id, seq, attempt, info, error) from error
+            log.info(
+                "run %s: step %s attempt %d failed (%s), retrying in %.3g s",
+                self.run_id,
+                step.id,
+                attempt,
+                type(error).__name__,
+                delay,
+            )
+            await anyio.sleep(delay)
+            await self._checkpoint()
+
+    async def _record_failure(
+        self, step_id: str, seq: int, attempt: int, started: float, error: BaseException, *, final: bool,
+        retry_at: float | None,
+    ) -> ErrorInfo:  # fmt: skip
+        """Record a failed attempt; returns the error as recorded."""
+        info = ErrorInfo.from_exception(error)
+        await self.record(
+            f"f{seq}:{attempt}", StepFailed(time.time(), seq, step_id, attempt, started, info, final, retry_at)
+        )
+        return info
+
+    def _failure(
+        self, step_id: str, seq: int, attempt: int, info: ErrorInfo, original: BaseException | None
+    ) -> StepFailedError:
+        return StepFailedError(
+            run_id=self.run_id,
+            step_id=step_id,
+            seq=seq,
+            attempts=attempt,
+            error_type=info.type,
+            error_message=info.message,
+            traceback=info.traceback,
+            original=original,
+        )
+
+    # -- child workflows ----------------------------------------------------------------
+
+    async def run_child(
+        self, workflow: Workflow[Any, Any], seq: int, child_id: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        """Return child run `child_id`'s recorded result, or drive the child to its end.
+
+        A child that pauses pauses this run too; whatever wakes the child
+        (or its end) wakes this run, and the replay drives the child again.
+        """
+        self.check(seq, workflow.id)
+        done = self.replay.completed.get(seq)
+        if done is not None:
+            return decode_value(done.result, workflow.return_type(), owner=workflow.id, where="result")
+        failed = self.replay.failed.get(seq)
+        if failed is not None:
+            raise self._failure(workflow.id, seq, failed.attempt, failed.error, failed.error.rebuild())
+        await self._checkpoint()
+        args_raw = encode_call(workflow.id, args, kwargs, deterministic=True)
+        started = time.time()
+        while True:
+            try:
+                with self.busy():
+                    outcome = await self.drive_child(
+                        self.store, workflow, child_id, args, kwargs, args_raw, self.lease, self.run_id
+                    )
+            except (_Suspend, NonDeterminismError):
+                raise
+            except Exception as exc:
+                attempt = self.replay.attempts.get(seq, 0) + 1
+                info = await self._record_failure(workflow.id, seq, attempt, started, exc, final=True, retry_at=None)
+                raise self._failure(workflow.id, seq, attempt, info, exc) from exc
+            if not isinstance(outcome, Paused):
+                break
+            with self.waiting(Waiting("child", run=child_id)):
+                await wait_for_wake(self.store, child_id, self.lease)
+        raw = encode_checked(outcome, owner=workflow.id, where="result")
+        attempt = self.replay.attempts.get(seq, 0) + 1
+        event = StepCompleted(time.time(), seq, workflow.id, attempt, started, msgspec.Raw(args_raw), msgspec.Raw(raw))
+        await self.record(f"c{seq}", event)
+        return outcome
+
+    # -- timers, hooks, races -----------------------------------------------------------
+
+    async def sleep(self, seq: int, seconds: float) -> None:
+        """Durable sleep number `seq`: due `seconds` after it was first reached."""
+        self.check(seq, "sleep")
+        due = self.replay.timers.get(seq)
+        if due is None:
+            await self._checkpoint()
+            due = time.time() + seconds
+            await self.record(f"t{seq}", TimerStarted(time.time(), seq, due))
+            self.replay.timers[seq] = due
+        while True:
+            left = due - time.time()
+            if left <= 0:
+                return
+            if left <= HOLD:
+                with self.busy():
+                    await anyio.sleep(left)
+                continue
+            with self.waiting(Waiting("timer", due=due)):
+                await anyio.sleep(left - HOLD)
+
+    async def receive(self, seq: int, token: str, n: int, type_: Any) -> Any:
+        """Payload number `n` of hook `seq`: recorded, waiting in its mailbox, or awaited."""
+        self.check(seq, f"hook:{token}")
+        recorded = self.replay.hooks.get((seq, n))
+        if recorded is not None:
+            return decode_value(recorded.payload, type_, owner=f"hook {token!r}", where="payload")
+        await self._checkpoint()
+        while True:
+            kind, entry, payload = await self.store.take(token, self.run_id, self.cursors.get(token, "0-0"))
+            if kind == "conflict":
+                raise HookConflictError(token, self.run_id, entry)
+            if kind == "payload":
+                raw = payload if payload is not None else msgspec.msgpack.encode(None)
+                value = decode_value(raw, type_, owner=f"hook {token!r}", where="payload")
+                await self.record(f"h{seq}:{n}", HookReceived(time.time(), seq, token, n, entry, msgspec.Raw(raw)))
+                self.cursors[token] = entry
+                with self.busy():
+                    await self.store.consumed(token, entry)
+                log.debug("run %s: hook %r delivered payload %d", self.run_id, token, n)
+                return value
+            with self.waiting(Waiting("hook", token=token)):
+                await anyio.sleep(_POLL)
+
+    async def race(self, seq: int, awaitables: list[Awaitable[Any]]) -> tuple[int, Any]:
+        """The first of `awaitables` to finish; the winner is recorded and replayed."""
+        self.check(seq, "race")
+        index = self.replay.races.get(seq)
+        if index is not None:
+            for i, awaitable in enumerate(awaitables):
+                if i != index and isinstance(awaitable, Coroutine):
+                    awaitable.close()
+            return index, await awaitables[index]
+        won: list[tuple[int, Any, BaseException | None]] = []
+
+        async def run(i: int, awaitable: Awaitable[Any], scope: anyio.CancelScope) -> None:
+            try:
+                value = await awaitable
+            except Exception as exc:
+                if not won:
+                    won.append((i, None, exc))
+            else:
+                if not won:
+                    won.append((i, value, None))
+            scope.cancel()
+
+        async with anyio.create_task_group() as tg:
+            for i, awaitable in enumerate(awaitables):
+                tg.start_soon(run, i, awaitable, tg.cancel_scope)
+        if not won:  # every racer was cancelled: the run is stopping
+            await anyio.lowlevel.checkpoint()
+            raise RuntimeError("race() ended without a winner")  # pragma: no cover - cancelled above
+        index, value, error = won[0]
+        await self.record(f"r{seq}", RaceWon(time.time(), seq, index))
+        self.replay.races[seq] = index
+        if error is not None:
+            raise error
+        return index, value
+
+    # -- the whole run ------------------------------------------------------------------
+
+    async def execute(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """Run the workflow body until it ends or pauses, and record that.
+
+        Returns the result, or `Paused` / `Released`.
+
+        Raises:
+            _Suspend: this process lost the run to another holder.
+            NonDeterminismError: the run is parked as blocked.
+            RunCancelledError: the run was cancelled.
+            Exception: whatever the workflow raised; the run is failed.
+        """
+        ok = False
+        result: Any = None
+        error: Exception | None = None
+        LIVE[(id(self.store), self.run_id)] = self
+        try:
+            async with anyio.create_task_group() as tg:
+                with anyio.CancelScope() as body:
+                    self._body = body
+                    if self.cancel_reason is not None:
+                        body.cancel()
+                    tg.start_soon(self._keep_lease)
+                    tg.start_soon(self._watch)
+                    token = enter_run(RunContext(self.run_id, self))
+                    try:
+                        result = await self.workflow.fn(*args, **kwargs)
+                        ok = True
+                    except _Suspend:
+                        self.lost = True
+                    except Exception as exc:
+                        error = exc
+                    finally:
+                        exit_run(token)
+                tg.cancel_scope.cancel()
+        except BaseException:
+            # Ctrl-C or an outer cancellation: let a rerun take over at once.
+            with anyio.CancelScope(shield=True), anyio.move_on_after(2):
+                await self.store.release(self.run_id, self.epoch)
+            raise
+        finally:
+            self._body = None
+            if LIVE.get((id(self.store), self.run_id)) is self:
+                del LIVE[(id(self.store), self.run_id)]
+        if self.lost:
+            raise _Suspend(self.run_id, "another process took this run over")
+        if self.diverged is not None:
+            info = ErrorInfo.from_exception(self.diverged)
+            await self._finish("blocked", RunBlocked(time.time(), info), "error", msgspec.msgpack.encode(info), None)
+            raise self.diverged
+        if ok:
+            try:
+                raw = encode_checked(result, owner=self.workflow.id, where="result")
+            except SerializationError as exc:
+                error = exc
+            else:
+                await self._finish("completed", RunCompleted(time.time(), msgspec.Raw(raw)), "result", raw, None)
+                log.info("run %s (%s) completed", self.run_id, self.workflow.id)
+                return result
+        if error is None:
+            if self.cancel_reason is not None:
+                return await self.cancelled(self.cancel_reason)
+            if self._paused is not None:
+                return await self._park(self._paused)
+            if self.stopping:
+                await self.store.release(self.run_id, self.epoch)
+                log.info("run %s handed back unfinished", self.run_id)
+                return Released()
+        if error is None:  # pragma: no cover - the body was cancelled from outside werkfluss
+            error = RuntimeError("the workflow body was cancelled")
+        seq = _failed_seq(error, self.run_id)
+        info = ErrorInfo.from_exception(error)
+        await self._finish("failed", RunFailed(time.time(), info, seq), "error", msgspec.msgpack.encode(info), seq)
+        log.info("run %s (%s) failed: %s", self.run_id, self.workflow.id, type(error).__name__)
+        raise error
+
+    async def cancelled(self, reason: str) -> Any:
+        """Record the run as cancelled and raise `RunCancelledError`."""
+        await self._finish("cancelled", RunCancelled(time.time(), reason), "cancel", reason.encode(), None)
+        log.info("run %s (%s) cancelled: %s", self.run_id, self.workflow.id, reason or "no reason given")
+        raise RunCancelledError(self.run_id, reason)
+
+    async def _finish(self, status: str, event: AnyEvent, field: str, value: bytes, seq: int | None) -> None:
+        # A child driven by its parent's process needs no wake-up call: the
+        # parent is awaiting it. One resumed on its own wakes its parent, and
+        # first sets a later wake-up in case this process dies in between.
+        if self.parent and not self.inline:
+            await self.store.wake(self.parent, time.time() + self.lease)
+        await self.store.finish(
+            self.run_id, self.epoch, status=status, event=encode_event(event), field=field, value=value,
+            failed_seq=seq,
+        )  # fmt: skip
+        self.ended = True
+        if self.replay.paused:  # only a run that paused can have a timer entry left
+            await self.store.unschedule(self.run_id)
+        if self.parent and not self.inline:
+            await self.store.wake(self.parent)
+
+    async def _park(self, waits: list[Waiting]) -> Any:
+        """Record that the run waits for `waits`, and arrange to be woken."""
+        encoded = _waits_encoder.encode(waits)
+        cancel = await self.store.pause(self.run_id, self.epoch, encode_event(RunPaused(time.time(), waits)), encoded)
+        if cancel is not None:
+            return await self.cancelled(cancel)
+        # Whatever arrived between deciding to pause and parking must wake the run.
+        woken = False
+        for wait in waits:
+            if wait.kind == "hook" and wait.token is not None:
+                kind, _, _ = await self.store.take(wait.token, self.run_id, self.cursors.get(wait.token, "0-0"))
+                woken = woken or kind == "payload"
+            elif wait.kind == "child" and wait.run is not None:
+                woken = woken or await self.store.status(wait.run) != "paused"
+        dues = [w.due for w in waits if w.due is not None]
+        if woken:
+            await self.store.wake(self.run_id)
+        else:
+            await self.store.reschedule(self.run_id, min(dues) if dues else None)
+        self.replay.paused = True
+        log.info("run %s (%s) paused, waiting for %s", self.run_id, self.workflow.id, describe(waits))
+        return Paused(waits)
+
+    async def _watch(self) -> None:
+        """Pause the run once everything in it has been waiting for a moment
+        (or hand it back, when stopping, once no step is executing)."""
+        while True:
+            await self._changed.wait()
+            self._changed = anyio.Event()
+            if self._active or (not self._waits and not self.stopping):
+                continue
+            generation = self._generation
+            await anyio.sleep(_SETTLE)
+            if generation != self._generation or self._active or self._body is None:
+                continue
+            if self._waits:
+                self._paused = list(self._waits.values())
+            elif not self.stopping:
+                continue
+            self._body.cancel()
+            return
+
+    async def _keep_lease(self) -> None:
+        """Renew the lease every third of it; stop the body if the run was taken over."""
+        last_ok = time.monotonic()
+        while True:
+            await anyio.sleep(self.lease / 3)
+            try:
+                held, cancel = await self.store.renew(self.run_id, self.epoch, self.lease)
+                if held:
+                    last_ok = time.monotonic()
+                    if cancel is not None:
+                        self.request_cancel(cancel)
+                    continue
+            except StorageError as exc:
+                if time.monotonic() - last_ok < self.lease:
+                    log.warning("run %s: could not renew its lease, trying again: %s", self.run_id, exc)
+                    continue
+            log.warning("run %s: lease lost; another process may take it over, stopping here", self.run_id)
+            self.lost = True
+            if self._body is not None:
+                self._body.cancel()
+            return
+
+
+async def wait_for_wake(store: RedisStore, run_id: str, lease: float) -> None:
+    """Wait while run `run_id` is paused, until it or a child it waits for comes due.
+
+    A due timer entry is taken (pushed `lease` ahead, so that it comes due
+    again if this process dies) before returning: the caller resumes the run.
+    Returns at once when the run is no longer paused.
+    """
+    delay = 0.02
+    runs = await _wait_tree(store, run_id)
+    while await store.status(run_id) == "paused":
+        now = time.time()
+        for run, due in zip(runs, await store.due(runs), strict=True):
+            if due is not None and due <= now and await store.claim_timer(run, lease):
+                return
+        await anyio.sleep(delay)
+        delay = min(delay * 2, 0.5)
+
+
+async def _wait_tree(store: RedisStore, run_id: str) -> list[str]:
+    """`run_id` and the paused child runs it waits for, transitively (bounded)."""
+    runs = [run_id]
+    for run in runs:
+        if len(runs) >= 100:
+            break
+        raw = (await store.state(run)).get("waiting")
+        try:
+            waits = msgspec.msgpack.decode(raw, type=list[Waiting]) if raw else []
+        except (msgspec.DecodeError, ValueError, RecursionError):
+            waits = []
+        runs.extend(w.run for w in waits if w.kind == "child" and w.run and w.run not in runs)
+    return runs
+
+
+def describe(waits: list[Waiting]) -> str:
+    """``hook 'approve:7' or timer at 2026-11-21 12:00:00 UTC``, for logs and errors."""
+    parts = []
+    for wait in waits:
+        if wait.kind == "hook":
+            parts.append(f"hook {wait.token!r}")
+        elif wait.kind == "timer" and wait.due is not None:
+            parts.append("timer at " + time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(wait.due)))
+        else:
+            parts.append(f"child run {wait.run!r}")
+    return " or ".join(parts) or "nothing"
+
+
+def _failed_seq(error: BaseException, run_id: str) -> int | None:
+    """The seq of the failed step behind `error`, following causes, if there is one."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, StepFailedError) and current.run_id == run_id:
+            return current.seq
+        current = current.__cause__ or current.__context__
+    return None

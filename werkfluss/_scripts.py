@@ -1,0 +1,371 @@
+"""Every Lua script werkfluss runs, with the keys and arguments each takes.
+
+Three families, one per Redis Cluster hash slot they touch:
+
+- run scripts on ``P{R}:state``, ``P{R}:log``, ``P{R}:steps`` (one run);
+- hook scripts on ``P{hook:T}:box``, ``P{hook:T}:meta`` (one token);
+- queue scripts on ``P{q}:queue``, ``P{q}:timers``, ``P{q}:dead``,
+  ``P{q}:errors`` (the queue is single-slot by design: one stream and one
+  timer set that every worker shares).
+
+A script never touches two families, so each is atomic on a Cluster too.
+Every run write first compares the run's epoch (fencing) and is idempotent
+where redis-py may re-send it. Times come from the server's clock (``TIME``),
+in milliseconds.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ACK",
+    "ACQUIRE",
+    "APPEND",
+    "CANCEL",
+    "CLAIM_TIMER",
+    "CONSUMED",
+    "CREATE",
+    "DEAD",
+    "DELIVER",
+    "FINISH",
+    "MOVE_DUE",
+    "PAUSE",
+    "RECLAIM",
+    "REDRIVE",
+    "RELEASE",
+    "RENEW",
+    "REQUEUE",
+    "RESCHEDULE",
+    "TAKE",
+    "TOUCH",
+]
+
+_NOW = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+"""
+
+# -- run scripts ----------------------------------------------------------------------
+
+# KEYS: state, log. ARGV: holder, lease_ms, workflow ('' accepts any), run-started
+# event ('' never creates), run-resumed event, holder to take over ('' none),
+# digest of the arguments ('' skips the check), '1' to resume a failed or
+# blocked run, parent run ('' none).
+ACQUIRE = (
+    _NOW
+    + """
+local cur = redis.call('HMGET', KEYS[1], 'status', 'workflow', 'holder', 'lease', 'cancel')
+if not cur[1] then
+  if ARGV[4] == '' then return {'missing'} end
+  redis.call('HSET', KEYS[1], 'status', 'running', 'workflow', ARGV[3], 'holder', ARGV[1],
+             'lease', now + tonumber(ARGV[2]), 'epoch', 1, 'n', 1, 'created', now, 'updated', now,
+             'args', ARGV[7], 'parent', ARGV[9])
+  redis.call('XADD', KEYS[2], '0-1', 'e', ARGV[4])
+  return {'new', 1, now}
+end
+if ARGV[3] ~= '' and cur[2] ~= ARGV[3] then return {'conflict', cur[2]} end
+if ARGV[7] ~= '' and redis.call('HGET', KEYS[1], 'args') ~= ARGV[7] then return {'other-arguments'} end
+local status = cur[1]
+if status == 'completed' then return {'completed', redis.call('HGET', KEYS[1], 'result')} end
+if status == 'cancelled' then return {'cancelled', cur[5] or ''} end
+if (status == 'failed' or status == 'blocked') and ARGV[8] ~= '1' then return {'ended', status} end
+if status == 'running' and cur[3] ~= '' and cur[3] ~= ARGV[1] and cur[3] ~= ARGV[6]
+   and tonumber(cur[4]) > now then
+  return {'busy', cur[3], tonumber(cur[4]) - now, cur[2]}
+end
+local epoch = redis.call('HINCRBY', KEYS[1], 'epoch', 1)
+local n = redis.call('HINCRBY', KEYS[1], 'n', 1)
+redis.call('XADD', KEYS[2], '0-' .. n, 'e', ARGV[5])
+redis.call('HSET', KEYS[1], 'status', 'running', 'holder', ARGV[1],
+           'lease', now + tonumber(ARGV[2]), 'updated', now)
+redis.call('HDEL', KEYS[1], 'waiting')
+if status == 'failed' then
+  -- Remember which step failed the run: the replay re-executes it instead
+  -- of replaying its recorded failure (failures recorded up to index n).
+  redis.call('HSET', KEYS[1], 'retry_seq', redis.call('HGET', KEYS[1], 'failed_seq') or '', 'retry_index', n)
+end
+local more = redis.call('HMGET', KEYS[1], 'retry_seq', 'retry_index')
+return {'resumed', epoch, status, more[1] or '', more[2] or '', cur[2], cur[5] or ''}
+"""
+)
+
+# KEYS: state, log. ARGV: workflow, run-started event, digest of the arguments.
+# Creates a pending run for the queue; an existing run is reported, not touched.
+CREATE = (
+    _NOW
+    + """
+local cur = redis.call('HMGET', KEYS[1], 'status', 'workflow')
+if not cur[1] then
+  redis.call('HSET', KEYS[1], 'status', 'pending', 'workflow', ARGV[1], 'holder', '', 'lease', 0,
+             'epoch', 0, 'n', 1, 'created', now, 'updated', now, 'args', ARGV[3], 'parent', '')
+  redis.call('XADD', KEYS[2], '0-1', 'e', ARGV[2])
+  return {'new', now}
+end
+if cur[2] ~= ARGV[1] then return {'conflict', cur[2]} end
+if redis.call('HGET', KEYS[1], 'args') ~= ARGV[3] then return {'other-arguments'} end
+return {'exists', cur[1]}
+"""
+)
+
+# KEYS: state. ARGV: epoch, lease_ms. Returns {1, cancel reason} or {0} if fenced.
+RENEW = (
+    _NOW
+    + """
+if redis.call('HGET', KEYS[1], 'epoch') ~= ARGV[1] then return {0} end
+redis.call('HSET', KEYS[1], 'lease', now + tonumber(ARGV[2]))
+return {1, redis.call('HGET', KEYS[1], 'cancel') or ''}
+"""
+)
+
+# KEYS: state, log, steps. ARGV: epoch, dedup field, event, lease_ms.
+# Returns {index, cancel reason}; index 0 if this dedup field was recorded
+# before (a re-sent command or a competing writer: first writer wins), -1 if fenced.
+APPEND = (
+    _NOW
+    + """
+if redis.call('HGET', KEYS[1], 'epoch') ~= ARGV[1] then return {-1, ''} end
+local cancel = redis.call('HGET', KEYS[1], 'cancel') or ''
+if redis.call('HEXISTS', KEYS[3], ARGV[2]) == 1 then return {0, cancel} end
+local n = redis.call('HINCRBY', KEYS[1], 'n', 1)
+redis.call('XADD', KEYS[2], '0-' .. n, 'e', ARGV[3])
+redis.call('HSET', KEYS[3], ARGV[2], n)
+redis.call('HSET', KEYS[1], 'updated', now, 'lease', now + tonumber(ARGV[4]))
+return {n, cancel}
+"""
+)
+
+# KEYS: state, log. ARGV: epoch, run-paused event, encoded waits.
+# Returns {index, ''}, {0, cancel reason} when a cancel is pending, {-1} if fenced.
+PAUSE = (
+    _NOW
+    + """
+if redis.call('HGET', KEYS[1], 'epoch') ~= ARGV[1] then return {-1, ''} end
+local cancel = redis.call('HGET', KEYS[1], 'cancel')
+if cancel then return {0, cancel} end
+local n = redis.call('HINCRBY', KEYS[1], 'n', 1)
+redis.call('XADD', KEYS[2], '0-' .. n, 'e', ARGV[2])
+redis.call('HSET', KEYS[1], 'status', 'paused', 'waiting', ARGV[3], 'holder', '', 'lease', 0, 'updated', now)
+return {n, ''}
+"""
+)
+
+# KEYS: state, log. ARGV: epoch, status, event, result-or-error field, its value,
+# failed_seq. Returns {index, parent run}; index -1 if fenced, 0 if already completed.
+FINISH = (
+    _NOW
+    + """
+if redis.call('HGET', KEYS[1], 'epoch') ~= ARGV[1] then return {-1, ''} end
+local parent = redis.call('HGET', KEYS[1], 'parent') or ''
+if redis.call('HGET', KEYS[1], 'status') == 'completed' then return {0, parent} end
+local n = redis.call('HINCRBY', KEYS[1], 'n', 1)
+redis.call('XADD', KEYS[2], '0-' .. n, 'e', ARGV[3])
+redis.call('HSET', KEYS[1], 'status', ARGV[2], ARGV[4], ARGV[5], 'failed_seq', ARGV[6],
+           'holder', '', 'lease', 0, 'updated', now)
+redis.call('HDEL', KEYS[1], 'waiting')
+return {n, parent}
+"""
+)
+
+# KEYS: state. ARGV: epoch. Lets another process take over at once.
+RELEASE = """
+if redis.call('HGET', KEYS[1], 'epoch') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'lease', 0, 'holder', '')
+return 1
+"""
+
+# KEYS: state, log. ARGV: reason, run-cancelled event.
+# A run held by a live process is only marked: its holder stops at the next
+# step boundary and records the end. Anything else ends here, fencing out
+# whatever process may still think it holds the run.
+CANCEL = (
+    _NOW
+    + """
+local cur = redis.call('HMGET', KEYS[1], 'status', 'holder', 'lease', 'parent')
+if not cur[1] then return {'missing', ''} end
+if cur[1] == 'completed' or cur[1] == 'cancelled' then return {cur[1], cur[4] or ''} end
+if cur[1] == 'running' and cur[2] ~= '' and tonumber(cur[3]) > now then
+  redis.call('HSET', KEYS[1], 'cancel', ARGV[1])
+  return {'requested', cur[4] or ''}
+end
+local n = redis.call('HINCRBY', KEYS[1], 'n', 1)
+redis.call('XADD', KEYS[2], '0-' .. n, 'e', ARGV[2])
+redis.call('HINCRBY', KEYS[1], 'epoch', 1)
+redis.call('HSET', KEYS[1], 'status', 'cancelled', 'cancel', ARGV[1], 'holder', '', 'lease', 0, 'updated', now)
+redis.call('HDEL', KEYS[1], 'waiting')
+return {'cancelled', cur[4] or ''}
+"""
+)
+
+# -- hook scripts ---------------------------------------------------------------------
+
+# KEYS: box, meta. ARGV: encoded payload. Returns {entry id, owning run or ''}.
+DELIVER = (
+    _NOW
+    + """
+local id = redis.call('XADD', KEYS[1], '*', 'p', ARGV[1])
+redis.call('HSETNX', KEYS[2], 'first', now)
+redis.call('HSET', KEYS[2], 'last', now)
+return {id, redis.call('HGET', KEYS[2], 'owner') or ''}
+"""
+)
+
+# KEYS: box, meta. ARGV: run, entry after which to look.
+# Claims the token for the run, then returns the next payload, if any:
+# {'payload', entry, payload}, {'empty'} or {'conflict', owner}.
+TAKE = """
+local owner = redis.call('HGET', KEYS[2], 'owner')
+if owner and owner ~= ARGV[1] then return {'conflict', owner} end
+if not owner then redis.call('HSET', KEYS[2], 'owner', ARGV[1]) end
+local found = redis.call('XRANGE', KEYS[1], '(' .. ARGV[2], '+', 'COUNT', 1)
+if #found == 0 then return {'empty'} end
+local fields = found[1][2]
+for i = 1, #fields, 2 do
+  if fields[i] == 'p' then return {'payload', found[1][1], fields[i + 1]} end
+end
+return {'payload', found[1][1], false}
+"""
+
+# KEYS: box. ARGV: entry. Drops a payload the run has recorded; returns how many are left.
+CONSUMED = """
+redis.call('XDEL', KEYS[1], ARGV[1])
+return redis.call('XLEN', KEYS[1])
+"""
+
+# -- queue scripts --------------------------------------------------------------------
+
+# KEYS: timers, queue. ARGV: how many at most.
+# Moves due timers to the queue; returns {moved, next due time or ''}.
+MOVE_DUE = (
+    _NOW
+    + """
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[1]))
+for _, run in ipairs(due) do
+  redis.call('XADD', KEYS[2], '*', 'r', run)
+  redis.call('ZREM', KEYS[1], run)
+end
+local nxt = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+return {#due, nxt[2] or ''}
+"""
+)
+
+# KEYS: timers. ARGV: run, ms to push the entry by.
+# A process waiting on its own run takes a due entry by pushing it forward
+# (if the process then dies, the entry comes due again). Returns 1 if taken.
+CLAIM_TIMER = (
+    _NOW
+    + """
+local s = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if s and tonumber(s) <= now then
+  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+  return 1
+end
+return 0
+"""
+)
+
+# KEYS: timers. ARGV: run, due ms ('' removes the entry).
+# A due entry is a wake-up nobody has handled yet: it is kept. Returns 1 if set.
+RESCHEDULE = (
+    _NOW
+    + """
+local s = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if s and tonumber(s) <= now then return 0 end
+if ARGV[2] == '' then redis.call('ZREM', KEYS[1], ARGV[1])
+else redis.call('ZADD', KEYS[1], tonumber(ARGV[2]), ARGV[1]) end
+return 1
+"""
+)
+
+# KEYS: queue, dead, errors. ARGV: group, consumer, min idle ms, count, max deliveries, cursor.
+# Claims messages idle past the lease; those delivered too often go to the dead
+# letters with their last error. Returns {next cursor, {id, fields}...}.
+RECLAIM = (
+    _NOW
+    + """
+local got = redis.call('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[6], 'COUNT', ARGV[4])
+local out = {}
+for _, entry in ipairs(got[2]) do
+  -- Redis 6.2 reports an entry deleted while pending as nil; Redis 7 drops it itself.
+  local id, fields = entry and entry[1], entry and entry[2]
+  if id and not fields then
+    redis.call('XACK', KEYS[1], ARGV[1], id)
+  elseif id then
+    local p = redis.call('XPENDING', KEYS[1], ARGV[1], id, id, 1)
+    local times = p[1] and tonumber(p[1][4]) or 1
+    if times > tonumber(ARGV[5]) then
+      local run = ''
+      for i = 1, #fields, 2 do if fields[i] == 'r' then run = fields[i + 1] end end
+      local err = redis.call('HGET', KEYS[3], id) or 'no worker finished it'
+      redis.call('XADD', KEYS[2], '*', 'r', run, 'message', id, 'deliveries', times, 'at', now,
+                 'reason', 'delivered ' .. times .. ' times without finishing; last error: ' .. err)
+      redis.call('XACK', KEYS[1], ARGV[1], id)
+      redis.call('XDEL', KEYS[1], id)
+      redis.call('HDEL', KEYS[3], id)
+    else
+      table.insert(out, {id, fields})
+    end
+  end
+end
+return {got[1], out}
+"""
+)
+
+# KEYS: queue. ARGV: group, consumer, ids...
+# Resets the idle time of the messages this consumer still owns (never steals
+# one back from a worker that claimed it); returns the ids still owned.
+TOUCH = """
+local owned = {}
+for i = 3, #ARGV do
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
+  if p[1] and p[1][2] == ARGV[2] then
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'JUSTID')
+    table.insert(owned, ARGV[i])
+  end
+end
+return owned
+"""
+
+# KEYS: queue, errors. ARGV: group, ids... Done with: acknowledged and deleted.
+ACK = """
+for i = 2, #ARGV do
+  redis.call('XACK', KEYS[1], ARGV[1], ARGV[i])
+  redis.call('XDEL', KEYS[1], ARGV[i])
+  redis.call('HDEL', KEYS[2], ARGV[i])
+end
+return #ARGV - 1
+"""
+
+# KEYS: queue. ARGV: group, id, run. A fresh message replaces one handed back
+# (graceful shutdown), so its delivery count starts over.
+REQUEUE = """
+local id = redis.call('XADD', KEYS[1], '*', 'r', ARGV[3])
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+redis.call('XDEL', KEYS[1], ARGV[2])
+return id
+"""
+
+# KEYS: queue, dead, errors. ARGV: group, id, run, reason.
+DEAD = (
+    _NOW
+    + """
+local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1)
+local times = p[1] and tonumber(p[1][4]) or 1
+redis.call('XADD', KEYS[2], '*', 'r', ARGV[3], 'message', ARGV[2], 'deliveries', times, 'at', now,
+           'reason', ARGV[4])
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+redis.call('XDEL', KEYS[1], ARGV[2])
+redis.call('HDEL', KEYS[3], ARGV[2])
+return 1
+"""
+)
+
+# KEYS: queue, dead. ARGV: dead-letter id. Puts the run back on the queue,
+# allowed to resume even a failed or blocked run. Returns the new message id or ''.
+REDRIVE = """
+local found = redis.call('XRANGE', KEYS[2], ARGV[1], ARGV[1])
+if #found == 0 then return '' end
+local fields, run = found[1][2], ''
+for i = 1, #fields, 2 do if fields[i] == 'r' then run = fields[i + 1] end end
+redis.call('XDEL', KEYS[2], ARGV[1])
+if run == '' then return '' end
+return redis.call('XADD', KEYS[1], '*', 'r', run, 'x', '1')
+"""

@@ -1,0 +1,147 @@
+"""What a workflow can wait for: `hook()`, `sleep()`, `race()`.
+
+Each takes the run's next sequence number *when it is called*, like a step,
+so that replays number them identically. Waiting never holds a process for
+long: a run whose every branch waits is paused (its coroutine dropped) and
+resumed by a replay when the awaited thing happens.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
+
+import anyio
+
+from ._context import RunContext, current_run, current_step
+from ._errors import ConfigurationError, NotInWorkflowError
+from ._ids import check_run_id
+from ._options import parse_duration
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Awaitable, Coroutine, Generator
+    from datetime import timedelta
+
+__all__ = ["Hook", "hook", "race", "sleep"]
+
+T = TypeVar("T")
+
+
+def _run(what: str) -> RunContext:
+    run = current_run()
+    if run is None:
+        raise NotInWorkflowError(f"{what} can only be used in a workflow body, not in a step or outside a run")
+    return run
+
+
+class Hook(Generic[T]):
+    """An outside event a workflow waits for; create it with `hook()`.
+
+    ``await h`` returns the next payload delivered to ``h.token`` (kept in
+    the token's mailbox if it arrived before the run got here);
+    ``async for payload in h`` takes payloads one after another. Deliver
+    them from anywhere with ``invoke_hook(token, payload)``.
+    """
+
+    __slots__ = ("_received", "_run", "seq", "token", "type")
+
+    def __init__(self, run: RunContext, seq: int, token: str, type_: Any) -> None:
+        self._run = run
+        self.seq = seq
+        self.token = token
+        self.type = type_
+        self._received = 0
+
+    async def wait(self) -> T:
+        """The next payload (recorded in the run's log, so a replay returns the same one)."""
+        self._received += 1
+        value: T = await self._run.executor.receive(self.seq, self.token, self._received, self.type)
+        return value
+
+    def __await__(self) -> Generator[Any, None, T]:
+        return self.wait().__await__()
+
+    def __aiter__(self) -> AsyncIterator[T]:
+        return self
+
+    async def __anext__(self) -> T:
+        return await self.wait()
+
+    def __repr__(self) -> str:
+        return f"<werkfluss hook {self.token!r}>"
+
+
+@overload
+def hook(token: str | None = None) -> Hook[Any]: ...
+@overload
+def hook(token: str | None = None, *, type: type[T]) -> Hook[T]: ...
+def hook(token: str | None = None, *, type: Any = Any) -> Hook[Any]:
+    """A hook: an outside event this workflow can await.
+
+    Args:
+        token: The name payloads are delivered to (``invoke_hook(token, ...)``).
+            Default: ``"<run_id>:<seq>"``, deterministic, so hand it out
+            through a step (an email, a webhook registration). A token
+            belongs to one run.
+        type: Decode payloads to this type (default: as sent, builtins).
+
+    Raises:
+        NotInWorkflowError: outside a workflow body.
+        ConfigurationError: the token is not 1-200 characters without
+            whitespace or braces.
+    """
+    run = _run("hook()")
+    seq = run.next_seq()
+    if token is None:
+        token = f"{run.run_id}:{seq}"
+    elif not isinstance(token, str):
+        raise ConfigurationError(f"hook token must be a string, got {token!r}")
+    _check_token(token)
+    return Hook(run, seq, token, type)
+
+
+def _check_token(token: str) -> None:
+    try:
+        check_run_id(token)
+    except ConfigurationError:
+        raise ConfigurationError(
+            f"invalid hook token {token!r}: use 1 to 200 characters without whitespace or braces"
+        ) from None
+
+
+def sleep(duration: float | timedelta | str) -> Awaitable[None]:
+    """Pause the workflow for `duration`: seconds, a `timedelta`, or ``"400ms"``, ``"2h"``, ``"7d"``.
+
+    A durable timer: its due time is recorded when first reached, so the
+    run resumes when it is due even if every process was restarted
+    meanwhile, and a replay does not start the clock again. Short sleeps
+    (up to a couple of seconds) wait in memory; longer ones pause the run.
+    In a step or outside a run it is a plain ``anyio.sleep``.
+
+    Raises:
+        ConfigurationError: `duration` is not a valid, non-negative duration.
+    """
+    seconds = parse_duration(duration, what="sleep duration")
+    run = current_run()
+    if run is None or current_step() is not None:
+        return anyio.sleep(seconds)
+    return run.executor.sleep(run.next_seq(), seconds)
+
+
+def race(*awaitables: Awaitable[Any]) -> Coroutine[Any, Any, tuple[int, Any]]:
+    """The first of several steps, hooks, sleeps or child workflows to finish.
+
+    Returns ``(index, value)`` of the winner; a winner that raised raises
+    here. The winner is recorded, so a replay returns the same winner even
+    if another would be ready first then. The losers are cancelled: a step
+    still running is cancelled through anyio cancellation (a loser that
+    completed first stays recorded but is never returned), an unreceived
+    hook payload stays in its mailbox for a later ``await``.
+
+    Raises:
+        NotInWorkflowError: outside a workflow body.
+        ConfigurationError: called with nothing to race.
+    """
+    run = _run("race()")
+    if not awaitables:
+        raise ConfigurationError("race() needs at least one awaitable")
+    return run.executor.race(run.next_seq(), list(awaitables))

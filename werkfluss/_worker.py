@@ -1,0 +1,322 @@
+"""`Worker`: serve every registered workflow from the shared Redis stream queue.
+
+A worker reads "run or resume run R" messages with ``XREADGROUP`` (consumer
+group ``workers``), executes up to `concurrency` runs at once, and
+acknowledges a message only after the progress it carried is in the log
+(the run ended or paused). While it works it resets the idle time of the
+messages it holds; a worker that dies stops doing so, and after the lease
+another worker claims its messages with ``XAUTOCLAIM`` and resumes the runs
+from their logs. A message delivered more than `max_deliveries` times goes
+to the dead letters with its last error. Every worker also moves due
+timers to the queue (atomically: one script, so no double resume).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from ._errors import ConfigurationError, SerializationError, StorageError, _Suspend
+from ._events import RunResumed, encode_event
+from ._executor import Released, RunExecutor
+from ._ids import check_run_id
+from ._lease import process_holder
+from ._options import Settings
+from ._replay import Replay
+from ._runtime import drive_child, resumed_from
+from ._wrappers import registered_workflow
+
+if TYPE_CHECKING:
+    from types import TracebackType
+
+    from anyio.abc import TaskGroup
+
+    from ._store import RedisStore
+
+__all__ = ["GROUP", "Worker"]
+
+log = logging.getLogger("werkfluss")
+
+GROUP = "workers"
+
+
+class Worker:
+    """Serves every workflow defined (imported) in this process from the queue.
+
+    Use it as ``await Worker().run()``, or ``async with Worker() as worker:``
+    (leaving the block stops it gracefully); ``werkfluss worker MODULE`` does the same
+    from the command line. `stop()` shuts down gracefully: no new work is
+    taken, runs stop at their next step boundary (a run that only waits
+    pauses), and what is not done within `grace` seconds is handed back to
+    the queue for another worker.
+
+    Args:
+        settings: Where the queue lives (default `Settings.from_env()`).
+        concurrency: Runs executed at once (default 32).
+        grace: Seconds `stop()` waits for runs to reach a step boundary.
+        max_deliveries: Deliveries after which a message is dead-lettered.
+        poll: Seconds between looks at the timer set.
+    """
+
+    def __init__(
+        self,
+        *,
+        settings: Settings | None = None,
+        concurrency: int = 32,
+        grace: float = 10.0,
+        max_deliveries: int = 5,
+        poll: float = 0.1,
+    ) -> None:
+        if concurrency < 1:
+            raise ConfigurationError(f"concurrency must be >= 1, got {concurrency}")
+        if max_deliveries < 1:
+            raise ConfigurationError(f"max_deliveries must be >= 1, got {max_deliveries}")
+        if not (grace >= 0 and poll > 0):
+            raise ConfigurationError(f"grace must be >= 0 and poll > 0, got {grace} and {poll}")
+        self.settings = settings or Settings.from_env()
+        self.concurrency = concurrency
+        self.grace = grace
+        self.max_deliveries = max_deliveries
+        self.poll = poll
+        self.name = process_holder()
+        self.processed = 0  # messages finished (acked, dead-lettered or handed back)
+        self._store: RedisStore | None = None
+        self._tg: TaskGroup | None = None
+        self._slots = anyio.Semaphore(concurrency)
+        self._held: dict[str, RunExecutor | None] = {}  # message id -> the run's executor, once it runs
+        self._stopping = anyio.Event()
+        self._stopped = anyio.Event()
+        self._empty = anyio.Event()  # set whenever the last held message is done
+
+    @property
+    def stopping(self) -> bool:
+        """Whether `stop()` was called."""
+        return self._stopping.is_set()
+
+    @property
+    def store(self) -> RedisStore:
+        """The connection this worker uses (after it started)."""
+        if self._store is None:
+            raise RuntimeError("the worker has not started; use 'async with Worker()'")
+        return self._store
+
+    async def __aenter__(self) -> Worker:
+        from ._client import open_store  # the client owns connection reuse per event loop
+
+        self._store = await open_store(self.settings)
+        await self._store.ensure_group(GROUP)
+        self._tg = anyio.create_task_group()
+        await self._tg.__aenter__()
+        self._tg.start_soon(self._read)
+        self._tg.start_soon(self._timers)
+        self._tg.start_soon(self._reclaim)
+        self._tg.start_soon(self._touch)
+        log.info("worker %s serving %d concurrent runs", self.name, self.concurrency)
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> bool | None:
+        self.stop()
+        with anyio.CancelScope(shield=True):
+            await self._drain()
+        assert self._tg is not None
+        self._tg.cancel_scope.cancel()
+        return await self._tg.__aexit__(kind, exc, tb)
+
+    async def run(self) -> None:
+        """Serve until `stop()` is called (or the task is cancelled)."""
+        async with self:
+            await self.wait()
+
+    async def wait(self) -> None:
+        """Wait until `stop()` is called."""
+        await self._stopping.wait()
+
+    def stop(self) -> None:
+        """Begin a graceful shutdown (see the class docstring); safe to call twice."""
+        if not self._stopping.is_set():
+            log.info("worker %s stopping: %d runs in progress", self.name, len(self._held))
+            self._stopping.set()
+        for executor in self._held.values():
+            if executor is not None:
+                executor.stop()
+
+    async def _drain(self) -> None:
+        if self._held:
+            with anyio.move_on_after(self.grace):
+                await self._empty.wait()
+        if self._held:
+            log.warning("worker %s: %d runs did not stop within %g s; handing them back", self.name,
+                        len(self._held), self.grace)  # fmt: skip
+        self._stopped.set()
+
+    # -- loops --------------------------------------------------------------------------
+
+    async def _read(self) -> None:
+        while not self._stopping.is_set():
+            free = self._slots.value
+            if free == 0:
+                await anyio.sleep(0.005)
+                continue
+            try:
+                messages = await self.store.read_queue(GROUP, self.name, free, block=1.0)
+            except StorageError as exc:
+                log.warning("worker %s: cannot read the queue, retrying: %s", self.name, exc)
+                await anyio.sleep(1.0)
+                continue
+            for message, fields in messages:
+                await self._spawn(message, fields)
+
+    async def _spawn(self, message: str, fields: dict[str, str]) -> None:
+        await self._slots.acquire()
+        self._held[message] = None
+        assert self._tg is not None
+        self._tg.start_soon(self._handle, message, fields)
+
+    async def _timers(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                moved, nxt = await self.store.move_due()
+            except StorageError as exc:
+                log.warning("worker %s: cannot move due timers, retrying: %s", self.name, exc)
+                moved, nxt = 0, None
+            if moved:
+                log.debug("worker %s moved %d due timers to the queue", self.name, moved)
+                continue
+            wait = self.poll if nxt is None else min(self.poll, max(nxt - time.time(), 0.0))
+            with anyio.move_on_after(wait):
+                await self._stopping.wait()
+
+    async def _reclaim(self) -> None:
+        lease = self.settings.lease
+        while not self._stopping.is_set():
+            with anyio.move_on_after(lease / 2):
+                await self._stopping.wait()
+            if self._stopping.is_set():
+                return
+            free = self._slots.value
+            if free == 0:
+                continue
+            try:
+                claimed = await self.store.reclaim(GROUP, self.name, lease, free, self.max_deliveries)
+            except StorageError as exc:
+                log.warning("worker %s: cannot claim abandoned messages, retrying: %s", self.name, exc)
+                continue
+            for message, fields in claimed:
+                if message not in self._held:
+                    log.info("worker %s claimed message %s (run %s) from a worker that stopped",
+                             self.name, message, fields.get("r"))  # fmt: skip
+                    await self._spawn(message, fields)
+
+    async def _touch(self) -> None:
+        while True:
+            await anyio.sleep(self.settings.lease / 3)
+            held = list(self._held)
+            try:
+                owned = await self.store.touch(GROUP, self.name, held)
+            except StorageError as exc:
+                log.warning("worker %s: cannot renew its messages: %s", self.name, exc)
+                continue
+            for message in set(held) - owned:
+                if message in self._held:
+                    log.warning("worker %s: message %s was claimed by another worker", self.name, message)
+
+    # -- one message --------------------------------------------------------------------
+
+    async def _handle(self, message: str, fields: dict[str, str]) -> None:
+        outcome = "keep"  # leave it pending: another delivery will try again
+        try:
+            outcome = await self._process(message, fields)
+        except _Suspend:
+            log.info("worker %s: run %s was taken over by another worker; dropping it", self.name, fields.get("r"))
+        except Exception as exc:
+            # A worker survives anything one run does; the message is retried
+            # and, past max_deliveries, dead-lettered with this error.
+            error = f"{type(exc).__name__}: {exc}"
+            log.warning(
+                "worker %s: run %s: %s", self.name, fields.get("r"), error, exc_info=not isinstance(exc, StorageError)
+            )
+            await self._quietly(self.store.note_error(message, error))
+        except BaseException:
+            outcome = "requeue"  # cancelled: shutting down past the grace period
+            raise
+        finally:
+            with anyio.CancelScope(shield=True):
+                if outcome == "ack":
+                    await self._quietly(self.store.ack(GROUP, message))
+                elif outcome == "requeue":
+                    await self._quietly(self.store.requeue(GROUP, message, fields.get("r", "")))
+                self._held.pop(message, None)
+                if not self._held:
+                    self._empty.set()
+                    self._empty = anyio.Event()
+                self._slots.release()
+                self.processed += 1
+
+    async def _quietly(self, call: Any) -> None:
+        with anyio.move_on_after(5):
+            try:
+                await call
+            except StorageError as exc:
+                log.warning("worker %s: %s", self.name, exc)
+
+    async def _dead(self, message: str, run_id: str, reason: str) -> str:
+        log.error("worker %s: dead-lettering message %s (run %r): %s", self.name, message, run_id, reason)
+        await self.store.dead_letter(GROUP, message, run_id, reason)
+        return "done"
+
+    async def _process(self, message: str, fields: dict[str, str]) -> str:
+        """Handle one message; returns ack, requeue, keep or done (already dealt with)."""
+        store, lease = self.store, self.settings.lease
+        run_id = fields.get("r", "")
+        try:
+            check_run_id(run_id)
+        except ConfigurationError:
+            return await self._dead(message, run_id, f"malformed message: no valid run ID in {sorted(fields)}")
+        resumed = encode_event(RunResumed(time.time(), self.name))
+        got = await store.acquire(
+            run_id, workflow="", holder=self.name, lease=lease, started=b"", resumed=resumed,
+            retry=fields.get("x") == "1",
+        )  # fmt: skip
+        if got.kind == "missing":
+            return await self._dead(message, run_id, f"there is no run {run_id!r}")
+        if got.kind == "busy":
+            # Its holder is alive and will finish it; look again when its lease would run out.
+            await store.wake(run_id, time.time() + got.lease_left + 0.1)
+            return "ack"
+        if got.kind != "resumed":
+            return "ack"  # completed, cancelled, or failed/blocked without a retry: nothing to do
+        workflow = registered_workflow(got.workflow)
+        if workflow is None:
+            await store.release(run_id, got.epoch)
+            await store.note_error(message, f"workflow {got.workflow!r} is not defined in worker {self.name}")
+            log.warning("worker %s: run %s needs workflow %r, which this worker does not define; leaving it",
+                        self.name, run_id, got.workflow)  # fmt: skip
+            return "keep"
+        try:
+            replay = await Replay.load(store, run_id, got.retry_seq, got.retry_index)
+            if replay.started is None:
+                raise SerializationError(f"run {run_id!r} has no run-started event")
+            args, kwargs = workflow.decode_call(bytes(replay.started.args))
+        except (StorageError, SerializationError) as exc:
+            await store.release(run_id, got.epoch)
+            return await self._dead(message, run_id, str(exc))
+        log.info("run %s (%s) resumed %s on worker %s", run_id, workflow.id, resumed_from(got.previous), self.name)
+        executor = RunExecutor(
+            store, workflow, run_id, got.epoch, replay, lease, drive_child, cancel=got.cancel,
+            parent=replay.started.parent or "",
+        )  # fmt: skip
+        self._held[message] = executor
+        if self._stopping.is_set():
+            executor.stop()
+        try:
+            outcome = await executor.execute(args, kwargs)
+        except Exception:
+            if executor.ended:
+                return "ack"  # failed, blocked or cancelled, and recorded so
+            raise
+        return "requeue" if isinstance(outcome, Released) else "ack"  # ended or paused
