@@ -591,10 +591,13 @@ async def wait_for_wake(store: RedisStore, run_id: str, lease: float) -> None:
     runs = await _wait_tree(store, run_id)
     while await store.status(run_id) == "paused":
         now = time.time()
-        for run, due in zip(runs, await store.due(runs), strict=True):
+        dues = await store.due(runs)
+        for run, due in zip(runs, dues, strict=True):
             if due is not None and due <= now and await store.claim_timer(run, lease):
                 return
-        await anyio.sleep(delay)
+        # Wake-ups by hooks arrive any time: look again soon, backing off; a timer is waited for exactly.
+        soonest = min((due for due in dues if due is not None), default=None)
+        await anyio.sleep(delay if soonest is None else min(delay, max(soonest - now, 0.001)))
         delay = min(delay * 2, 0.5)
 
 

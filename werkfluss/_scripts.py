@@ -181,7 +181,7 @@ CANCEL = (
     + """
 local cur = redis.call('HMGET', KEYS[1], 'status', 'holder', 'lease', 'parent')
 if not cur[1] then return {'missing', ''} end
-if cur[1] == 'completed' or cur[1] == 'cancelled' then return {cur[1], cur[4] or ''} end
+if cur[1] == 'completed' or cur[1] == 'cancelled' then return {'already-' .. cur[1], cur[4] or ''} end
 if cur[1] == 'running' and cur[2] ~= '' and tonumber(cur[3]) > now then
   redis.call('HSET', KEYS[1], 'cancel', ARGV[1])
   return {'requested', cur[4] or ''}

@@ -301,7 +301,7 @@ class RedisStore:
 
     async def cancel(self, run_id: str, reason: str, event: bytes) -> tuple[str, str]:
         """Cancel a run: ``(outcome, parent)``; outcome is cancelled, requested (its live
-        holder stops at the next step), completed, missing or (already) cancelled."""
+        holder stops at the next step), already-completed, already-cancelled or missing."""
         reply = await self._run("CANCEL", self._run_keys(run_id, "state", "log"), [reason, event])
         return _text(reply[0]), _text(reply[1])
 
