@@ -27,11 +27,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
+import anyio
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import RedisClusterException, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from . import _scripts
@@ -88,12 +90,19 @@ def _text(value: Any) -> str:
 
 
 class RedisStore:
-    """The run log and run state on one Redis/Valkey server."""
+    """The run log and run state on one Redis/Valkey server or one Redis Cluster.
 
-    def __init__(self, client: aioredis.Redis, *, prefix: str, where: str) -> None:
+    On a cluster every script's keys share one hash slot (see the module
+    docstring), so the same calls work on both kinds of `client`.
+    """
+
+    def __init__(self, client: aioredis.Redis | RedisCluster, *, prefix: str, where: str) -> None:
         self.client = client
         self.prefix = prefix
         self.where = where  # redacted, for error messages
+        # redis-py's script objects run EVALSHA on the node owning the first key
+        # and, on NOSCRIPT (a node that restarted or failed over), SCRIPT LOAD on
+        # every primary before retrying, so they need nothing extra on a cluster.
         self._scripts: dict[str, AsyncScript] = {
             name: client.register_script(getattr(_scripts, name)) for name in _scripts.__all__
         }
@@ -102,7 +111,11 @@ class RedisStore:
     async def connect(
         cls, *, prefix: str, url: str | None = None, unix_socket: str | None = None, password: str | None = None
     ) -> RedisStore:
-        """Connect and check the server, raising `StorageError` naming it if that fails."""
+        """Connect and check the server, raising `StorageError` naming it if that fails.
+
+        A `url` may point at any node of a Redis Cluster: the server is asked
+        (``INFO cluster``) and, if it is one, a cluster client takes over.
+        """
         options: dict[str, Any] = {
             "socket_timeout": 30.0,  # above any blocking read we issue
             "socket_connect_timeout": 5.0,
@@ -124,38 +137,78 @@ class RedisStore:
             where = f"embedded server at unix://{unix_socket}"
             client = aioredis.Redis(unix_socket_path=unix_socket, password=password, **options)
         store = cls(client, prefix=prefix, where=where)
-        await store._check_server(external=url is not None)
+        try:
+            # The embedded server is never a cluster; a URL may name any cluster node.
+            is_cluster = url is not None and bool((await store._call(client.info("cluster"))).get("cluster_enabled"))
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await store.close()
+            raise
+        if url is not None and is_cluster:
+            await store.close()
+            if url.startswith("unix:"):
+                raise StorageError(f"{where} is a Redis Cluster node; redis-py reaches a cluster only over TCP")
+            try:
+                # The cluster client takes the same options, but uses `retry` only
+                # for its count: it retries at once, after asking the cluster for
+                # its current slot layout (a failover moves slots to another node).
+                cluster = RedisCluster.from_url(url, **options)
+            except (ValueError, RedisClusterException) as exc:  # e.g. a database other than 0
+                raise StorageError(f"invalid Redis Cluster URL {where}: {exc}") from None
+            store = cls(cluster, prefix=prefix, where=where)
+        try:
+            if isinstance(store.client, RedisCluster):
+                # Learn the slot layout before the first commands: concurrent calls on a
+                # client still discovering it can fail (redis/redis-py#3935).
+                await store._call(store.client.initialize())
+            await store._check_server(external=url is not None)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await store.close()
+            raise
         return store
 
     async def _check_server(self, *, external: bool) -> None:
-        info = await self._call(self.client.info("server"))
-        version = str(info.get("valkey_version") or info.get("redis_version") or "0")
-        numbers = tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
-        if not info.get("valkey_version") and numbers < (6, 2):
-            raise StorageError(f"{self.where} runs Redis {version}; werkfluss needs Redis >= 6.2 or Valkey")
+        for name, target in self._nodes():
+            info = await self._call(self.client.info("server", **target))
+            version = str(info.get("valkey_version") or info.get("redis_version") or "0")
+            numbers = tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
+            if not info.get("valkey_version") and numbers < (6, 2):
+                raise StorageError(f"{name} runs Redis {version}; werkfluss needs Redis >= 6.2 or Valkey")
         if external:
             await self._warn_if_lossy()
 
+    def _nodes(self) -> list[tuple[str, dict[str, Any]]]:
+        """``(name for messages, command keywords)`` addressing each server once.
+
+        INFO and CONFIG describe one node, and on a cluster every primary runs
+        the scripts for its share of the slots, so each is asked on its own.
+        """
+        if isinstance(self.client, RedisCluster):
+            return [(f"{self.where} (node {n.name})", {"target_nodes": n}) for n in self.client.get_primaries()]
+        return [(self.where, {})]
+
     async def _warn_if_lossy(self) -> None:
-        try:
-            config: dict[Any, Any] = {}
-            for name in ("maxmemory-policy", "appendonly", "save"):
-                config.update(await self.client.config_get(name))
-        except RedisError:
-            return  # CONFIG is often disabled on managed servers; nothing to check then
-        values = {_text(k): _text(v) for k, v in config.items()}
-        policy = values.get("maxmemory-policy", "noeviction")
-        if policy != "noeviction":
-            log.warning(
-                "%s has maxmemory-policy %s: it may evict run logs and lose progress; use noeviction",
-                self.where,
-                policy,
-            )
-        if values.get("appendonly") == "no" and not values.get("save"):
-            log.warning("%s has no persistence (appendonly no, no save points): a restart loses every run", self.where)
+        for name, target in self._nodes():
+            try:
+                config: dict[Any, Any] = {}
+                for option in ("maxmemory-policy", "appendonly", "save"):
+                    config.update(await self.client.config_get(option, **target))
+            except (RedisError, RedisClusterException):
+                return  # CONFIG is often disabled on managed servers; nothing to check then
+            values = {_text(k): _text(v) for k, v in config.items()}
+            policy = values.get("maxmemory-policy", "noeviction")
+            if policy != "noeviction":
+                log.warning(
+                    "%s has maxmemory-policy %s: it may evict run logs and lose progress; use noeviction",
+                    name,
+                    policy,
+                )
+            if values.get("appendonly") == "no" and not values.get("save"):
+                log.warning("%s has no persistence (appendonly no, no save points): a restart loses every run", name)
 
     async def close(self) -> None:
-        """Close the connection pool."""
+        """Close the connection pool (every node's, on a cluster)."""
         await self.client.aclose()
 
     # -- keys -------------------------------------------------------------------------
@@ -178,6 +231,10 @@ class RedisStore:
             raise StorageError(f"cannot reach {self.where}: {exc}") from None
         except ResponseError as exc:
             raise StorageError(f"{self.where} refused a command: {exc}") from None
+        except RedisClusterException as exc:
+            # Not a RedisError: the cluster client raises it when no node answers
+            # or a slot has no node (SlotNotCoveredError).
+            raise StorageError(f"cannot use the Redis Cluster at {self.where}: {exc}") from None
 
     async def _run(self, script: str, keys: list[str], args: list[_Arg]) -> Any:
         return await self._call(self._scripts[script](keys=keys, args=args))
@@ -521,4 +578,7 @@ class RedisStore:
 
 
 def _fields(raw: Any) -> dict[str, str]:
+    """A stream entry's fields: a dict from redis-py, a flat list from a script."""
+    if isinstance(raw, list):
+        raw = dict(zip(raw[::2], raw[1::2], strict=False))
     return {_text(k): _text(v) for k, v in (raw or {}).items()}

@@ -164,8 +164,8 @@ class Worker:
                 continue
             try:
                 messages = await self.store.read_queue(GROUP, self.name, free, block=1.0)
-            except StorageError as exc:
-                log.warning("worker %s: cannot read the queue, retrying: %s", self.name, exc)
+            except Exception as exc:  # a worker outlives storage trouble: it retries
+                log.warning("worker %s: cannot read the queue, retrying: %s", self.name, exc, exc_info=_bug(exc))
                 await anyio.sleep(1.0)
                 continue
             for message, fields in messages:
@@ -181,8 +181,8 @@ class Worker:
         while not self._stopping.is_set():
             try:
                 moved, nxt = await self.store.move_due()
-            except StorageError as exc:
-                log.warning("worker %s: cannot move due timers, retrying: %s", self.name, exc)
+            except Exception as exc:
+                log.warning("worker %s: cannot move due timers, retrying: %s", self.name, exc, exc_info=_bug(exc))
                 moved, nxt = 0, None
             if moved:
                 log.debug("worker %s moved %d due timers to the queue", self.name, moved)
@@ -203,8 +203,9 @@ class Worker:
                 continue
             try:
                 claimed = await self.store.reclaim(GROUP, self.name, lease, free, self.max_deliveries)
-            except StorageError as exc:
-                log.warning("worker %s: cannot claim abandoned messages, retrying: %s", self.name, exc)
+            except Exception as exc:
+                log.warning("worker %s: cannot claim abandoned messages, retrying: %s", self.name, exc,
+                            exc_info=_bug(exc))  # fmt: skip
                 continue
             for message, fields in claimed:
                 if message not in self._held:
@@ -218,8 +219,8 @@ class Worker:
             held = list(self._held)
             try:
                 owned = await self.store.touch(GROUP, self.name, held)
-            except StorageError as exc:
-                log.warning("worker %s: cannot renew its messages: %s", self.name, exc)
+            except Exception as exc:
+                log.warning("worker %s: cannot renew its messages: %s", self.name, exc, exc_info=_bug(exc))
                 continue
             for message in set(held) - owned:
                 if message in self._held:
@@ -237,9 +238,7 @@ class Worker:
             # A worker survives anything one run does; the message is retried
             # and, past max_deliveries, dead-lettered with this error.
             error = f"{type(exc).__name__}: {exc}"
-            log.warning(
-                "worker %s: run %s: %s", self.name, fields.get("r"), error, exc_info=not isinstance(exc, StorageError)
-            )
+            log.warning("worker %s: run %s: %s", self.name, fields.get("r"), error, exc_info=_bug(exc))
             await self._quietly(self.store.note_error(message, error))
         except BaseException:
             outcome = "requeue"  # cancelled: shutting down past the grace period
@@ -320,3 +319,8 @@ class Worker:
                 return "ack"  # failed, blocked or cancelled, and recorded so
             raise
         return "requeue" if isinstance(outcome, Released) else "ack"  # ended or paused
+
+
+def _bug(exc: BaseException) -> bool:
+    """Whether `exc` deserves a traceback in the log (storage trouble does not)."""
+    return not isinstance(exc, StorageError)

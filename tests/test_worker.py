@@ -1,0 +1,375 @@
+"""Workers on the queue, in this process and as real processes killed with SIGKILL and SIGSTOP."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import msgspec
+import pytest
+
+from werkfluss import Settings, Worker, enqueue_async, workflow
+from werkfluss._client import close_stores, open_store
+from werkfluss._events import RunResumed, StepCompleted, decode_event
+
+from . import worker_flows
+from .conftest import ROOT, wait_for
+from .servers import RedisProcess, require_binary
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Iterator
+
+    from .conftest import Server
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+async def wf(settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Settings]:
+    monkeypatch.setenv("WF_LEDGER", str(tmp_path / "ledger"))
+    fast = Settings(
+        redis_url=settings.redis_url, directory=settings.directory, prefix=settings.prefix, lease=1.0
+    )  # a short lease: claims and takeovers happen within the test's patience
+    yield fast
+    await close_stores()
+
+
+async def statuses(settings: Settings, run_ids: list[str]) -> Counter[str]:
+    store = await open_store(settings)
+    return Counter([await store.status(r) for r in run_ids])
+
+
+async def until_all(settings: Settings, run_ids: list[str], wanted: str = "completed", timeout: float = 60) -> None:
+    with anyio.fail_after(timeout):
+        while (await statuses(settings, run_ids))[wanted] != len(run_ids):
+            await anyio.sleep(0.05)
+
+
+async def log_of(settings: Settings, run_id: str) -> list[Any]:
+    store = await open_store(settings)
+    return [decode_event(body) async for batch in store.read_log(run_id) for _, body in batch if body]
+
+
+def ledger(path: Path) -> list[tuple[str, int, float]]:
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        key, pid, started = line.split()
+        rows.append((key, int(pid), float(started)))
+    return rows
+
+
+# --- in this process ----------------------------------------------------------------------------------------------
+
+
+async def test_enqueued_runs_are_served_and_enqueueing_a_call_twice_reaches_one_run(wf: Settings) -> None:
+    ids = [await enqueue_async(worker_flows.five.options(settings=wf), n) for n in range(10)]
+    assert await enqueue_async(worker_flows.five.options(settings=wf), 3) == ids[3]
+    async with Worker(settings=wf, concurrency=4):
+        await until_all(wf, ids)
+    store = await open_store(wf)
+    for n, run_id in enumerate(ids):
+        state = await store.state(run_id)
+        assert state["result"] == msgspec.msgpack.encode(worker_flows.expected_five(n))
+    executed = Counter(key for key, _, _ in ledger(Path(os.environ["WF_LEDGER"])))
+    assert len(executed) == 50 and set(executed.values()) == {1}  # every step once, the duplicate enqueue too
+
+
+@workflow(name="tests.only-here:unknown")
+async def not_in_workers() -> None:
+    return None
+
+
+async def test_messages_no_worker_can_serve_go_to_the_dead_letters_with_their_reason(wf: Settings) -> None:
+    store = await open_store(wf)
+    await store.ensure_group("workers")
+    await store.client.xadd(store.queue_key("queue"), {"junk": "1"})  # no run ID at all
+    await store.client.xadd(store.queue_key("queue"), {"r": "no-such-run"})
+    unknown = await enqueue_async(not_in_workers.options(settings=wf, run_id="unknown-wf"))
+    healthy = await enqueue_async(worker_flows.five.options(settings=wf), 100)
+    from werkfluss import _wrappers
+
+    hidden = _wrappers._workflows.pop(not_in_workers.id)  # this worker does not define it
+    try:
+        async with Worker(settings=wf, max_deliveries=2):
+            await until_all(wf, [healthy])
+            with anyio.fail_after(20):
+                while len(await store.dead_letters(10)) < 3:
+                    await anyio.sleep(0.05)
+    finally:
+        _wrappers._workflows[not_in_workers.id] = hidden
+    reasons = {fields["r"]: fields["reason"] for _, fields in await store.dead_letters(10)}
+    assert "malformed message" in reasons[""]
+    assert "there is no run 'no-such-run'" in reasons["no-such-run"]
+    assert "delivered 3 times" in reasons[unknown] and "tests.only-here:unknown" in reasons[unknown]
+    assert await store.status(unknown) == "pending" or await store.status(unknown) == "running"
+    # Re-driven with the workflow defined again, it runs.
+    dead_id = next(i for i, fields in await store.dead_letters(10) if fields["r"] == unknown)
+    assert await store.redrive(dead_id)
+    async with Worker(settings=wf):
+        await until_all(wf, [unknown])
+
+
+async def test_due_timers_resume_each_run_once_with_several_workers_polling(wf: Settings) -> None:
+    ids = [await enqueue_async(worker_flows.nap_then_add.options(settings=wf), n, 0.5) for n in range(20)]
+    import werkfluss._executor
+
+    hold = werkfluss._executor.HOLD
+    werkfluss._executor.HOLD = 0.05  # pause instead of holding the run in memory
+    try:
+        async with Worker(settings=wf), Worker(settings=wf), Worker(settings=wf):
+            await until_all(wf, ids)
+    finally:
+        werkfluss._executor.HOLD = hold
+    for run_id in ids:
+        resumes = [e for e in await log_of(wf, run_id) if isinstance(e, RunResumed)]
+        assert len(resumes) == 2, run_id  # from the queue, then once when the timer came due
+
+
+async def test_stopping_a_worker_hands_unfinished_runs_back_at_a_step_boundary(wf: Settings) -> None:
+    os.environ["WF_STEP_DELAY"] = "0.3"
+    try:
+        ids = [await enqueue_async(worker_flows.five.options(settings=wf), n) for n in range(200, 204)]
+        worker = Worker(settings=wf, grace=5)
+        async with worker:
+            wait_until = time.monotonic() + 10
+            while not ledger(Path(os.environ["WF_LEDGER"])) and time.monotonic() < wait_until:
+                await anyio.sleep(0.01)
+        # The block ended: runs stopped after their current step, handed back to the queue.
+        assert (await statuses(wf, ids))["completed"] == 0
+        async with Worker(settings=wf):
+            await until_all(wf, ids)
+    finally:
+        del os.environ["WF_STEP_DELAY"]
+    executed = Counter(key for key, _, _ in ledger(Path(os.environ["WF_LEDGER"])))
+    assert set(executed.values()) == {1}  # the step running at shutdown finished and was recorded
+
+
+# --- real processes -----------------------------------------------------------------------------------------------
+
+
+class Workers:
+    """Worker processes (``werkfluss worker tests.worker_flows``) pointed at one server and prefix."""
+
+    def __init__(self, env: dict[str, str], tmp: Path) -> None:
+        self.env = env
+        self.tmp = tmp
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.killed: set[int] = set()
+        self.concurrency = 8
+
+    def start(self) -> subprocess.Popen[bytes]:
+        log = open(self.tmp / f"worker-{len(self.procs)}.log", "wb")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "werkfluss", "worker", "tests.worker_flows", "--log-level", "INFO",
+             "--concurrency", str(self.concurrency)],
+            cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        log.close()
+        self.procs.append(proc)
+        path = self.tmp / f"worker-{len(self.procs) - 1}.log"
+        wait_for(lambda: b"serving" in path.read_bytes() or proc.poll() is not None, what="a worker to start")
+        assert proc.poll() is None, path.read_text()
+        return proc
+
+    def kill(self, proc: subprocess.Popen[bytes]) -> None:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        self.killed.add(proc.pid)
+
+    def stop_all(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGCONT)
+                proc.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+@pytest.fixture
+def workers(server: Server, prefix: str, tmp_path: Path) -> Iterator[Workers]:
+    env = {
+        **os.environ, **server.env, "WERKFLUSS_PREFIX": prefix, "WERKFLUSS_LEASE": "1.0", "PYTHONPATH": str(ROOT),
+        "WF_LEDGER": str(tmp_path / "ledger"),
+    }  # fmt: skip
+    env.pop("WERKFLUSS_REDIS_URL" if server.kind == "valkey" else "WERKFLUSS_DIR", None)
+    group = Workers(env, tmp_path)
+    yield group
+    group.stop_all()
+
+
+def check_exactly_once(killed: set[int], logs: dict[str, list[Any]], rows: list[tuple[str, int, float]]) -> None:
+    """Every step completed once; every extra execution was in flight in a killed worker."""
+    completed: dict[str, float] = {}
+    for run_id, events in logs.items():
+        steps = [e for e in events if isinstance(e, StepCompleted)]
+        assert sorted(e.seq for e in steps) == [1, 2, 3, 4, 5], run_id
+        completed.update({f"{run_id}:{e.seq}": e.time for e in steps})
+    executions: dict[str, list[tuple[int, float]]] = defaultdict(list)
+    for key, pid, started in rows:
+        executions[key].append((pid, started))
+    assert set(executions) == set(completed)
+    for key, runs in executions.items():
+        *earlier, _ = sorted(runs, key=lambda r: r[1])
+        for pid, started in earlier:
+            assert pid in killed, (key, runs)
+            assert started < completed[key]
+
+
+async def test_three_workers_300_runs_two_kills_every_step_completed_exactly_once(
+    workers: Workers, settings: Settings, tmp_path: Path
+) -> None:
+    fast = Settings(redis_url=settings.redis_url, directory=settings.directory, prefix=settings.prefix, lease=1.0)
+    os.environ["WF_STEP_DELAY"] = "0.05"
+    workers.env["WF_STEP_DELAY"] = "0.05"
+    try:
+        for _ in range(3):
+            workers.start()
+        ids = [await enqueue_async(worker_flows.five.options(settings=fast), n) for n in range(300)]
+        rng = random.Random(7)
+        for low, high in ((200, 500), (800, 1100)):  # of 1500 step executions: kills land mid-flight
+            target = rng.randint(low, high)
+            with anyio.fail_after(60):
+                while len(ledger(tmp_path / "ledger")) < target:
+                    await anyio.sleep(0.01)
+            victim = rng.choice([p for p in workers.procs if p.poll() is None])
+            workers.kill(victim)
+            workers.start()
+        await until_all(fast, ids, timeout=120)
+    finally:
+        del os.environ["WF_STEP_DELAY"]
+    store = await open_store(fast)
+    for n, run_id in enumerate(ids):
+        assert await store.status(run_id) == "completed"
+        assert (await store.state(run_id))["result"] == msgspec.msgpack.encode(worker_flows.expected_five(n))
+    logs = {run_id: await log_of(fast, run_id) for run_id in ids}
+    rows = ledger(tmp_path / "ledger")
+    check_exactly_once(workers.killed, logs, rows)
+    extra = len(rows) - 1500
+    assert extra <= 2 * workers.concurrency, extra  # at most what two killed workers had in flight
+    await close_stores()
+
+
+async def test_a_stalled_worker_cannot_write_to_a_run_another_worker_took_over(
+    workers: Workers, settings: Settings, tmp_path: Path
+) -> None:
+    fast = Settings(redis_url=settings.redis_url, directory=settings.directory, prefix=settings.prefix, lease=1.0)
+    workers.env["WF_STEP_DELAY"] = "2.5"
+    stalled = workers.start()
+    run_id = await enqueue_async(worker_flows.five.options(settings=fast, run_id="stall"), 1)
+    wait_for(lambda: len(ledger(tmp_path / "ledger")) == 1, what="the first worker to start the step")
+    stalled.send_signal(signal.SIGSTOP)  # past its lease: it renews nothing, writes nothing
+    workers.start()
+    with anyio.fail_after(30):
+        while not [
+            e for e in await log_of(fast, run_id) if isinstance(e, RunResumed) and f"/{stalled.pid}/" not in e.holder
+        ]:
+            await anyio.sleep(0.02)
+    stalled.send_signal(signal.SIGCONT)  # it wakes inside the step and tries to record it
+    await until_all(fast, [run_id], timeout=60)
+    events = await log_of(fast, run_id)
+    steps = [e for e in events if isinstance(e, StepCompleted)]
+    assert sorted(e.seq for e in steps) == [1, 2, 3, 4, 5]
+    first = [row for row in ledger(tmp_path / "ledger") if row[0] == f"{run_id}:1"]
+    assert len(first) == 2 and first[0][1] == stalled.pid  # both executed step 1; one completion recorded
+    assert stalled.poll() is None  # the stale worker survived, and dropped the run
+    await close_stores()
+
+
+async def test_a_redis_restart_mid_run_loses_no_completed_step_and_every_run_completes(
+    tmp_path: Path, prefix: str
+) -> None:
+    require_binary("redis-server")
+    with RedisProcess(tmp_path / "redis", "--appendonly", "yes", "--appendfsync", "always") as redis_proc:
+        env = {
+            **os.environ, "WERKFLUSS_REDIS_URL": redis_proc.url, "WERKFLUSS_PREFIX": prefix,
+            "WERKFLUSS_LEASE": "1.0", "PYTHONPATH": str(ROOT), "WF_LEDGER": str(tmp_path / "ledger"),
+            "WF_STEP_DELAY": "0.05",
+        }  # fmt: skip
+        env.pop("WERKFLUSS_DIR", None)
+        group = Workers(env, tmp_path)
+        settings = Settings(redis_url=redis_proc.url, prefix=prefix, lease=1.0)
+        try:
+            group.start()
+            group.start()
+            ids = [await enqueue_async(worker_flows.five.options(settings=settings), n) for n in range(40)]
+            await close_stores()
+            wait_for(lambda: len(ledger(tmp_path / "ledger")) >= 60, what="progress before the restart")
+            redis_proc.kill()
+            redis_proc.restart()
+            await until_all(settings, ids, timeout=90)
+            logs = {run_id: await log_of(settings, run_id) for run_id in ids}
+        finally:
+            group.stop_all()
+            await close_stores()
+    completed = {f"{r}:{e.seq}": e.time for r, ev in logs.items() for e in ev if isinstance(e, StepCompleted)}
+    assert len(completed) == 200
+    for key, _, started in ledger(tmp_path / "ledger"):
+        assert started < completed[key], f"{key} executed again after its completion was recorded"
+
+
+SLEEPER = """
+import sys
+import werkfluss._executor
+from werkfluss import start
+from tests import worker_flows
+werkfluss._executor.HOLD = 0.05
+print(start(worker_flows.nap_then_add.options(run_id="sleeper"), 5, 1.5))
+"""
+
+
+async def test_a_timer_fires_after_every_process_that_knew_of_it_died(
+    wf: Settings, run_script: Any, tmp_path: Path
+) -> None:
+    script = tmp_path / "sleeper.py"
+    script.write_text(SLEEPER)
+    proc = run_script(script, env={"WERKFLUSS_LEASE": "1.0"})
+    store = await open_store(wf)
+    with anyio.fail_after(20):
+        while await store.status("sleeper") != "paused":
+            await anyio.sleep(0.02)
+    proc.kill()  # the only process that knew about the run is gone
+    proc.communicate()
+    async with Worker(settings=wf):
+        await until_all(wf, ["sleeper"])
+    assert (await store.state("sleeper"))["result"] == msgspec.msgpack.encode(6)
+    keys = Counter(key for key, _, _ in ledger(tmp_path.parent / tmp_path.name / "ledger"))
+    assert keys == {"sleeper:1": 1, "sleeper:3": 1}  # the first step was not executed again
+
+
+def test_the_dead_letter_command_lists_and_redrives(server: Server, prefix: str, tmp_path: Path) -> None:
+    env = {**os.environ, **server.env, "WERKFLUSS_PREFIX": prefix, "PYTHONPATH": str(ROOT)}
+    env.pop("WERKFLUSS_REDIS_URL" if server.kind == "valkey" else "WERKFLUSS_DIR", None)
+
+    async def bury() -> None:
+        store = await open_store(server.settings(prefix))
+        await store.ensure_group("workers")
+        message = await store.enqueue("lost-run")
+        await store.client.xreadgroup("workers", "c", {store.queue_key("queue"): ">"})
+        await store.dead_letter("workers", message, "lost-run", "testing the command")
+        await close_stores()
+
+    anyio.run(bury)
+    cli = [sys.executable, "-m", "werkfluss", "dead"]
+    listed = subprocess.run([*cli, "list"], env=env, capture_output=True, text=True, timeout=30, check=True)
+    assert "run lost-run  testing the command" in listed.stdout
+    dead_id = listed.stdout.split()[0]
+    redriven = subprocess.run([*cli, "redrive", dead_id], env=env, capture_output=True, text=True, timeout=30)
+    assert redriven.returncode == 0 and "re-driven as" in redriven.stdout
+    again = subprocess.run([*cli, "redrive", dead_id], env=env, capture_output=True, text=True, timeout=30)
+    assert again.returncode == 1 and "no such dead letter" in again.stdout
+    empty = subprocess.run([*cli, "list"], env=env, capture_output=True, text=True, timeout=30, check=True)
+    assert "no dead letters" in empty.stdout

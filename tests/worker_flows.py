@@ -1,0 +1,56 @@
+"""Workflows that worker processes in the tests import (``werkfluss worker tests.worker_flows``).
+
+Each step execution appends a line to the ledger file named by
+``WF_LEDGER``: ``<step key> <pid> <start time>``, written before the body
+runs, so the ledger counts executions, the log counts completions.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import anyio
+
+from werkfluss import sleep, step, step_key, workflow
+
+
+def _mark() -> None:
+    ledger = os.environ.get("WF_LEDGER")
+    if ledger:
+        line = f"{step_key()} {os.getpid()} {time.time():.6f}\n"
+        fd = os.open(ledger, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.write(fd, line.encode())  # one small O_APPEND write: lines never interleave
+        finally:
+            os.close(fd)
+
+
+@step
+async def add(total: int, x: int) -> int:
+    """Add, slowly enough that workers die in the middle of steps."""
+    _mark()
+    await anyio.sleep(float(os.environ.get("WF_STEP_DELAY", "0.01")))
+    return total + x
+
+
+@workflow
+async def five(n: int) -> int:
+    """Five chained steps: n + (n+1) + ... + (n+4)."""
+    total = 0
+    for i in range(5):
+        total = await add(total, n + i)
+    return total
+
+
+@workflow
+async def nap_then_add(n: int, seconds: float) -> int:
+    """A step, a durable sleep, a step."""
+    total = await add(0, n)
+    await sleep(seconds)
+    return await add(total, 1)
+
+
+def expected_five(n: int) -> int:
+    """What `five(n)` returns."""
+    return sum(n + i for i in range(5))
