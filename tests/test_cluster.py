@@ -1,0 +1,247 @@
+"""The same code on a real three-master Redis Cluster: replay, runs spread over every
+master, hooks, durable sleep, cancel, the queue with a worker, and NOSCRIPT recovery."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from typing import TYPE_CHECKING
+
+import anyio
+import pytest
+from redis.asyncio.cluster import RedisCluster
+from redis.cluster import key_slot
+
+import werkfluss._executor
+from werkfluss import (
+    RunCancelledError,
+    Settings,
+    StorageError,
+    Worker,
+    cancel_async,
+    enqueue_async,
+    hook,
+    invoke_hook_async,
+    sleep,
+    start_async,
+    step,
+    workflow,
+)
+from werkfluss._client import close_stores, open_store
+from werkfluss._events import HookReceived, RunPaused, TimerStarted
+from werkfluss._store import RedisStore
+
+from .servers import RedisCluster3, free_port
+from .test_runtime import events
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Iterator
+
+executed: Counter[str] = Counter()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisCluster3]:
+    """One cluster for the whole module: forming it takes just over 2 s."""
+    nodes = RedisCluster3(tmp_path_factory.mktemp("cluster"))
+    yield nodes
+    nodes.stop()
+
+
+@pytest.fixture
+async def cs(cluster: RedisCluster3, prefix: str, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Settings]:
+    """Settings for the cluster with the test's own prefix (so its own queue too)."""
+    executed.clear()
+    # Timers this far off pause the run instead of waiting in memory; tests keep them short.
+    monkeypatch.setattr(werkfluss._executor, "HOLD", 0.05)
+    yield Settings(redis_url=cluster.url, prefix=prefix)
+    await close_stores()
+
+
+async def until_status(settings: Settings, run_id: str, wanted: str, timeout: float = 10) -> None:
+    store = await open_store(settings)
+    with anyio.fail_after(timeout):
+        while await store.status(run_id) != wanted:
+            await anyio.sleep(0.01)
+
+
+def keys_by_node(cluster: RedisCluster3, prefix: str) -> dict[int, set[str]]:
+    """The keys under `prefix` each master actually holds (SCAN is local to a node)."""
+    found: dict[int, set[str]] = {}
+    for node in cluster.nodes:
+        client = node.client(decode_responses=True)
+        try:
+            found[node.port] = set(client.scan_iter(match=f"{prefix}*", count=1000))
+        finally:
+            client.close()
+    return found
+
+
+@step
+async def cluster_reserve(item: str) -> str:
+    executed["reserve"] += 1
+    return f"reserved {item}"
+
+
+@step
+async def cluster_charge(item: str) -> int:
+    executed["charge"] += 1
+    return len(item) * 100
+
+
+@step
+async def cluster_ship(item: str, cents: int) -> str:
+    executed["ship"] += 1
+    return f"shipped {item} for {cents}"
+
+
+@workflow
+async def cluster_order(item: str) -> list[str]:
+    reserved = await cluster_reserve(item)
+    cents = await cluster_charge(item)
+    shipped = await cluster_ship(item, cents)
+    return [reserved, shipped]
+
+
+async def test_a_url_naming_one_node_gets_a_cluster_client_and_a_rerun_replays(cs: Settings) -> None:
+    store = await open_store(cs)
+    assert isinstance(store.client, RedisCluster)
+    first = await start_async(cluster_order.options(settings=cs, run_id="order-1"), "lamp")
+    assert first == ["reserved lamp", "shipped lamp for 400"]
+    assert executed == {"reserve": 1, "charge": 1, "ship": 1}
+    assert await start_async(cluster_order.options(settings=cs, run_id="order-1"), "lamp") == first
+    assert executed == {"reserve": 1, "charge": 1, "ship": 1}  # recorded: nothing executed again
+    assert await store.status("order-1") == "completed"
+
+
+async def test_runs_spread_over_all_three_masters(cs: Settings, cluster: RedisCluster3) -> None:
+    run_ids = [f"spread-{i}" for i in range(30)]
+    store = await open_store(cs)
+    slots = {run: key_slot(store.key(run, "state").encode()) for run in run_ids}
+    for run in run_ids:  # a run's keys share its slot, so one script may touch them all
+        assert {key_slot(store.key(run, p).encode()) for p in ("state", "log", "steps")} == {slots[run]}
+    async with anyio.create_task_group() as tg:
+        for run in run_ids:
+            tg.start_soon(start_async, cluster_order.options(settings=cs, run_id=run), run)
+    assert executed == {"reserve": 30, "charge": 30, "ship": 30}
+    held = keys_by_node(cluster, cs.prefix)
+    owners = {port for port, keys in held.items() for run in run_ids if store.key(run, "state") in keys}
+    assert len(owners) == 3, f"run keys landed on {sorted(owners)} only"
+    for run in run_ids:  # each run's three keys sit together on exactly one master
+        homes = [port for port, keys in held.items() if {store.key(run, p) for p in ("state", "log", "steps")} <= keys]
+        assert len(homes) == 1
+    for run in run_ids[:5]:
+        assert await start_async(cluster_order.options(settings=cs, run_id=run), run) == [
+            f"reserved {run}",
+            f"shipped {run} for {len(run) * 100}",
+        ]
+    assert executed["ship"] == 30
+
+
+@workflow
+async def cluster_approval(token: str) -> str:
+    await cluster_reserve(token)
+    payload = await hook(token=token)
+    await sleep(0.3)
+    return f"approved by {payload['by']}"
+
+
+@workflow
+async def cluster_forgotten(token: str) -> str:
+    await cluster_reserve(token)
+    return str(await hook(token=token))
+
+
+async def test_a_hook_a_durable_sleep_and_a_cancel_round_trip(cs: Settings) -> None:
+    token = f"approve:{cs.prefix}"
+    task = asyncio.create_task(start_async(cluster_approval.options(settings=cs, run_id="approval"), token))
+    await until_status(cs, "approval", "paused")
+    began = time.monotonic()
+    await invoke_hook_async(token, {"by": "ana"}, settings=cs)
+    with anyio.fail_after(10):
+        assert await task == "approved by ana"
+    assert time.monotonic() - began >= 0.3
+    log = await events(cs, "approval")
+    assert [e.token for e in log if isinstance(e, HookReceived)] == [token]
+    assert any(isinstance(e, TimerStarted) for e in log)
+    paused = [e for e in log if isinstance(e, RunPaused)]
+    assert [w.kind for e in paused for w in e.waits] == ["hook", "timer"]  # both waits parked the run
+    assert executed["reserve"] == 1
+
+    other = f"never:{cs.prefix}"
+    task = asyncio.create_task(start_async(cluster_forgotten.options(settings=cs, run_id="forgotten"), other))
+    await until_status(cs, "forgotten", "paused")
+    assert await cancel_async("forgotten", "nobody answered", settings=cs) is True
+    with anyio.fail_after(10), pytest.raises(RunCancelledError, match="nobody answered"):
+        await task
+    assert await (await open_store(cs)).status("forgotten") == "cancelled"
+    assert await cancel_async("forgotten", settings=cs) is False
+
+
+@step
+async def cluster_square(n: int) -> int:
+    executed[f"square-{n}"] += 1
+    return n * n
+
+
+@workflow
+async def cluster_job(n: int) -> int:
+    return await cluster_square(n) + 1
+
+
+async def test_a_worker_drains_twenty_enqueued_runs(cs: Settings) -> None:
+    run_ids = [await enqueue_async(cluster_job.options(settings=cs), n) for n in range(20)]
+    assert len(set(run_ids)) == 20
+    store = await open_store(cs)
+    assert {await store.status(run) for run in run_ids} == {"pending"}
+    async with Worker(settings=cs) as worker:
+        with anyio.fail_after(15):
+            while [await store.status(run) for run in run_ids] != ["completed"] * 20:
+                await anyio.sleep(0.05)
+    assert worker.stopping
+    assert executed == {f"square-{n}": 1 for n in range(20)}
+    for n in range(20):  # the queue recorded each result; a start attaches to it
+        assert await start_async(cluster_job.options(settings=cs), n) == n * n + 1
+    assert await store.queue_depth("workers") == (0, 0)
+
+
+async def test_runs_survive_a_script_cache_flush(cs: Settings) -> None:
+    store = await open_store(cs)
+    assert isinstance(store.client, RedisCluster)
+    assert await start_async(cluster_order.options(settings=cs, run_id="before-flush"), "a") == [
+        "reserved a",
+        "shipped a for 100",
+    ]
+    sha = store._scripts["ACQUIRE"].sha
+    await store.client.script_flush()  # every primary forgets the scripts (as after a restart)
+    assert await store.client.script_exists(sha) == [False]
+    assert await start_async(cluster_order.options(settings=cs, run_id="after-flush"), "b") == [
+        "reserved b",
+        "shipped b for 100",
+    ]
+    assert await store.client.script_exists(sha) == [True]  # NOSCRIPT made redis-py load it on every primary
+
+
+async def test_each_master_is_checked_and_errors_name_the_redacted_url(
+    cluster: RedisCluster3, prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="werkfluss"):
+        store = await RedisStore.connect(prefix=prefix, url=cluster.url)
+        await store.close()
+    lossy = [r.getMessage() for r in caplog.records if "no persistence" in r.getMessage()]
+    assert sorted(m.split("(node 127.0.0.1:")[1].split(")")[0] for m in lossy) == sorted(map(str, cluster.ports))
+
+    # A cluster has only database 0: the first node asked says so, and the message names the URL.
+    port = cluster.ports[1]
+    with pytest.raises(StorageError, match=r"redis://:\*\*\*@127\.0\.0\.1:\d+/1 .*not allowed in cluster mode") as info:
+        await RedisStore.connect(prefix=prefix, url=f"redis://:hunter2@127.0.0.1:{port}/1")
+    assert "hunter2" not in str(info.value)
+
+
+async def test_an_unreachable_url_names_the_redacted_url() -> None:
+    url = f"redis://:hunter2@127.0.0.1:{free_port()}"
+    with pytest.raises(StorageError, match=r"cannot reach redis://:\*\*\*@127\.0\.0\.1") as info:
+        await RedisStore.connect(prefix="t:", url=url)
+    assert "hunter2" not in str(info.value)
