@@ -35,6 +35,7 @@ from werkfluss._store import RedisStore
 
 from .servers import RedisCluster3, free_port
 from .test_runtime import events
+from .test_waits import until_status
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Iterator
@@ -58,13 +59,6 @@ async def cs(cluster: RedisCluster3, prefix: str, monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(werkfluss._executor, "HOLD", 0.05)
     yield Settings(redis_url=cluster.url, prefix=prefix)
     await close_stores()
-
-
-async def until_status(settings: Settings, run_id: str, wanted: str, timeout: float = 10) -> None:
-    store = await open_store(settings)
-    with anyio.fail_after(timeout):
-        while await store.status(run_id) != wanted:
-            await anyio.sleep(0.01)
 
 
 def keys_by_node(cluster: RedisCluster3, prefix: str) -> dict[int, set[str]]:
