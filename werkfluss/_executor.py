@@ -406,9 +406,9 @@ class RunExecutor:
         async with anyio.create_task_group() as tg:
             for i, awaitable in enumerate(awaitables):
                 tg.start_soon(run, i, awaitable, tg.cancel_scope)
-        if not won:  # every racer was cancelled: the run is stopping
-            await anyio.lowlevel.checkpoint()
-            raise RuntimeError("race() ended without a winner")  # pragma: no cover - cancelled above
+        # Without a winner every racer was cancelled from outside, and leaving the
+        # task group above re-raised that cancellation.
+        assert won
         index, value, error = won[0]
         await self.record(f"r{seq}", RaceWon(time.time(), seq, index))
         self.replay.races[seq] = index

@@ -106,9 +106,7 @@ async def drive(
         except _Suspend:
             log.info("run %s was taken over by another process; waiting for its result", run_id)
             continue
-        if not isinstance(outcome, Paused):
-            return outcome
-        if not wait:
+        if not isinstance(outcome, Paused) or not wait:
             return outcome
         await wait_for_wake(store, run_id, lease)
 

@@ -371,11 +371,6 @@ class RedisStore:
         """The run's status, ``""`` if there is no such run."""
         return _text(await self._call(self.client.hget(self.key(run_id, "state"), "status")) or b"")
 
-    async def first_event(self, run_id: str) -> bytes | None:
-        """The run's first event (its RunStarted), encoded."""
-        entries = await self._call(self.client.xrange(self.key(run_id, "log"), min="0-1", max="0-1"))
-        return (entries[0][1] or {}).get(b"e") if entries else None
-
     async def read_log(self, run_id: str) -> AsyncIterator[list[tuple[int, bytes | None]]]:
         """The run's log in batches of ``(index, encoded event)``, oldest first.
 
@@ -464,10 +459,6 @@ class RedisStore:
         """Make run `run_id` due at Unix time `at` (default now), unless it is due sooner."""
         when = int((time.time() if at is None else at) * 1000)
         await self._call(self.client.zadd(self.queue_key("timers"), {run_id: when}, lt=True))
-
-    async def schedule(self, run_id: str, at: float, *, later_only: bool = False) -> None:
-        """Set run `run_id`'s next look at Unix time `at`; `later_only` never moves it earlier."""
-        await self._call(self.client.zadd(self.queue_key("timers"), {run_id: int(at * 1000)}, gt=later_only))
 
     async def reschedule(self, run_id: str, at: float | None) -> None:
         """Set (or with None remove) the run's timer, keeping a wake-up that is already due."""

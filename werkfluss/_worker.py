@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
+from ._client import open_store
 from ._errors import ConfigurationError, SerializationError, StorageError, _Suspend
 from ._events import RunResumed, encode_event
 from ._executor import Released, RunExecutor
@@ -104,8 +105,6 @@ class Worker:
         return self._store
 
     async def __aenter__(self) -> Worker:
-        from ._client import open_store  # the client owns connection reuse per event loop
-
         self._store = await open_store(self.settings)
         await self._store.ensure_group(GROUP)
         self._tg = anyio.create_task_group()
