@@ -72,16 +72,29 @@ async def fulfil_order(order_id: str) -> str:
     return f"{order.id} shipped in {parcels} parcels ({receipt})"
 
 
+STEPS = 4  # fetch_order, charge_card, reserve_stock, send_confirmation
+
+
 class _Progress(logging.Handler):
-    """Shows werkfluss's step log: what executed and what came from the log."""
+    """Shows where the run is, from the structured fields of werkfluss's log records:
+    steps done out of STEPS, each executed now or replayed from the log."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.done = 0
 
     def emit(self, record: logging.LogRecord) -> None:
-        message = record.getMessage()
-        if " replayed " in message or " executed " in message or "attempt" in message:
-            step_part = message.split(": ", 1)[1]
-            print(f"  {'↺' if ' replayed ' in message else '✓'} {step_part}")
+        event = getattr(record, "werkfluss_event", None)
+        name = str(getattr(record, "werkfluss_step", "")).rsplit(":", 1)[-1]
+        if event in ("step.executed", "step.replayed"):
+            self.done += 1
+            how = "executed" if event == "step.executed" else "replayed from the log"
+            mark = "✓" if event == "step.executed" else "↺"
+            print(f"  [{self.done}/{STEPS}] {mark} {name}: {how}")
+        elif event == "step.retrying":
+            print(f"  [{self.done}/{STEPS}] ⟳ {name}: attempt failed, retrying")
         elif record.levelno >= logging.INFO:
-            print(f"[werkfluss] {message}")
+            print(f"[werkfluss] {record.getMessage()}")
 
 
 def main() -> None:
@@ -89,13 +102,15 @@ def main() -> None:
     logger = logging.getLogger("werkfluss")
     logger.setLevel(logging.DEBUG)
     logger.addHandler(_Progress())
-    print(f"fulfilling {order_id}:")
+    print(f"fulfilling {order_id} ({STEPS} steps):")
     try:
-        print(start(fulfil_order, order_id))
+        # The order ID names the run, so `python -m werkfluss runs show order-1` finds it.
+        print(start(fulfil_order.options(run_id=order_id), order_id))
     except KeyboardInterrupt:
         print("\ninterrupted: run `python example.py` again to resume where it stopped")
         sys.exit(130)
     other = f"order-{random.randint(2, 99)}"
+    print(f"its timeline: python -m werkfluss runs show {order_id}")
     print(f"run it again: nothing executes, the recorded result comes back (or try `python example.py {other}`)")
 
 

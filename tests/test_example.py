@@ -46,9 +46,10 @@ def test_example_runs_on_a_fresh_embedded_server_and_resumes_after_ctrl_c(tmp_pa
         second = _run(tmp_path, example, "order-9", env={**env, "EXAMPLE_PAUSE": "0"})
         assert second.returncode == 0, second.stderr
         out = second.stdout
-        assert "↺ step #1 example:fetch_order replayed" in out
-        assert "↺ step #2 example:charge_card replayed" in out
-        assert "✓ step #3 example:reserve_stock executed" in out
+        assert "[1/4] ↺ fetch_order: replayed from the log" in out
+        assert "[2/4] ↺ charge_card: replayed from the log" in out
+        assert "[3/4] ✓ reserve_stock: executed" in out
+        assert "[4/4] ✓ send_confirmation: executed" in out
         assert "fetching order-9" not in out and "charging" not in out
         assert "order-9 shipped in 3 parcels (receipt-order-9)" in out
 

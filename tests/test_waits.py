@@ -16,7 +16,7 @@ import werkfluss._executor
 from werkfluss import (
     HookConflictError,
     RunCancelledError,
-    RunConflictError,
+    RunNotFoundError,
     SerializationError,
     Settings,
     StepFailedError,
@@ -444,5 +444,5 @@ async def test_cancelling_a_parent_cancels_the_child_it_waits_for(wf: Settings) 
 
 
 async def test_cancelling_an_unknown_run_names_it(wf: Settings) -> None:
-    with pytest.raises(RunConflictError, match="no run 'ghost'"):
+    with pytest.raises(RunNotFoundError, match="no run 'ghost'"):
         await cancel_async("ghost", settings=wf)

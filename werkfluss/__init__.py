@@ -6,16 +6,19 @@ a Ctrl-C or a deploy returns recorded results and executes only the steps
 that did not complete.
 
 This module only re-exports; the implementation lives in private modules,
-from pure (``_errors``, ``_ids``, ``_options``, ``_events``, ``_context``)
+from pure (``_errors``, ``_ids``, ``_options``, ``_events``, ``_context``, ``_log``)
 to I/O (``_store``, ``_scripts``, ``_embedded``) to orchestration
 (``_replay``, ``_executor``, ``_runtime``, ``_waits``, ``_wrappers``,
-``_client``, ``_worker``).
+``_client``, ``_queries``, ``_worker``) to presentation (``_timeline``,
+``_cli``, ``_cli_runs``). ``werkfluss.events`` names the log's events and
+``werkfluss.testing`` holds helpers for users' test suites.
 """
 
 from __future__ import annotations
 
 from msgspec import Struct as _Struct
 
+from . import events as events  # the module werkfluss.events: the log's event types
 from ._client import (
     PendingHook,
     cancel,
@@ -40,18 +43,35 @@ from ._errors import (
     RunCancelledError,
     RunConflictError,
     RunFailedError,
+    RunNotFoundError,
     SerializationError,
     StepFailedError,
     StorageError,
     WerkflussError,
 )
 from ._options import RetryPolicy, Settings
+from ._queries import (
+    ErrorRecord,
+    RunInfo,
+    RunPage,
+    RunSummary,
+    Wait,
+    get_events,
+    get_events_async,
+    get_run,
+    get_run_async,
+    list_runs,
+    list_runs_async,
+    resume,
+    resume_async,
+)
 from ._waits import Hook, hook, race, sleep
 from ._worker import Worker
 from ._wrappers import Step, Workflow, step, workflow
 
 __all__ = [
     "ConfigurationError",
+    "ErrorRecord",
     "Hook",
     "HookConflictError",
     "NonDeterminismError",
@@ -61,11 +81,16 @@ __all__ = [
     "RunCancelledError",
     "RunConflictError",
     "RunFailedError",
+    "RunInfo",
+    "RunNotFoundError",
+    "RunPage",
+    "RunSummary",
     "SerializationError",
     "Settings",
     "Step",
     "StepFailedError",
     "StorageError",
+    "Wait",
     "WerkflussError",
     "Worker",
     "Workflow",
@@ -75,12 +100,20 @@ __all__ = [
     "enqueue_async",
     "expire_hooks",
     "expire_hooks_async",
+    "get_events",
+    "get_events_async",
+    "get_run",
+    "get_run_async",
     "hook",
     "invoke_hook",
     "invoke_hook_async",
+    "list_runs",
+    "list_runs_async",
     "pending_hooks",
     "pending_hooks_async",
     "race",
+    "resume",
+    "resume_async",
     "sleep",
     "start",
     "start_async",

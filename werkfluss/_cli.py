@@ -1,12 +1,15 @@
 """The `werkfluss` command line (also ``python -m werkfluss``).
 
 Commands:
-    werkfluss server start|stop|status [--dir DIR]   the embedded Valkey server
+    werkfluss runs list|show|cancel|resume ...       see and steer runs
+    werkfluss hooks send TOKEN JSON | list           deliver to hooks, see what waits
     werkfluss worker MODULE[:ATTR] ...               serve the workflows these modules define
     werkfluss dead list | redrive ID... | redrive --all   dead letters of the queue
+    werkfluss server start|stop|status [--dir DIR]   the embedded Valkey server
 
 Connection options (``--redis-url``, ``--dir``, ``--prefix``) default to the
-same environment variables as the library.
+same environment variables as the library; read commands take ``--json``.
+Errors are one line on stderr and exit code 1.
 """
 
 from __future__ import annotations
@@ -18,20 +21,28 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import anyio
 
-from ._client import close_stores, open_store
+from ._cli_runs import dead, hooks, print_json, runs
+from ._client import close_stores
 from ._embedded import ensure_server, server_status, stop_server
 from ._errors import ConfigurationError, WerkflussError
 from ._options import Settings
+from ._queries import STATUSES
 from ._worker import Worker
 from ._wrappers import registered_workflows
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
 
 __all__ = ["main", "run"]
 
 
-def _connection(parser: argparse.ArgumentParser) -> None:
+def _connection(parser: argparse.ArgumentParser, *, json: bool = False) -> None:
+    if json:
+        parser.add_argument("--json", action="store_true", help="print JSON, for scripts")
     parser.add_argument(
         "--redis-url", help="Redis/Valkey URL (default: $WERKFLUSS_REDIS_URL, else the embedded server)"
     )
@@ -42,13 +53,32 @@ def _connection(parser: argparse.ArgumentParser) -> None:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="werkfluss", description="Durable workflows on Redis streams.")
     commands = parser.add_subparsers(dest="command", required=True)
-    server = commands.add_parser("server", help="manage the embedded Valkey server")
-    server.add_argument("action", choices=["start", "stop", "status"])
-    server.add_argument(
-        "--dir",
-        default=os.environ.get("WERKFLUSS_DIR", ".werkfluss"),
-        help="data directory of the embedded server (default: $WERKFLUSS_DIR or ./.werkfluss)",
-    )
+
+    runs = commands.add_parser("runs", help="list runs, draw a run's timeline, cancel or resume a run")
+    runs_actions = runs.add_subparsers(dest="action", required=True)
+    listing = runs_actions.add_parser("list", help="runs, newest first")
+    listing.add_argument("--status", choices=STATUSES, help="only runs in this status")
+    listing.add_argument("--workflow", help="only runs of this workflow ID (module:qualname or its name)")
+    listing.add_argument("--limit", type=int, default=50, help="runs per page (default 50)")
+    listing.add_argument("--cursor", help="the next page, as the previous page printed it")
+    show = runs_actions.add_parser("show", help="a run's timeline: steps, retries, pauses, errors")
+    show.add_argument("run_id")
+    show.add_argument("--color", choices=["auto", "always", "never"], default="auto", help="colour (default auto)")
+    cancel = runs_actions.add_parser("cancel", help="cancel a run")
+    cancel.add_argument("run_id")
+    cancel.add_argument("--reason", default="cancelled from the command line", help="recorded in the run's log")
+    resume = runs_actions.add_parser("resume", help="put a failed, blocked or stuck run back on the queue")
+    resume.add_argument("run_id")
+    for sub, reads in ((listing, True), (show, True), (cancel, False), (resume, False)):
+        _connection(sub, json=reads)
+
+    hooks = commands.add_parser("hooks", help="deliver a hook payload, list payloads no run took yet")
+    hooks.add_argument("action", choices=["send", "list"])
+    hooks.add_argument("token", nargs="?", help="the hook's token (send)")
+    hooks.add_argument("payload", nargs="?", help="the payload as JSON, '-' for standard input (send)")
+    hooks.add_argument("--limit", type=int, default=100, help="how many to list (default 100)")
+    _connection(hooks, json=True)
+
     worker = commands.add_parser("worker", help="serve workflows from the queue until SIGINT/SIGTERM")
     worker.add_argument("modules", nargs="+", metavar="MODULE[:ATTR]", help="modules that define the workflows")
     worker.add_argument("--concurrency", type=int, default=32, help="runs executed at once (default 32)")
@@ -56,12 +86,22 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--max-deliveries", type=int, default=5, help="deliveries before a dead letter (default 5)")
     worker.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
     _connection(worker)
+
     dead = commands.add_parser("dead", help="list or re-drive the queue's dead letters")
     dead.add_argument("action", choices=["list", "redrive"])
     dead.add_argument("ids", nargs="*", help="dead-letter IDs to re-drive")
     dead.add_argument("--all", action="store_true", help="re-drive every dead letter")
     dead.add_argument("--limit", type=int, default=100, help="how many to list (default 100)")
-    _connection(dead)
+    _connection(dead, json=True)
+
+    server = commands.add_parser("server", help="manage the embedded Valkey server")
+    server.add_argument("action", choices=["start", "stop", "status"])
+    server.add_argument(
+        "--dir",
+        default=os.environ.get("WERKFLUSS_DIR", ".werkfluss"),
+        help="data directory of the embedded server (default: $WERKFLUSS_DIR or ./.werkfluss)",
+    )
+    server.add_argument("--json", action="store_true", help="print JSON (status)")
     return parser
 
 
@@ -119,46 +159,37 @@ async def _on_signals(worker: Worker, scope: anyio.CancelScope) -> None:
             worker.stop()
 
 
-def _dead(args: argparse.Namespace) -> int:
-    async def main() -> int:
-        try:
-            store = await open_store(_settings(args))
-            if args.action == "list":
-                letters = await store.dead_letters(args.limit)
-                for dead_id, fields in letters:
-                    print(f"{dead_id}  run {fields.get('r', '?')}  {fields.get('reason', '')}")
-                if not letters:
-                    print("no dead letters")
-                return 0
-            ids = [i for i, _ in await store.dead_letters(100_000)] if args.all else args.ids
-            if not ids:
-                raise ConfigurationError("name the dead letters to re-drive, or pass --all")
-            missing = 0
-            for dead_id in ids:
-                message = await store.redrive(dead_id)
-                print(f"{dead_id}: re-driven as {message}" if message else f"{dead_id}: no such dead letter")
-                missing += not message
-            return 1 if missing else 0
-        finally:
-            await close_stores()
-
-    return anyio.run(main, backend="asyncio")
-
-
-def _server(action: str, directory: Path) -> int:
-    if action == "start":
+def _server(args: argparse.Namespace) -> int:
+    directory = Path(args.dir).resolve()
+    if args.action == "start":
         running = ensure_server(directory, fsync=os.environ.get("WERKFLUSS_FSYNC", "everysec"))
         print(f"running: pid {running.pid}, socket {running.socket_path}")
         return 0
-    if action == "stop":
+    if args.action == "stop":
         print("stopped" if stop_server(directory) else f"no server running for {directory}")
         return 0
     found = server_status(directory)
-    if found is None:
+    if args.json:
+        print_json(
+            {"running": found is not None, "directory": str(directory)}
+            | ({"pid": found.pid, "socket": str(found.socket_path)} if found else {})
+        )
+    elif found is None:
         print(f"not running ({directory})")
-        return 1
-    print(f"running: pid {found.pid}, socket {found.socket_path}, data in {found.directory}")
-    return 0
+    else:
+        print(f"running: pid {found.pid}, socket {found.socket_path}, data in {found.directory}")
+    return 0 if found else 1
+
+
+def _run_async(command: Callable[[argparse.Namespace], Awaitable[int]], args: argparse.Namespace) -> int:
+    async def main() -> int:
+        try:
+            return await command(args)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await close_stores()
+
+    return anyio.run(main, backend="asyncio")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -167,12 +198,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "worker":
             return _worker(args)
-        if args.command == "dead":
-            return _dead(args)
-        return _server(args.action, Path(args.dir).resolve())
+        if args.command == "server":
+            return _server(args)
+        return _run_async({"runs": runs, "hooks": hooks, "dead": dead}[args.command], args)
     except (WerkflussError, ValueError, OSError) as exc:
         print(f"werkfluss: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        return 130
 
 
 def run() -> None:

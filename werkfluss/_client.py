@@ -20,7 +20,7 @@ import anyio.to_thread
 import msgspec
 
 from ._embedded import ensure_server
-from ._errors import RunConflictError
+from ._errors import RunConflictError, RunNotFoundError
 from ._events import RunCancelled, RunStarted, Waiting, encode_call, encode_checked, encode_event
 from ._executor import LIVE
 from ._ids import check_run_id, derive_run_id
@@ -242,7 +242,7 @@ async def cancel_async(run_id: str, reason: str = "", *, settings: Settings | No
     Returns False when the run had already completed or been cancelled.
 
     Raises:
-        RunConflictError: there is no run `run_id`.
+        RunNotFoundError: there is no run `run_id`.
     """
     check_run_id(run_id)
     store = await open_store(settings or Settings.from_env())
@@ -253,7 +253,7 @@ async def _cancel(store: RedisStore, run_id: str, reason: str, depth: int) -> bo
     waiting = (await store.state(run_id)).get("waiting")
     outcome, parent = await store.cancel(run_id, reason, encode_event(RunCancelled(time.time(), reason)))
     if outcome == "missing":
-        raise RunConflictError(f"there is no run {run_id!r}")
+        raise RunNotFoundError(run_id)
     if outcome == "requested":
         live = LIVE.get((id(store), run_id))
         if live is not None:

@@ -10,6 +10,7 @@ Every error a user can catch derives from `WerkflussError`::
     ├── StepFailedError         a step exhausted its retries (carries the original error)
     ├── RunFailedError          a run this caller waited for ended in failure
     ├── RunConflictError        a run ID already belongs to another workflow or arguments
+    ├── RunNotFoundError        no run has this ID (queries, cancel, resume)
     ├── RunCancelledError       the run was cancelled (by `cancel()` or the CLI)
     ├── HookConflictError       a hook token already belongs to another run
     └── NotInWorkflowError      a run-only function was called outside a run or step
@@ -31,6 +32,7 @@ __all__ = [
     "RunCancelledError",
     "RunConflictError",
     "RunFailedError",
+    "RunNotFoundError",
     "SerializationError",
     "StepFailedError",
     "StorageError",
@@ -135,6 +137,14 @@ class RunFailedError(WerkflussError):
 
 class RunConflictError(WerkflussError):
     """A run ID is taken by a run of another workflow, or with other arguments."""
+
+
+class RunNotFoundError(WerkflussError, LookupError):
+    """No run has the ID asked for (`get_run`, `cancel`, `resume`, the CLI)."""
+
+    def __init__(self, run_id: str) -> None:
+        super().__init__(f"there is no run {run_id!r}")
+        self.run_id = run_id
 
 
 class RunCancelledError(WerkflussError):

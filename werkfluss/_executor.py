@@ -56,6 +56,9 @@ from ._events import (
     encode_checked,
     encode_event,
 )
+from ._log import log, note
+
+DEBUG, INFO, WARNING = logging.DEBUG, logging.INFO, logging.WARNING
 
 if TYPE_CHECKING:
     from ._replay import Replay
@@ -63,8 +66,6 @@ if TYPE_CHECKING:
     from ._wrappers import Step, Workflow
 
 __all__ = ["HOLD", "LIVE", "Paused", "Released", "RunExecutor", "describe", "wait_for_wake"]
-
-log = logging.getLogger("werkfluss")
 
 HOLD = 2.0  # a timer due this soon is waited for in memory instead of pausing the run
 _SETTLE = 0.01  # how long everything must stay waiting before the run pauses
@@ -206,11 +207,13 @@ class RunExecutor:
         self.check(seq, step.id)
         done = self.replay.completed.get(seq)
         if done is not None:
-            log.debug("run %s: step #%d %s replayed from the log", self.run_id, seq, step.id)
+            note(DEBUG, "step.replayed", self.run_id, "run %s: step #%d %s replayed from the log", self.run_id, seq,
+                 step.id, seq=seq, step=step.id)  # fmt: skip
             return decode_value(done.result, step.return_type(), owner=step.id, where="result")
         failed = self.replay.failed.get(seq)
         if failed is not None:
-            log.debug("run %s: step #%d %s replayed its recorded failure", self.run_id, seq, step.id)
+            note(DEBUG, "step.replayed", self.run_id, "run %s: step #%d %s replayed its recorded failure",
+                 self.run_id, seq, step.id, seq=seq, step=step.id)  # fmt: skip
             raise self._failure(step.id, seq, failed.attempt, failed.error, failed.error.rebuild())
         await self._checkpoint()
         with self.busy():
@@ -248,7 +251,8 @@ class RunExecutor:
                     raise
                 event = StepCompleted(time.time(), seq, step.id, attempt, started, args_raw, msgspec.Raw(raw))
                 await self.record(f"c{seq}", event)
-                log.debug("run %s: step #%d %s executed (attempt %d)", self.run_id, seq, step.id, attempt)
+                note(DEBUG, "step.executed", self.run_id, "run %s: step #%d %s executed (attempt %d)", self.run_id,
+                     seq, step.id, attempt, seq=seq, step=step.id)  # fmt: skip
                 return result
             failures += 1
             retry = failures <= policy.retries and policy.retries_on(error)
@@ -257,15 +261,11 @@ class RunExecutor:
                 step.id, seq, attempt, started, error, final=not retry, retry_at=time.time() + delay if retry else None
             )
             if not retry:
+                note(WARNING, "step.failed", self.run_id, "run %s: step #%d %s failed after %d attempt(s): %s",
+                     self.run_id, seq, step.id, attempt, info.type, seq=seq, step=step.id)  # fmt: skip
                 raise self._failure(step.id, seq, attempt, info, error) from error
-            log.info(
-                "run %s: step %s attempt %d failed (%s), retrying in %.3g s",
-                self.run_id,
-                step.id,
-                attempt,
-                type(error).__name__,
-                delay,
-            )
+            note(INFO, "step.retrying", self.run_id, "run %s: step #%d %s attempt %d failed (%s), retrying in %.3g s",
+                 self.run_id, seq, step.id, attempt, info.type, delay, seq=seq, step=step.id)  # fmt: skip
             await anyio.sleep(delay)
             await self._checkpoint()
 
@@ -376,7 +376,8 @@ class RunExecutor:
                 self.cursors[token] = entry
                 with self.busy():
                     await self.store.consumed(token, entry)
-                log.debug("run %s: hook %r delivered payload %d", self.run_id, token, n)
+                note(DEBUG, "hook.received", self.run_id, "run %s: hook %r delivered payload %d", self.run_id, token,
+                     n, seq=seq, step=f"hook:{token}")  # fmt: skip
                 return value
             with self.waiting(Waiting("hook", token=token)):
                 await anyio.sleep(_POLL)
@@ -466,6 +467,7 @@ class RunExecutor:
         if self.diverged is not None:
             info = ErrorInfo.from_exception(self.diverged)
             await self._finish("blocked", RunBlocked(time.time(), info), "error", msgspec.msgpack.encode(info), None)
+            note(WARNING, "run.blocked", self.run_id, "%s", self.diverged)
             raise self.diverged
         if ok:
             try:
@@ -474,7 +476,7 @@ class RunExecutor:
                 error = exc
             else:
                 await self._finish("completed", RunCompleted(time.time(), msgspec.Raw(raw)), "result", raw, None)
-                log.info("run %s (%s) completed", self.run_id, self.workflow.id)
+                note(INFO, "run.completed", self.run_id, "run %s (%s) completed", self.run_id, self.workflow.id)
                 return result
         if error is None:
             if self.cancel_reason is not None:
@@ -490,13 +492,14 @@ class RunExecutor:
         seq = _failed_seq(error, self.run_id)
         info = ErrorInfo.from_exception(error)
         await self._finish("failed", RunFailed(time.time(), info, seq), "error", msgspec.msgpack.encode(info), seq)
-        log.info("run %s (%s) failed: %s", self.run_id, self.workflow.id, type(error).__name__)
+        note(WARNING, "run.failed", self.run_id, "run %s (%s) failed: %s", self.run_id, self.workflow.id, info.type)
         raise error
 
     async def cancelled(self, reason: str) -> Any:
         """Record the run as cancelled and raise `RunCancelledError`."""
         await self._finish("cancelled", RunCancelled(time.time(), reason), "cancel", reason.encode(), None)
-        log.info("run %s (%s) cancelled: %s", self.run_id, self.workflow.id, reason or "no reason given")
+        note(INFO, "run.cancelled", self.run_id, "run %s (%s) cancelled: %s", self.run_id, self.workflow.id,
+             reason or "no reason given")  # fmt: skip
         raise RunCancelledError(self.run_id, reason)
 
     async def _finish(self, status: str, event: AnyEvent, field: str, value: bytes, seq: int | None) -> None:
@@ -535,7 +538,8 @@ class RunExecutor:
         else:
             await self.store.reschedule(self.run_id, min(dues) if dues else None)
         self.replay.paused = True
-        log.info("run %s (%s) paused, waiting for %s", self.run_id, self.workflow.id, describe(waits))
+        note(INFO, "run.paused", self.run_id, "run %s (%s) paused, waiting for %s", self.run_id, self.workflow.id,
+             describe(waits))  # fmt: skip
         return Paused(waits)
 
     async def _watch(self) -> None:

@@ -7,8 +7,8 @@ a child run. A worker takes runs from the queue instead (`_worker`).
 from __future__ import annotations
 
 import hashlib
-import logging
 import time
+from logging import INFO
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -18,6 +18,7 @@ from ._errors import RunCancelledError, RunConflictError, RunFailedError, _Suspe
 from ._events import ErrorInfo, RunResumed, RunStarted, decode_value, encode_event
 from ._executor import Paused, RunExecutor, wait_for_wake
 from ._lease import holder_is_dead, process_holder
+from ._log import log, note
 from ._replay import Replay
 
 if TYPE_CHECKING:
@@ -25,8 +26,6 @@ if TYPE_CHECKING:
     from ._wrappers import Workflow
 
 __all__ = ["args_digest", "drive", "drive_child", "error_info", "resumed_from"]
-
-log = logging.getLogger("werkfluss")
 
 
 def args_digest(args_raw: bytes) -> str:
@@ -91,12 +90,10 @@ async def drive(
         replay = Replay()
         if got.kind == "resumed":
             replay = await Replay.load(store, run_id, got.retry_seq, got.retry_index)
-            log.info(
-                "run %s (%s) resumed %s: %d events in the log",
-                run_id, workflow.id, resumed_from(got.previous), replay.count,
-            )  # fmt: skip
+            note(INFO, "run.resumed", run_id, "run %s (%s) resumed %s: %d events in the log", run_id, workflow.id,
+                 resumed_from(got.previous), replay.count)  # fmt: skip
         else:
-            log.info("run %s (%s) started", run_id, workflow.id)
+            note(INFO, "run.started", run_id, "run %s (%s) started", run_id, workflow.id)
         executor = RunExecutor(
             store, workflow, run_id, got.epoch, replay, lease, drive_child, cancel=got.cancel, parent=parent,
             inline=bool(parent),

@@ -13,8 +13,8 @@ timers to the queue (atomically: one script, so no double resume).
 
 from __future__ import annotations
 
-import logging
 import time
+from logging import INFO
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -25,6 +25,7 @@ from ._events import RunResumed, encode_event
 from ._executor import Released, RunExecutor
 from ._ids import check_run_id
 from ._lease import process_holder
+from ._log import log, note
 from ._options import Settings
 from ._replay import Replay
 from ._runtime import drive_child, resumed_from
@@ -39,7 +40,6 @@ if TYPE_CHECKING:
 
 __all__ = ["GROUP", "Worker"]
 
-log = logging.getLogger("werkfluss")
 
 GROUP = "workers"
 
@@ -303,7 +303,8 @@ class Worker:
         except (StorageError, SerializationError) as exc:
             await store.release(run_id, got.epoch)
             return await self._dead(message, run_id, str(exc))
-        log.info("run %s (%s) resumed %s on worker %s", run_id, workflow.id, resumed_from(got.previous), self.name)
+        note(INFO, "run.resumed", run_id, "run %s (%s) resumed %s on worker %s", run_id, workflow.id,
+             resumed_from(got.previous), self.name)  # fmt: skip
         executor = RunExecutor(
             store, workflow, run_id, got.epoch, replay, lease, drive_child, cancel=got.cancel,
             parent=replay.started.parent or "",

@@ -1,0 +1,292 @@
+"""Every `werkfluss` command through the real console script, in a subprocess, against a
+real server: the output people read, the JSON scripts read, and the one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import pytest
+
+from werkfluss import get_events_async, get_run_async, hook, invoke_hook_async, start_async, workflow
+from werkfluss._client import close_stores, open_store
+from werkfluss.events import HookReceived, RunPaused, RunResumed, RunStarted, StepCompleted, StepFailed
+
+from .shop_flows import attempts, run_checkout
+
+if TYPE_CHECKING:
+    import subprocess
+    from collections.abc import AsyncIterator, Awaitable, Callable
+
+    from werkfluss import Settings
+
+    from .conftest import Server
+
+    Cli = Callable[..., Awaitable[subprocess.CompletedProcess[str]]]
+
+WERKFLUSS = str(Path(sys.executable).parent / "werkfluss")  # the console script pip installed
+ROW = re.compile(r"^ {0,3}(\d+) (.{20}) (\S+)\s+(\d*)\s+(\S*) \|(.{30})\|$")
+ANSI = re.compile(r"\033\[[0-9;]*m")
+
+
+@pytest.fixture
+async def wf(settings: Settings) -> AsyncIterator[Settings]:
+    attempts.clear()
+    yield settings
+    await close_stores()
+
+
+@pytest.fixture
+def cli(server: Server, prefix: str) -> Cli:
+    """Run the `werkfluss` console script against the test's server and prefix."""
+
+    async def run(*args: str, stdin: str | None = None) -> Any:
+        env = {**os.environ, **server.env, "WERKFLUSS_PREFIX": prefix}
+        env.pop("WERKFLUSS_REDIS_URL" if server.kind == "valkey" else "WERKFLUSS_DIR", None)
+        return await run_cli(*args, env=env, stdin=stdin)
+
+    return run
+
+
+async def run_cli(*args: str, env: dict[str, str], stdin: str | None = None) -> Any:
+    done = await anyio.run_process([WERKFLUSS, *args], input=stdin.encode() if stdin else None, env=env, check=False)
+    done.stdout, done.stderr = done.stdout.decode(), done.stderr.decode()
+    return done
+
+
+def one_line_error(done: Any, *needles: str) -> None:
+    assert done.returncode == 1, (done.stdout, done.stderr)
+    assert "Traceback" not in done.stderr and done.stdout == ""
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("werkfluss: "), done.stderr
+    for needle in needles:
+        assert needle in lines[0]
+
+
+@workflow(name="cli.waits")
+async def waits(x: int) -> int:
+    return await hook(f"cli-wait:{x}", type=int) + x
+
+
+async def until(settings: Settings, run_id: str, status: str) -> None:
+    store = await open_store(settings)
+    with anyio.fail_after(20):
+        while await store.status(run_id) != status:
+            await anyio.sleep(0.01)
+
+
+# -- runs show: the timeline -----------------------------------------------------------------------------------------
+
+
+def expected_rows(events: list[Any]) -> dict[int, tuple[str, str, str]]:
+    """What the log says each step row must show: (name, outcome, tries)."""
+    last_session = max(e.time for e in events if isinstance(e, (RunStarted, RunResumed)))
+    rows: dict[int, tuple[str, str, str]] = {}
+    for e in events:
+        if isinstance(e, StepCompleted):
+            rows[e.seq] = (e.step, "executed" if e.time >= last_session else "replayed", str(e.attempt))
+        elif isinstance(e, StepFailed):
+            rows[e.seq] = (e.step, "failed" if e.final else "retrying", str(e.attempt))
+    return rows
+
+
+async def test_runs_show_draws_retries_a_hook_pause_and_the_failure(wf: Settings, cli: Cli) -> None:
+    await run_checkout(wf, "bad-7")
+    events = await get_events_async("bad-7", settings=wf)
+    done = await cli("runs", "show", "bad-7")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert all(len(line) <= 80 for line in lines), [line for line in lines if len(line) > 80]
+    assert not ANSI.search(done.stdout)  # piped: plain
+    assert lines[0] == "run bad-7 · shop.checkout · failed"
+
+    rows = {int(m[1]): (m[2].strip(), m[3], m[4], m[6]) for m in map(ROW.match, lines) if m}
+    expected = expected_rows(events)
+    assert {seq: row[:3] for seq, row in rows.items() if seq in expected} == expected
+    assert expected == {1: ("shop.reserve", "replayed", "1"), 2: ("shop.charge", "replayed", "3"),
+                        4: ("shop.ship", "failed", "1")}  # fmt: skip
+    # The hook's row, at its seq, after the pause.
+    assert rows[3][:2] == ("hook 'approve:bad-7'", "received")
+    # Bars on one time axis: each step starts no earlier than the one before; the retries show as failed attempts.
+    starts = [rows[seq][3].index(next(c for c in rows[seq][3] if c != " ")) for seq in (1, 2, 3, 4)]
+    assert starts == sorted(starts)
+    assert "x" in rows[2][3] and "#" in rows[2][3] and "x" in rows[4][3]
+
+    text = done.stdout
+    pause = [e for e in events if isinstance(e, RunPaused)]
+    assert len(pause) == 1 and "waiting for hook 'approve:bad-7'" in text
+    assert re.search(r"^\s+paused\s+\S+ \|\s*\.+\s*\|$", text, re.M)  # the gap on the axis
+    assert text.count("-- started") == 1
+    assert text.count("-- resumed after a pause (2 steps in the log)") == 1
+    assert text.count("attempt 1: ConnectionError: payment gateway timed out") == 1
+    assert text.count("attempt 2: ConnectionError: payment gateway timed out") == 1
+    assert "attempt 1: ValueError: no courier for 3 parcels" in text
+    assert "Traceback (most recent call last):" in text and 'raise ValueError(f"no courier' in text
+    assert re.search(r"^\s+run failed\s+failed", text, re.M)
+
+    coloured = await cli("runs", "show", "bad-7", "--color", "always")
+    assert ANSI.search(coloured.stdout)
+    plain_rows = [ANSI.sub("", line) for line in coloured.stdout.splitlines()]
+    assert all(len(line) <= 80 for line in plain_rows)
+    assert len(plain_rows) == len(lines)
+
+
+async def test_runs_show_json_has_the_run_and_every_event(wf: Settings, cli: Cli) -> None:
+    await run_checkout(wf, "ok-7")
+    done = await cli("runs", "show", "ok-7", "--json")
+    assert done.returncode == 0, done.stderr
+    data = json.loads(done.stdout)
+    assert data["run"]["status"] == "completed" and data["run"]["args"] == ["ok-7"]
+    events = await get_events_async("ok-7", settings=wf)
+    assert [e["kind"] for e in data["events"]] == [type(e).__struct_config__.tag for e in events]
+    hooks = [e for e in data["events"] if e["kind"] == "hook-received"]
+    assert hooks[0]["payload"] is True and hooks[0]["token"] == "approve:ok-7"
+    assert isinstance(events[-2], StepCompleted) or any(isinstance(e, HookReceived) for e in events)
+
+
+# -- runs list, cancel, resume ---------------------------------------------------------------------------------------
+
+
+async def test_runs_list_shows_a_table_and_json_with_filters(wf: Settings, cli: Cli) -> None:
+    await run_checkout(wf, "ok-8")
+    await run_checkout(wf, "bad-8")
+    table = await cli("runs", "list")
+    assert table.returncode == 0, table.stderr
+    lines = table.stdout.splitlines()
+    assert lines[0].split() == ["RUN", "ID", "STATUS", "WORKFLOW", "CREATED", "(UTC)", "UPDATED", "(UTC)"]
+    assert [line.split()[:3] for line in lines[1:]] == [
+        ["bad-8", "failed", "shop.checkout"], ["ok-8", "completed", "shop.checkout"],
+    ]  # fmt: skip
+    failed = json.loads((await cli("runs", "list", "--status", "failed", "--json")).stdout)
+    assert [r["run_id"] for r in failed["runs"]] == ["bad-8"] and failed["cursor"] is None
+    paged = json.loads((await cli("runs", "list", "--limit", "1", "--json")).stdout)
+    assert [r["run_id"] for r in paged["runs"]] == ["bad-8"] and paged["cursor"]
+    rest = await cli("runs", "list", "--limit", "1", "--cursor", paged["cursor"], "--workflow", "shop.checkout")
+    assert rest.stdout.splitlines()[1].split()[0] == "ok-8"
+    none = await cli("runs", "list", "--workflow", "nothing.here")
+    assert none.stdout.strip() == "no runs"
+
+
+async def test_runs_cancel_and_resume(wf: Settings, cli: Cli) -> None:
+    async with anyio.create_task_group() as tg:
+
+        async def wait() -> None:
+            with pytest.raises(Exception, match="cancelled from the command line"):
+                await start_async(waits.options(run_id="cli-w", settings=wf), 1)
+
+        tg.start_soon(wait)
+        await until(wf, "cli-w", "paused")
+        done = await cli("runs", "cancel", "cli-w")
+        assert (done.returncode, done.stdout.strip()) == (0, "run cli-w: cancelled")
+    assert (await get_run_async("cli-w", settings=wf)).status == "cancelled"
+    again = await cli("runs", "cancel", "cli-w")
+    assert (again.returncode, again.stdout.strip()) == (0, "run cli-w: already cancelled, nothing to cancel")
+    refused = await cli("runs", "resume", "cli-w")
+    one_line_error(refused, "'cli-w' is cancelled: there is nothing to resume")
+
+    await run_checkout(wf, "bad-9")
+    resumed = await cli("runs", "resume", "bad-9")
+    assert resumed.returncode == 0 and resumed.stdout.strip() == (
+        "run bad-9 (failed) is back on the queue: a worker will resume it"
+    )
+    store = await open_store(wf)
+    assert (await store.client.xrange(store.queue_key("queue")))[-1][1][b"r"] == b"bad-9"
+
+
+# -- hooks -----------------------------------------------------------------------------------------------------------
+
+
+async def test_hooks_send_wakes_a_paused_run_and_list_shows_unclaimed_payloads(wf: Settings, cli: Cli) -> None:
+    result: list[int] = []
+    async with anyio.create_task_group() as tg:
+
+        async def run() -> None:
+            result.append(await start_async(waits.options(run_id="cli-h", settings=wf), 2))
+
+        tg.start_soon(run)
+        await until(wf, "cli-h", "paused")
+        sent = await cli("hooks", "send", "cli-wait:2", "40")
+        assert (sent.returncode, sent.stdout.strip()) == (0, "delivered to hook 'cli-wait:2'")
+    assert result == [42]
+
+    assert (await cli("hooks", "list")).stdout.strip() == "no payloads waiting"
+    piped = await cli("hooks", "send", "early-bird", "-", stdin='{"ok": true}')
+    assert piped.returncode == 0, piped.stderr
+    await invoke_hook_async("early-bird", [1, 2], settings=wf)
+    table = await cli("hooks", "list")
+    assert table.stdout.splitlines()[0].split() == ["TOKEN", "PAYLOADS", "LAST", "DELIVERY", "CLAIMED", "BY"]
+    assert table.stdout.splitlines()[1].split()[:2] == ["early-bird", "2"]
+    listed = json.loads((await cli("hooks", "list", "--json")).stdout)
+    assert [(h["token"], h["payloads"], h["owner"]) for h in listed] == [("early-bird", 2, None)]
+
+
+# -- dead letters and the server -------------------------------------------------------------------------------------
+
+
+async def test_dead_list_and_redrive(wf: Settings, cli: Cli) -> None:
+    assert (await cli("dead", "list")).stdout.strip() == "no dead letters"
+    assert json.loads((await cli("dead", "list", "--json")).stdout) == []
+    store = await open_store(wf)
+    await store.client.xadd(store.queue_key("queue"), {"r": "some-run"})
+    await store.ensure_group("workers")
+    await store.client.xgroup_setid(store.queue_key("queue"), "workers", "0")
+    for message, _fields in await store.read_queue("workers", "cli-test", 10, 0.1):
+        await store.dead_letter("workers", message, "some-run", "poison (test)")
+    letters = json.loads((await cli("dead", "list", "--json")).stdout)
+    assert [(d["r"], d["reason"]) for d in letters] == [("some-run", "poison (test)")]
+    table = (await cli("dead", "list")).stdout.splitlines()
+    assert table[0].split() == ["ID", "RUN", "REASON"] and table[1].split()[1:] == ["some-run", "poison", "(test)"]
+    redrive = await cli("dead", "redrive", letters[0]["id"])
+    assert redrive.returncode == 0 and "re-driven as" in redrive.stdout
+    missing = await cli("dead", "redrive", "1-1")
+    assert missing.returncode == 1 and "no such dead letter" in missing.stdout
+    one_line_error(await cli("dead", "redrive"), "name the dead letters to re-drive, or pass --all")
+
+
+async def test_server_status_json(tmp_path: Path, cli: Cli) -> None:
+    done = await cli("server", "status", "--dir", str(tmp_path / "none"), "--json")
+    assert done.returncode == 1
+    assert json.loads(done.stdout) == {"running": False, "directory": str(tmp_path / "none")}
+
+
+# -- errors: one line, exit code 1, no traceback ---------------------------------------------------------------------
+
+
+async def test_unknown_run_ids_are_one_line_errors(wf: Settings, cli: Cli) -> None:
+    for action in ("show", "cancel", "resume"):
+        one_line_error(await cli("runs", action, "ghost"), "there is no run 'ghost'")
+    one_line_error(await cli("runs", "show", "bad id"), "invalid run_id 'bad id'")
+
+
+async def test_bad_hook_json_is_a_one_line_error(wf: Settings, cli: Cli) -> None:
+    done = await cli("hooks", "send", "some-token", "{not json")
+    one_line_error(done, "the payload for hook 'some-token' is not valid JSON")
+    one_line_error(await cli("hooks", "send", "some-token"), "usage: werkfluss hooks send TOKEN JSON")
+    assert (await cli("hooks", "list")).stdout.strip() == "no payloads waiting"  # nothing was delivered
+
+
+async def test_unreachable_redis_is_a_one_line_error() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # closed again: nothing listens there
+    url = f"redis://:hunter2@127.0.0.1:{port}/0"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WERKFLUSS_")}
+    commands = [("runs", "list"), ("runs", "show", "x"), ("runs", "cancel", "x"), ("hooks", "list"),
+                ("hooks", "send", "t", "1"), ("dead", "list")]  # fmt: skip
+    outcomes: dict[tuple[str, ...], Any] = {}
+
+    async def attempt(args: tuple[str, ...]) -> None:
+        outcomes[args] = await run_cli(*args, "--redis-url", url, env=env)
+
+    async with anyio.create_task_group() as tg:  # each waits out the client's retries: all at once
+        for args in commands:
+            tg.start_soon(attempt, args)
+    for done in outcomes.values():
+        one_line_error(done, f"127.0.0.1:{port}")
+        assert "hunter2" not in done.stderr

@@ -1,0 +1,182 @@
+"""The command line's read and control commands: runs, hooks and dead letters.
+
+Each command is a coroutine taking the parsed arguments and returning the
+exit code; tables for people, ``--json`` for scripts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from ._client import cancel_async, invoke_hook_async, open_store, pending_hooks_async
+from ._errors import ConfigurationError
+from ._events import AnyEvent, ErrorInfo, Waiting
+from ._options import Settings
+from ._queries import get_events_async, get_run_async, list_runs_async, resume_async
+from ._timeline import duration, render
+
+if TYPE_CHECKING:
+    import argparse
+
+__all__ = ["dead", "event_dict", "hooks", "print_json", "runs"]
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return Settings.from_env(redis_url=args.redis_url, directory=args.dir, prefix=args.prefix)
+
+
+# -- output ----------------------------------------------------------------------------
+
+
+def print_json(value: Any) -> None:
+    """`value` as one line of JSON on stdout (unknown values as their repr)."""
+    sys.stdout.write(msgspec.json.encode(value, enc_hook=repr).decode() + "\n")
+
+
+def _table(header: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(cell) for cell in column) for column in zip(header, *rows, strict=True)]
+    for line in [header, *rows]:
+        print("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip())
+
+
+def _when(moment: datetime | float) -> str:
+    if isinstance(moment, float):
+        moment = datetime.fromtimestamp(moment, UTC)
+    return f"{moment:%Y-%m-%d %H:%M:%S}"
+
+
+def event_dict(event: AnyEvent) -> dict[str, Any]:
+    """An event as plain JSON-ready data: its kind, then its fields, values decoded."""
+    out: dict[str, Any] = {"kind": type(event).__struct_config__.tag}
+    for name in event.__struct_fields__:
+        value = getattr(event, name)
+        if isinstance(value, msgspec.Raw):
+            try:
+                value = msgspec.msgpack.decode(value)
+            except (msgspec.DecodeError, ValueError, RecursionError):
+                value = "<undecodable value>"
+        elif isinstance(value, (ErrorInfo, Waiting)):
+            value = msgspec.structs.asdict(value)
+        elif isinstance(value, list):
+            value = [msgspec.structs.asdict(v) if isinstance(v, Waiting) else v for v in value]
+        out[name] = value
+    return out
+
+
+def _colour(choice: str) -> bool:
+    if choice != "auto":
+        return choice == "always"
+    return sys.stdout.isatty() and not os.environ.get("NO_COLOR") and os.environ.get("TERM") != "dumb"
+
+
+# -- werkfluss runs --------------------------------------------------------------------
+
+
+async def runs(args: argparse.Namespace) -> int:
+    """``werkfluss runs list|show|cancel|resume``."""
+    settings = _settings(args)
+    if args.action == "list":
+        page = await list_runs_async(
+            workflow=args.workflow, status=args.status, limit=args.limit, cursor=args.cursor, settings=settings
+        )
+        if args.json:
+            print_json(page)
+            return 0
+        if not page.runs:
+            print("no runs" + (" on this page" if page.cursor else ""))
+        else:
+            _table(
+                ["RUN ID", "STATUS", "WORKFLOW", "CREATED (UTC)", "UPDATED (UTC)"],
+                [[r.run_id, r.status, r.workflow, _when(r.created), _when(r.updated)] for r in page.runs],
+            )
+        if page.cursor:
+            print(f"more: --cursor {page.cursor}")
+        return 0
+    if args.action == "show":
+        run = await get_run_async(args.run_id, settings=settings)
+        events = await get_events_async(args.run_id, settings=settings)
+        if args.json:
+            print_json({"run": run, "events": [event_dict(e) for e in events]})
+            return 0
+        for line in render(run, events, colour=_colour(args.color)):
+            print(line)
+        return 0
+    if args.action == "cancel":
+        if await cancel_async(args.run_id, args.reason, settings=settings):
+            print(f"run {args.run_id}: cancelled")
+        else:
+            status = (await get_run_async(args.run_id, settings=settings)).status
+            print(f"run {args.run_id}: already {status}, nothing to cancel")
+        return 0
+    before = await resume_async(args.run_id, settings=settings)
+    print(f"run {args.run_id} ({before}) is back on the queue: a worker will resume it")
+    return 0
+
+
+# -- werkfluss hooks -------------------------------------------------------------------
+
+
+async def hooks(args: argparse.Namespace) -> int:
+    """``werkfluss hooks send TOKEN JSON`` and ``werkfluss hooks list``."""
+    settings = _settings(args)
+    if args.action == "send":
+        if args.token is None or args.payload is None:
+            raise ConfigurationError("usage: werkfluss hooks send TOKEN JSON  (JSON '-' reads standard input)")
+        text = sys.stdin.read() if args.payload == "-" else args.payload
+        try:
+            payload = json.loads(text)
+        except ValueError as exc:
+            raise ConfigurationError(f"the payload for hook {args.token!r} is not valid JSON: {exc}") from None
+        await invoke_hook_async(args.token, payload, settings=settings)
+        print(f"delivered to hook {args.token!r}")
+        return 0
+    found = await pending_hooks_async(limit=args.limit, settings=settings)
+    if args.json:
+        print_json([dataclasses.asdict(h) for h in found])
+        return 0
+    if not found:
+        print("no payloads waiting")
+        return 0
+    now = time.time()
+    _table(
+        ["TOKEN", "PAYLOADS", "LAST DELIVERY", "CLAIMED BY"],
+        [[h.token, str(h.payloads), f"{duration(now - h.last_delivery)} ago", h.owner or "-"] for h in found],
+    )
+    return 0
+
+
+# -- werkfluss dead --------------------------------------------------------------------
+
+
+async def dead(args: argparse.Namespace) -> int:
+    """``werkfluss dead list`` and ``werkfluss dead redrive ID...|--all``."""
+    store = await open_store(_settings(args))
+    if args.action == "list":
+        letters = await store.dead_letters(args.limit)
+        if args.json:
+            print_json([{"id": dead_id, **fields} for dead_id, fields in letters])
+        elif not letters:
+            print("no dead letters")
+        else:
+            _table(
+                ["ID", "RUN", "REASON"],
+                [[dead_id, fields.get("r", "?"), fields.get("reason", "")] for dead_id, fields in letters],
+            )
+        return 0
+    ids = [i for i, _ in await store.dead_letters(100_000)] if args.all else args.ids
+    if not ids:
+        raise ConfigurationError("name the dead letters to re-drive, or pass --all")
+    missing = 0
+    for dead_id in ids:
+        message = await store.redrive(dead_id)
+        print(f"{dead_id}: re-driven as {message}" if message else f"{dead_id}: no such dead letter")
+        missing += not message
+    return 1 if missing else 0

@@ -1,0 +1,415 @@
+"""Read what runs did: `get_run`, `list_runs`, `get_events` (each sync and async),
+and `resume` to put a failed or stuck run back on the queue.
+
+Queries only read, and read only data: values in the log are decoded as
+plain msgpack (no user types, nothing imported by name). `get_run` and
+`list_runs` read state hashes and at most a few log entries, so they cost
+the same for a run of ten steps and one of a hundred thousand; only
+`get_events` reads a whole log.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from ._client import _blocking, open_store
+from ._errors import RunConflictError, RunNotFoundError, StorageError
+from ._events import (
+    AnyEvent,
+    ErrorInfo,
+    RunStarted,
+    StepCompleted,
+    StepFailed,
+    Waiting,
+    decode_event,
+)
+from ._ids import check_run_id
+from ._options import Settings
+from ._runtime import error_info
+
+if TYPE_CHECKING:
+    from ._store import RedisStore
+
+__all__ = [
+    "ErrorRecord",
+    "RunInfo",
+    "RunPage",
+    "RunSummary",
+    "Wait",
+    "get_events",
+    "get_events_async",
+    "get_run",
+    "get_run_async",
+    "list_runs",
+    "list_runs_async",
+    "resume",
+    "resume_async",
+]
+
+STATUSES = ("pending", "running", "paused", "completed", "failed", "blocked", "cancelled")
+_SUMMARY_FIELDS = ("status", "workflow", "created", "updated", "waiting", "parent")
+_BATCH = 200
+
+
+class Wait(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """One thing a paused run waits for.
+
+    Attributes:
+        kind: ``"hook"``, ``"timer"`` or ``"child"``.
+        token: The hook's token (kind ``"hook"``).
+        due: When the timer is due, UTC (kind ``"timer"``).
+        run: The child run it waits for (kind ``"child"``).
+    """
+
+    kind: str
+    token: str | None = None
+    due: datetime | None = None
+    run: str | None = None
+
+
+class ErrorRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """A run's recorded error: the exception's type name, message and traceback text."""
+
+    type: str
+    message: str
+    traceback: str = ""
+
+
+class RunSummary(msgspec.Struct, frozen=True, kw_only=True):
+    """What `list_runs` shows of a run, read from its state alone.
+
+    Attributes:
+        run_id: The run's ID.
+        workflow: The workflow's ID (``module:qualname`` or its explicit name).
+        status: pending, running, paused, completed, failed, blocked or cancelled.
+        created: When the run was created, UTC, by the server's clock.
+        updated: When its state last changed, UTC.
+        waiting: What a paused run waits for (empty otherwise).
+        parent: The run that started this one as a child, if one did.
+    """
+
+    run_id: str
+    workflow: str
+    status: str
+    created: datetime
+    updated: datetime
+    waiting: list[Wait] = []
+    parent: str | None = None
+
+
+class RunInfo(RunSummary, frozen=True, kw_only=True):
+    """Everything `get_run` knows of a run.
+
+    Attributes:
+        args: The workflow's positional arguments, as plain values.
+        kwargs: Its keyword arguments, as plain values.
+        result: What the workflow returned (status ``completed``), as a plain value.
+        error: Why it failed or was blocked (status ``failed`` / ``blocked``).
+        cancel_reason: The reason given to `cancel` (status ``cancelled``, or
+            a cancel the run's holder has not acted on yet).
+        events: How many events its log holds.
+        last_step: The ID of the last step (or child workflow) the log records.
+        last_seq: That step's sequence number.
+        attempts: How many attempts that step has had: above 1 when it was retried.
+    """
+
+    args: list[Any] = []
+    kwargs: dict[str, Any] = {}
+    result: Any = None
+    error: ErrorRecord | None = None
+    cancel_reason: str | None = None
+    events: int = 0
+    last_step: str | None = None
+    last_seq: int | None = None
+    attempts: int = 0
+
+
+class RunPage(msgspec.Struct, frozen=True, kw_only=True):
+    """One page of `list_runs`: newest first; pass `cursor` back for the next page
+    (``None`` when there is none)."""
+
+    runs: list[RunSummary]
+    cursor: str | None = None
+
+
+# -- get_run ---------------------------------------------------------------------------
+
+
+async def get_run_async(run_id: str, *, settings: Settings | None = None) -> RunInfo:
+    """The state of run `run_id`: status, arguments, result or error, what it waits for.
+
+    Raises:
+        RunNotFoundError: there is no run `run_id`.
+        StorageError: Redis/Valkey is unreachable.
+    """
+    check_run_id(run_id)
+    store = await open_store(settings or Settings.from_env())
+    state = await store.state(run_id)
+    if not state.get("status"):
+        raise RunNotFoundError(run_id)
+    first = await store._call(store.client.xrange(store.key(run_id, "log"), count=1))
+    last = await store._call(store.client.xrevrange(store.key(run_id, "log"), count=4))
+    args: list[Any] = []
+    kwargs: dict[str, Any] = {}
+    started = _event(first[0][1]) if first else None
+    if isinstance(started, RunStarted):
+        call = _plain(started.args)
+        if isinstance(call, list) and len(call) == 2 and isinstance(call[0], list) and isinstance(call[1], dict):
+            args, kwargs = call
+    step = _last_step([_event(fields) for _, fields in last])
+    status = _text(state, "status")
+    error = error_of(error_info(state["error"])) if status in ("failed", "blocked") and state.get("error") else None
+    summary = _summary(run_id, state)
+    return RunInfo(
+        **{name: getattr(summary, name) for name in summary.__struct_fields__},
+        args=args,
+        kwargs=kwargs,
+        result=_plain(state["result"]) if status == "completed" and "result" in state else None,
+        error=error,
+        cancel_reason=_text(state, "cancel") if "cancel" in state else None,
+        events=int(_text(state, "n") or 0),
+        last_step=step.step if step else None,
+        last_seq=step.seq if step else None,
+        attempts=step.attempt if step else 0,
+    )
+
+
+def get_run(run_id: str, *, settings: Settings | None = None) -> RunInfo:
+    """Blocking twin of `get_run_async`."""
+    return _blocking("get_run", lambda: get_run_async(run_id, settings=settings))
+
+
+def _last_step(newest_first: list[AnyEvent | None]) -> StepCompleted | StepFailed | None:
+    for event in newest_first:
+        if isinstance(event, (StepCompleted, StepFailed)):
+            return event
+    return None
+
+
+# -- list_runs -------------------------------------------------------------------------
+
+
+async def list_runs_async(
+    *,
+    workflow: str | None = None,
+    status: str | None = None,
+    limit: int = 50,
+    cursor: str | None = None,
+    settings: Settings | None = None,
+) -> RunPage:
+    """Runs, newest first, optionally only those of `workflow` or in `status`.
+
+    Returns at most `limit` runs and a cursor for the next page. A filter
+    that matches few runs may return a short (even empty) page with a
+    cursor: each call looks at a bounded number of runs.
+
+    Raises:
+        ValueError: `status` is not a run status, `limit` is not positive or
+            `cursor` is not one `list_runs` returned.
+        StorageError: Redis/Valkey is unreachable.
+    """
+    if status is not None and status not in STATUSES:
+        raise ValueError(f"unknown run status {status!r}; one of {', '.join(STATUSES)}")
+    if limit < 1:
+        raise ValueError(f"limit must be at least 1, got {limit}")
+    top, after = _parse_cursor(cursor)
+    store = await open_store(settings or Settings.from_env())
+    found: list[RunSummary] = []
+    budget = max(limit * 20, 2000)  # runs looked at per call, so a rare filter cannot scan forever
+    offset = 0
+    while True:
+        batch = await store._call(
+            store.client.zrange(store.runs_key, top, "-inf", desc=True, byscore=True, offset=offset, num=_BATCH,
+                                withscores=True)
+        )  # fmt: skip
+        # Runs created in the same millisecond come in reverse order of their
+        # IDs; at the cursor's millisecond, those not below its ID were seen.
+        seen_top = top
+        fresh = [(_str(m), int(s)) for m, s in batch]
+        if after is not None:
+            fresh = [(r, s) for r, s in fresh if not (s == int(seen_top) and r >= after)]
+        if not fresh and len(batch) == _BATCH:
+            offset += _BATCH  # a whole batch already seen in one millisecond: look further
+            continue
+        offset = 0
+        states = await _states(store, [r for r, _ in fresh])
+        for (run_id, score), state in zip(fresh, states, strict=True):
+            budget -= 1
+            top, after = str(score), run_id
+            if (
+                state.get("status")
+                and (workflow is None or _text(state, "workflow") == workflow)
+                and (status is None or _text(state, "status") == status)
+            ):
+                found.append(_summary(run_id, state))
+            if len(found) == limit or budget <= 0:
+                return RunPage(runs=found, cursor=f"{top}:{after}")
+        if len(batch) < _BATCH:
+            return RunPage(runs=found, cursor=None)
+
+
+def list_runs(
+    *,
+    workflow: str | None = None,
+    status: str | None = None,
+    limit: int = 50,
+    cursor: str | None = None,
+    settings: Settings | None = None,
+) -> RunPage:
+    """Blocking twin of `list_runs_async`."""
+    return _blocking(
+        "list_runs",
+        lambda: list_runs_async(workflow=workflow, status=status, limit=limit, cursor=cursor, settings=settings),
+    )
+
+
+def _parse_cursor(cursor: str | None) -> tuple[str, str | None]:
+    if cursor is None:
+        return "+inf", None
+    score, sep, run_id = cursor.partition(":")
+    if not sep or not score.isdigit() or not run_id:
+        raise ValueError(f"invalid cursor {cursor!r}: pass the cursor a list_runs page returned")
+    return score, run_id
+
+
+async def _states(store: RedisStore, run_ids: list[str]) -> list[dict[str, bytes]]:
+    if not run_ids:
+        return []
+    pipe = store.client.pipeline(transaction=False)
+    for run_id in run_ids:
+        pipe.hmget(store.key(run_id, "state"), _SUMMARY_FIELDS)
+    replies = await store._call(pipe.execute())
+    return [
+        {name: value for name, value in zip(_SUMMARY_FIELDS, reply, strict=True) if value is not None}
+        for reply in replies
+    ]
+
+
+# -- get_events ------------------------------------------------------------------------
+
+
+async def get_events_async(run_id: str, *, settings: Settings | None = None) -> list[AnyEvent]:
+    """Run `run_id`'s event log, decoded, oldest first (see `werkfluss.events`).
+
+    Reads the whole log: its cost grows with the run's history.
+
+    Raises:
+        RunNotFoundError: there is no run `run_id`.
+        StorageError: Redis/Valkey is unreachable, or an entry is malformed (named by its index).
+    """
+    check_run_id(run_id)
+    store = await open_store(settings or Settings.from_env())
+    events: list[AnyEvent] = []
+    async for batch in store.read_log(run_id):
+        for index, body in batch:
+            event = _event({b"e": body}) if body is not None else None
+            if event is None:
+                raise StorageError(f"run {run_id!r}: log entry 0-{index} is malformed")
+            events.append(event)
+    if not events and not await store.status(run_id):
+        raise RunNotFoundError(run_id)
+    return events
+
+
+def get_events(run_id: str, *, settings: Settings | None = None) -> list[AnyEvent]:
+    """Blocking twin of `get_events_async`."""
+    return _blocking("get_events", lambda: get_events_async(run_id, settings=settings))
+
+
+# -- resume ----------------------------------------------------------------------------
+
+
+async def resume_async(run_id: str, *, settings: Settings | None = None) -> str:
+    """Put run `run_id` back on the queue, for a worker to resume it.
+
+    For a run that failed (after a fix or a transient outage), one that is
+    blocked on a code change, one whose process died, or a paused run that
+    should look at its hooks and timers now. Returns the run's status before.
+
+    Raises:
+        RunNotFoundError: there is no run `run_id`.
+        RunConflictError: the run completed or was cancelled: there is nothing to resume.
+    """
+    check_run_id(run_id)
+    store = await open_store(settings or Settings.from_env())
+    status = await store.status(run_id)
+    if not status:
+        raise RunNotFoundError(run_id)
+    if status in ("completed", "cancelled"):
+        raise RunConflictError(f"run {run_id!r} is {status}: there is nothing to resume")
+    await store.enqueue(run_id, retry=status in ("failed", "blocked"))
+    return status
+
+
+def resume(run_id: str, *, settings: Settings | None = None) -> str:
+    """Blocking twin of `resume_async`."""
+    return _blocking("resume", lambda: resume_async(run_id, settings=settings))
+
+
+# -- decoding --------------------------------------------------------------------------
+
+
+def _summary(run_id: str, state: dict[str, bytes]) -> RunSummary:
+    return RunSummary(
+        run_id=run_id,
+        workflow=_text(state, "workflow"),
+        status=_text(state, "status"),
+        created=_time(state.get("created")),
+        updated=_time(state.get("updated")),
+        waiting=_waits(state.get("waiting")),
+        parent=_text(state, "parent") or None,
+    )
+
+
+def _waits(raw: bytes | None) -> list[Wait]:
+    if not raw:
+        return []
+    try:
+        waits = msgspec.msgpack.decode(raw, type=list[Waiting])
+    except (msgspec.DecodeError, ValueError, RecursionError):
+        return [Wait(kind="unknown")]
+    return [
+        Wait(kind=w.kind, token=w.token, due=datetime.fromtimestamp(w.due, UTC) if w.due else None, run=w.run)
+        for w in waits
+    ]
+
+
+def _event(fields: dict[bytes, bytes] | None) -> AnyEvent | None:
+    body = (fields or {}).get(b"e")
+    if body is None:
+        return None
+    try:
+        return decode_event(body)
+    except (msgspec.DecodeError, ValueError, RecursionError):
+        return None
+
+
+def _plain(raw: bytes | msgspec.Raw) -> Any:
+    """A stored user value as plain data; undecodable bytes come back as a marker string."""
+    try:
+        return msgspec.msgpack.decode(raw)
+    except (msgspec.DecodeError, ValueError, RecursionError):
+        return "<undecodable value>"
+
+
+def _time(raw: bytes | None) -> datetime:
+    try:
+        return datetime.fromtimestamp(int(raw or 0) / 1000, UTC)
+    except (ValueError, OverflowError, OSError):
+        return datetime.fromtimestamp(0, UTC)
+
+
+def _text(state: dict[str, bytes], name: str) -> str:
+    return state.get(name, b"").decode(errors="replace")
+
+
+def _str(value: bytes | str) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else value
+
+
+def error_of(info: ErrorInfo) -> ErrorRecord:
+    """The public form of a recorded error."""
+    return ErrorRecord(type=info.type, message=info.message, traceback=info.traceback)

@@ -1,0 +1,314 @@
+"""Helpers for your test suite: replay checks for code changes, and a throwaway server.
+
+**Replay checks.** Before deploying a change to a workflow, check that the
+new code still replays the runs the old code recorded::
+
+    from werkfluss.testing import assert_replays
+
+    def test_checkout_still_replays_production_runs() -> None:
+        for run_id in ["order-7", "order-8"]:
+            assert_replays(checkout, run_id)
+
+`check_replay` runs the workflow body against the run's log without
+executing any step: recorded results come back, and the check stops where
+the recorded history ends (a step appended at the end is compatible). It
+reports the first divergence: the sequence number, the step the log
+recorded there and the step the code now calls. Runs can also be checked
+offline from saved events (``events=`` a list from `werkfluss.get_events`).
+
+**A throwaway server.** With pytest, werkfluss's plugin (loaded when
+werkfluss is installed) gives two fixtures: ``werkfluss_server``, an
+embedded Valkey server in a temporary directory for the whole session,
+and ``werkfluss_settings``, `Settings` with a fresh key prefix per test,
+also set as the environment's default so plain ``start(...)`` calls use
+it. Without pytest, `throwaway_server()` is the same as a context manager.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import tempfile
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
+
+import anyio
+
+from ._client import _blocking
+from ._context import RunContext, enter_run, exit_run
+from ._embedded import ensure_server, stop_server
+from ._errors import ConfigurationError
+from ._events import ErrorInfo, RunFailed, RunStarted
+from ._executor import RunExecutor
+from ._options import Settings
+from ._queries import get_events_async
+from ._replay import Replay
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Iterator
+
+    from ._events import AnyEvent
+    from ._wrappers import Step, Workflow
+
+__all__ = [
+    "Divergence",
+    "ReplayCheck",
+    "assert_replays",
+    "check_replay",
+    "check_replay_async",
+    "throwaway_server",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Divergence:
+    """Where the current code stops matching a recorded run.
+
+    Attributes:
+        seq: The sequence number of the first mismatch (None when the
+            mismatch is the workflow's outcome rather than a call).
+        recorded: What the log recorded there (a step ID, ``hook:<token>``,
+            ``sleep``, ``race``), or ``"nothing"``.
+        current: What the current code calls there, or what it did instead.
+        message: All of it in one sentence.
+    """
+
+    seq: int | None
+    recorded: str
+    current: str
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayCheck:
+    """The outcome of `check_replay`.
+
+    Attributes:
+        run_id: The run checked.
+        replayed: How many recorded calls the current code made again, in order.
+        divergence: The first mismatch, or None when the code replays the run.
+    """
+
+    run_id: str
+    replayed: int
+    divergence: Divergence | None
+
+    @property
+    def ok(self) -> bool:
+        """True when the current code replays the recorded run."""
+        return self.divergence is None
+
+
+async def check_replay_async(
+    workflow: Workflow[Any, Any],
+    run_id: str,
+    *,
+    events: list[AnyEvent] | None = None,
+    settings: Settings | None = None,
+) -> ReplayCheck:
+    """Replay run `run_id`'s log against `workflow`'s current code; execute no step.
+
+    Args:
+        workflow: The workflow as the code defines it now.
+        run_id: The recorded run (hooks without a token are named after it).
+        events: The run's events, to check offline; default: read its log
+            from the store `settings` point to.
+        settings: Where the log lives (default: `Settings.from_env()`).
+
+    Raises:
+        ConfigurationError: the log has no start, or it is another workflow's run.
+        RunNotFoundError: there is no run `run_id` (when reading the store).
+    """
+    if events is None:
+        events = await get_events_async(run_id, settings=settings)
+    started = next((e for e in events if isinstance(e, RunStarted)), None)
+    if started is None:
+        raise ConfigurationError(f"run {run_id!r}: the log has no run-started event to replay from")
+    if started.workflow != workflow.id:
+        raise ConfigurationError(f"run {run_id!r} is a run of workflow {started.workflow!r}, not {workflow.id!r}")
+    replay = Replay()
+    for index, event in enumerate(events, 1):
+        replay.add(index, event)
+    args, kwargs = workflow.decode_call(started.args)
+    checker = _Checker(workflow, run_id, replay)
+    outcome = await checker.run_body(args, kwargs)
+    failed = next((e for e in reversed(events) if isinstance(e, RunFailed)), None)
+    return ReplayCheck(run_id, len(checker.replayed), checker.divergence(outcome, failed))
+
+
+def check_replay(
+    workflow: Workflow[Any, Any],
+    run_id: str,
+    *,
+    events: list[AnyEvent] | None = None,
+    settings: Settings | None = None,
+) -> ReplayCheck:
+    """Blocking twin of `check_replay_async`."""
+    return _blocking("check_replay", lambda: check_replay_async(workflow, run_id, events=events, settings=settings))
+
+
+def assert_replays(
+    workflow: Workflow[Any, Any],
+    run_id: str,
+    *,
+    events: list[AnyEvent] | None = None,
+    settings: Settings | None = None,
+) -> ReplayCheck:
+    """`check_replay`, raising `AssertionError` with the divergence's message if there is one."""
+    result = check_replay(workflow, run_id, events=events, settings=settings)
+    if result.divergence is not None:
+        raise AssertionError(result.divergence.message)
+    return result
+
+
+@dataclass
+class _Outcome:
+    returned: bool = False
+    error: BaseException | None = None
+
+
+class _Checker(RunExecutor):
+    """A `RunExecutor` that returns what the log recorded and stops the body
+    where the history ends, instead of executing or waiting for anything."""
+
+    def __init__(self, workflow: Workflow[Any, Any], run_id: str, replay: Replay) -> None:
+        super().__init__(cast("Any", None), workflow, run_id, 0, replay, 0.0, _no_children)
+        self.replayed: set[int] = set()
+        self.frontier: int | None = None  # the first call the log has no record of
+
+    async def run_body(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Outcome:
+        outcome = _Outcome()
+        with anyio.CancelScope() as body:
+            self._body = body
+            token = enter_run(RunContext(self.run_id, self))
+            try:
+                await self.workflow.fn(*args, **kwargs)
+                outcome.returned = True
+            except Exception as exc:
+                outcome.error = exc
+            finally:
+                exit_run(token)
+        self._body = None
+        return outcome
+
+    def divergence(self, outcome: _Outcome, failed: RunFailed | None) -> Divergence | None:
+        where = f"run {self.run_id!r}"
+        if self.diverged is not None:
+            d = self.diverged
+            return Divergence(d.seq, d.recorded, d.called, str(d))
+        if self.frontier is not None:
+            return None  # the code got past everything recorded before this point
+        missing = sorted(seq for seq in self.replay.labels if seq not in self.replayed)
+        if missing:
+            seq = missing[0]
+            recorded = self.replay.labels[seq]
+            ended = "returned" if outcome.returned else f"raised {type(outcome.error).__name__}"
+            return Divergence(
+                seq, recorded, f"nothing: the workflow {ended}",
+                f"{where}: step #{seq} was recorded as {recorded!r} but the workflow now {ended} without calling it",
+            )  # fmt: skip
+        if outcome.error is not None:
+            now = ErrorInfo.from_exception(outcome.error)
+            if failed is None or failed.error.type != now.type:
+                before = f"recorded {failed.error.type}" if failed else "did not record a failure there"
+                return Divergence(
+                    None, failed.error.type if failed else "nothing", now.type,
+                    f"{where}: the workflow now raises {now.type}: {now.message}; the log {before}",
+                )  # fmt: skip
+        return None
+
+    def _reached(self, seq: int, label: str) -> bool:
+        """Check the call at `seq` against the log; True if the log has its outcome."""
+        self.check(seq, label)
+        if seq in self.replay.labels:
+            self.replayed.add(seq)
+            return True
+        return False
+
+    async def _history_ends(self, seq: int) -> Any:
+        if self.frontier is None or seq < self.frontier:
+            self.frontier = seq
+        if self._body is not None:
+            self._body.cancel()
+        await anyio.sleep_forever()
+
+    async def run_step(self, step: Step[Any, Any], seq: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if self._reached(seq, step.id) and (seq in self.replay.completed or seq in self.replay.failed):
+            return await super().run_step(step, seq, args, kwargs)
+        return await self._history_ends(seq)
+
+    async def run_child(
+        self, workflow: Workflow[Any, Any], seq: int, child_id: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        if self._reached(seq, workflow.id) and (seq in self.replay.completed or seq in self.replay.failed):
+            return await super().run_child(workflow, seq, child_id, args, kwargs)
+        return await self._history_ends(seq)
+
+    async def sleep(self, seq: int, seconds: float) -> None:
+        if not self._reached(seq, "sleep"):
+            await self._history_ends(seq)
+
+    async def receive(self, seq: int, token: str, n: int, type_: Any) -> Any:
+        if self._reached(seq, f"hook:{token}") and (seq, n) in self.replay.hooks:
+            return await super().receive(seq, token, n, type_)
+        return await self._history_ends(seq)
+
+    async def race(self, seq: int, awaitables: list[Awaitable[Any]]) -> tuple[int, Any]:
+        if self._reached(seq, "race"):
+            return await super().race(seq, awaitables)
+        for awaitable in awaitables:
+            close = getattr(awaitable, "close", None)
+            if close is not None:
+                close()
+        return cast("tuple[int, Any]", await self._history_ends(seq))
+
+
+async def _no_children(*_: Any) -> Any:  # pragma: no cover - _Checker.run_child never drives one
+    raise AssertionError("a replay check drives no child run")
+
+
+# -- a throwaway server ----------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def throwaway_server() -> Iterator[Settings]:
+    """An embedded Valkey server in a temporary directory, stopped and deleted afterwards.
+
+    Yields `Settings` pointing at it, with a fresh key prefix.
+    """
+    directory = Path(tempfile.mkdtemp(prefix="werkfluss-test-"))
+    try:
+        ensure_server(directory)
+        yield Settings(directory=str(directory), prefix=f"test-{uuid.uuid4().hex[:12]}:")
+    finally:
+        stop_server(directory)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+try:
+    import pytest
+except ImportError:  # pragma: no cover - pytest is only needed for the fixtures
+    pass
+else:
+
+    @pytest.fixture(scope="session")
+    def werkfluss_server() -> Iterator[Settings]:
+        """An embedded Valkey server in a temporary directory, for the test session."""
+        with throwaway_server() as settings:
+            yield settings
+
+    @pytest.fixture
+    def werkfluss_settings(werkfluss_server: Settings, monkeypatch: pytest.MonkeyPatch) -> Settings:
+        """`Settings` for one test: the session's server, a key prefix of the test's own.
+
+        Also set as ``WERKFLUSS_DIR`` / ``WERKFLUSS_PREFIX`` (and
+        ``WERKFLUSS_REDIS_URL`` removed) for the test, so calls without
+        explicit settings use them.
+        """
+        settings = Settings(directory=werkfluss_server.directory, prefix=f"test-{uuid.uuid4().hex[:12]}:")
+        monkeypatch.delenv("WERKFLUSS_REDIS_URL", raising=False)
+        monkeypatch.setenv("WERKFLUSS_DIR", settings.directory)
+        monkeypatch.setenv("WERKFLUSS_PREFIX", settings.prefix)
+        return settings
