@@ -34,7 +34,7 @@ async def charge(order: str) -> str:
 @step(name="shop.ship")
 async def ship(order: str, parcels: int) -> str:
     executions["ship"] += 1
-    if order.startswith("bad"):
+    if order.startswith("bad"):  # a courier that does not serve this order
         raise ValueError(f"no courier for {parcels} parcels")
     return f"{order} shipped"
 

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     Cli = Callable[..., Awaitable[subprocess.CompletedProcess[str]]]
 
 WERKFLUSS = str(Path(sys.executable).parent / "werkfluss")  # the console script pip installed
-ROW = re.compile(r"^ {0,3}(\d+) (.{20}) (\S+)\s+(\d*)\s+(\S*) \|(.{30})\|$")
+ROW = re.compile(r"^ {0,3}(\d+) (.{22}) (\S+)\s+(\d*)\s+(\S*) \|(.{28})\|$")
 ANSI = re.compile(r"\033\[[0-9;]*m")
 
 
@@ -112,7 +112,7 @@ async def test_runs_show_draws_retries_a_hook_pause_and_the_failure(wf: Settings
     assert expected == {1: ("shop.reserve", "replayed", "1"), 2: ("shop.charge", "replayed", "3"),
                         4: ("shop.ship", "failed", "1")}  # fmt: skip
     # The hook's row, at its seq, after the pause.
-    assert rows[3][:2] == ("hook 'approve:bad-7'", "received")
+    assert rows[3][:2] == ("hook:approve:bad-7", "received")
     # Bars on one time axis: each step starts no earlier than the one before; the retries show as failed attempts.
     starts = [rows[seq][3].index(next(c for c in rows[seq][3] if c != " ")) for seq in (1, 2, 3, 4)]
     assert starts == sorted(starts)
@@ -128,7 +128,7 @@ async def test_runs_show_draws_retries_a_hook_pause_and_the_failure(wf: Settings
     assert text.count("attempt 2: ConnectionError: payment gateway timed out") == 1
     assert "attempt 1: ValueError: no courier for 3 parcels" in text
     assert "Traceback (most recent call last):" in text and 'raise ValueError(f"no courier' in text
-    assert re.search(r"^\s+run failed\s+failed", text, re.M)
+    assert re.search(r"^\s+run failed\s+failed", text, re.M) and "because step #4 failed" in text
 
     coloured = await cli("runs", "show", "bad-7", "--color", "always")
     assert ANSI.search(coloured.stdout)

@@ -12,6 +12,9 @@ Every record of a run or step carries ``werkfluss_event`` (``run.started``,
 ``step.retrying``, ``step.failed``, ``hook.received``), ``werkfluss_run``,
 and for steps ``werkfluss_seq`` and ``werkfluss_step``, so a handler can
 show progress or ship structured logs without parsing messages.
+
+Nothing is printed unless the application configures logging (for example
+``logging.basicConfig(level=logging.INFO)``); ``werkfluss worker`` does.
 """
 
 from __future__ import annotations
@@ -21,6 +24,9 @@ import logging
 __all__ = ["log", "note"]
 
 log = logging.getLogger("werkfluss")
+# A library configures no output: records go where the application's logging
+# sends them, and nowhere (not to stderr via logging.lastResort) without any.
+log.addHandler(logging.NullHandler())
 
 
 def note(

@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 __all__ = ["WIDTH", "Row", "duration", "render", "rows"]
 
 WIDTH = 80
-_SEQ, _NAME, _OUTCOME, _TRIES, _TIME = 4, 20, 9, 3, 7
+_SEQ, _NAME, _OUTCOME, _TRIES, _TIME = 4, 22, 9, 3, 7
 _BAR = WIDTH - (_SEQ + _NAME + _OUTCOME + _TRIES + _TIME + 5) - 2  # 5 gaps, 2 bar edges
 
 _RESET = "\033[0m"
@@ -60,8 +60,8 @@ class _Glyphs:
     more: str
 
 
-_PLAIN = _Glyphs(run="#", fail="x", gap=".", sleep="~", tick="|", more="..")
-_FANCY = _Glyphs(run="█", fail="▒", gap="░", sleep="─", tick="│", more="…")
+_PLAIN = _Glyphs(run="#", fail="x", gap=".", sleep="~", tick="*", more="..")
+_FANCY = _Glyphs(run="█", fail="▒", gap="░", sleep="─", tick="◆", more="…")
 
 
 @dataclass
@@ -122,7 +122,7 @@ def rows(events: list[AnyEvent], *, now: float | None = None) -> list[Row]:
                 if event.final and event.error.traceback:
                     row.notes.extend(event.error.traceback.rstrip("\n").splitlines())
         elif isinstance(event, HookReceived):
-            out.append(Row("hook", event.seq, f"hook {event.token!r}", "received", start=event.time, end=event.time,
+            out.append(Row("hook", event.seq, f"hook:{event.token}", "received", start=event.time, end=event.time,
                            spans=[(event.time, event.time, "mark")]))  # fmt: skip
         elif isinstance(event, TimerStarted):
             out.append(Row("sleep", event.seq, "sleep", f"{duration(event.due - event.time)}", start=event.time,
@@ -165,9 +165,12 @@ def _end_row(event: RunCompleted | RunFailed | RunBlocked | RunCancelled) -> Row
     else:
         outcome = "failed" if isinstance(event, RunFailed) else "blocked"
         row = Row("end", None, f"run {outcome}", outcome)
-        row.notes.append(f"{event.error.type}: {_one_line(event.error.message)}")
-        if isinstance(event, RunBlocked) or getattr(event, "seq", None) is None:
-            row.notes.extend(event.error.traceback.rstrip("\n").splitlines()[-6:])
+        if isinstance(event, RunFailed) and event.seq is not None:
+            row.notes.append(f"because step #{event.seq} failed")
+        else:  # the workflow's own exception, or the divergence: its text is the story
+            row.notes.append(f"{event.error.type}: {_one_line(event.error.message)}")
+            if isinstance(event, RunFailed):
+                row.notes.extend(event.error.traceback.rstrip("\n").splitlines())
     row.start = row.end = event.time
     row.spans = [(event.time, event.time, "mark")]
     return row
@@ -217,7 +220,7 @@ def render(run: RunInfo, events: list[AnyEvent], *, colour: bool = False, now: f
         tone = "failed" if row.outcome in ("failed", "blocked", "retrying") else "dim"
         indent = " " * (_SEQ + 3)
         for note in row.notes:
-            pieces = textwrap.wrap(note, WIDTH - len(indent), drop_whitespace=False) or [""]
+            pieces = textwrap.wrap(note, WIDTH - len(indent)) or [""]
             out.extend(paint(tone, indent + piece) for piece in pieces)
     return out
 
