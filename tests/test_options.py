@@ -11,7 +11,10 @@ import pytest
 from werkfluss import ConfigurationError, RetryPolicy, Settings
 from werkfluss._options import StepOptions, step_options
 
-ENV_VARS = ("WERKFLUSS_REDIS_URL", "WERKFLUSS_DIR", "WERKFLUSS_PREFIX", "WERKFLUSS_FSYNC", "WERKFLUSS_LEASE")
+ENV_VARS = (
+    "WERKFLUSS_REDIS_URL", "WERKFLUSS_DIR", "WERKFLUSS_PREFIX", "WERKFLUSS_FSYNC", "WERKFLUSS_LEASE",
+    "WERKFLUSS_MAX_PAYLOAD", "WERKFLUSS_HISTORY_WARNING", "WERKFLUSS_MAX_HISTORY",
+)  # fmt: skip
 
 
 @pytest.fixture

@@ -37,9 +37,11 @@ from ._client import (
 from ._context import step_key
 from ._errors import (
     ConfigurationError,
+    HistoryTooLargeError,
     HookConflictError,
     NonDeterminismError,
     NotInWorkflowError,
+    PayloadTooLargeError,
     RunCancelledError,
     RunConflictError,
     RunFailedError,
@@ -72,10 +74,12 @@ from ._wrappers import Step, Workflow, step, workflow
 __all__ = [
     "ConfigurationError",
     "ErrorRecord",
+    "HistoryTooLargeError",
     "Hook",
     "HookConflictError",
     "NonDeterminismError",
     "NotInWorkflowError",
+    "PayloadTooLargeError",
     "PendingHook",
     "RetryPolicy",
     "RunCancelledError",

@@ -117,7 +117,7 @@ async def start_async(workflow: Workflow[P, R], /, *args: P.args, **kwargs: P.kw
         StorageError: Redis/Valkey is unreachable.
     """
     settings = workflow.run_options.settings or Settings.from_env()
-    args_raw = encode_call(workflow.id, args, kwargs, deterministic=True)
+    args_raw = encode_call(workflow.id, args, kwargs, deterministic=True, limit=settings.max_payload)
     run_id = workflow.run_options.run_id or derive_run_id(workflow.id, args_raw)
     store = await open_store(settings)
     key = (id(store), run_id)
@@ -128,7 +128,7 @@ async def start_async(workflow: Workflow[P, R], /, *args: P.args, **kwargs: P.kw
     future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
     _active[key] = future
     try:
-        result = await drive(store, workflow, run_id, args, kwargs, args_raw, settings.lease)
+        result = await drive(store, workflow, run_id, args, kwargs, args_raw, settings)
     except BaseException as exc:
         future.set_exception(exc)
         future.exception()  # mark retrieved: nobody else may be waiting
@@ -182,7 +182,7 @@ async def enqueue_async(workflow: Workflow[P, R], /, *args: P.args, **kwargs: P.
         StorageError: Redis/Valkey is unreachable.
     """
     settings = workflow.run_options.settings or Settings.from_env()
-    args_raw = encode_call(workflow.id, args, kwargs, deterministic=True)
+    args_raw = encode_call(workflow.id, args, kwargs, deterministic=True, limit=settings.max_payload)
     run_id = workflow.run_options.run_id or derive_run_id(workflow.id, args_raw)
     store = await open_store(settings)
     started = encode_event(RunStarted(time.time(), workflow.id, msgspec.Raw(args_raw)))
@@ -217,8 +217,9 @@ async def invoke_hook_async(token: str, payload: Any = None, *, settings: Settin
         StorageError: Redis/Valkey is unreachable.
     """
     _check_token(token)
-    raw = encode_checked(payload, owner=f"hook {token!r}", where="payload")
-    store = await open_store(settings or Settings.from_env())
+    settings = settings or Settings.from_env()
+    raw = encode_checked(payload, owner=f"hook {token!r}", where="payload", limit=settings.max_payload)
+    store = await open_store(settings)
     owner = await store.deliver(token, raw)
     if owner:
         await store.wake(owner)

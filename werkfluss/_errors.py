@@ -5,7 +5,9 @@ Every error a user can catch derives from `WerkflussError`::
     WerkflussError
     ├── ConfigurationError      bad settings, IDs or options, found at definition time
     ├── SerializationError      a value msgspec cannot encode (names step + argument)
+    │   └── PayloadTooLargeError    an encoded value over `Settings.max_payload`
     ├── StorageError            Redis/Valkey unreachable or answering nonsense
+    ├── HistoryTooLargeError    a run's log reached `Settings.max_history` events
     ├── NonDeterminismError     replay found another step than the log recorded
     ├── StepFailedError         a step exhausted its retries (carries the original error)
     ├── RunFailedError          a run this caller waited for ended in failure
@@ -26,9 +28,11 @@ from typing import final
 
 __all__ = [
     "ConfigurationError",
+    "HistoryTooLargeError",
     "HookConflictError",
     "NonDeterminismError",
     "NotInWorkflowError",
+    "PayloadTooLargeError",
     "RunCancelledError",
     "RunConflictError",
     "RunFailedError",
@@ -61,6 +65,36 @@ class SerializationError(WerkflussError):
         super().__init__(message)
         self.step_id = step_id
         self.where = where
+
+
+class PayloadTooLargeError(SerializationError):
+    """An encoded value is larger than `Settings.max_payload`; nothing was written.
+
+    Attributes:
+        size: The value's encoded size in bytes.
+        limit: The limit it exceeds.
+    """
+
+    def __init__(self, message: str, *, step_id: str, where: str, size: int, limit: int) -> None:
+        super().__init__(message, step_id=step_id, where=where)
+        self.size = size
+        self.limit = limit
+
+
+class HistoryTooLargeError(WerkflussError):
+    """A run's log reached `Settings.max_history` events; the run fails with this.
+
+    Raise the cap (or split the work into child runs) and resume the run.
+    """
+
+    def __init__(self, run_id: str, events: int, limit: int) -> None:
+        super().__init__(
+            f"run {run_id!r} has {events} events in its log, the limit is {limit} (Settings.max_history): "
+            f"split the work into child workflows, or raise the limit and resume the run"
+        )
+        self.run_id = run_id
+        self.events = events
+        self.limit = limit
 
 
 class StorageError(WerkflussError):

@@ -23,7 +23,7 @@ from typing import Any, TypeAlias
 
 import msgspec
 
-from ._errors import SerializationError
+from ._errors import PayloadTooLargeError, SerializationError
 
 __all__ = [
     "AnyEvent",
@@ -239,10 +239,13 @@ def encode_value(value: Any, *, deterministic: bool = False) -> bytes:
     return (_deterministic_encoder if deterministic else _value_encoder).encode(builtin)
 
 
-def encode_checked(value: Any, *, owner: str, where: str, deterministic: bool = False) -> bytes:
-    """`encode_value`, turning failure into a `SerializationError` naming `owner` and `where`."""
+def encode_checked(
+    value: Any, *, owner: str, where: str, deterministic: bool = False, limit: int | None = None
+) -> bytes:
+    """`encode_value`, turning failure into a `SerializationError` naming `owner` and `where`,
+    and a value over `limit` bytes into a `PayloadTooLargeError`."""
     try:
-        return encode_value(value, deterministic=deterministic)
+        raw = encode_value(value, deterministic=deterministic)
     except (TypeError, ValueError, OverflowError, RecursionError, msgspec.EncodeError) as exc:
         path, reason = _find_unencodable(value, where, set())
         raise SerializationError(
@@ -251,18 +254,41 @@ def encode_checked(value: Any, *, owner: str, where: str, deterministic: bool = 
             step_id=owner,
             where=path,
         ) from None
+    if limit is not None and len(raw) > limit:
+        raise _too_large(owner, where, len(raw), limit)
+    return raw
 
 
-def encode_call(owner: str, args: tuple[Any, ...], kwargs: dict[str, Any], *, deterministic: bool = False) -> bytes:
-    """Encode a call's arguments as ``[args, kwargs]``, naming the argument at fault."""
+def encode_call(
+    owner: str, args: tuple[Any, ...], kwargs: dict[str, Any], *, deterministic: bool = False, limit: int | None = None
+) -> bytes:
+    """Encode a call's arguments as ``[args, kwargs]``, naming the argument at fault
+    (one that does not encode, or the largest when together they exceed `limit` bytes)."""
     try:
-        return encode_value([args, kwargs], deterministic=deterministic)
+        raw = encode_value([args, kwargs], deterministic=deterministic)
     except (TypeError, ValueError, OverflowError, RecursionError, msgspec.EncodeError):
         for i, arg in enumerate(args):
             encode_checked(arg, owner=owner, where=f"argument {i}", deterministic=deterministic)
         for key, arg in kwargs.items():
             encode_checked(arg, owner=owner, where=f"argument {key!r}", deterministic=deterministic)
         raise  # pragma: no cover - one of the loops above raises
+    if limit is not None and len(raw) > limit:
+        sizes = [(len(encode_value(a)), f"argument {i}") for i, a in enumerate(args)]
+        sizes += [(len(encode_value(a)), f"argument {k!r}") for k, a in kwargs.items()]
+        largest = max(sizes)[1] if sizes else "arguments"
+        raise _too_large(owner, f"the arguments (largest: {largest})", len(raw), limit)
+    return raw
+
+
+def _too_large(owner: str, where: str, size: int, limit: int) -> PayloadTooLargeError:
+    return PayloadTooLargeError(
+        f"{owner}: {where}: {size:,} bytes encoded, over the limit of {limit:,} (Settings.max_payload). "
+        f"Keep large data elsewhere (a file, object storage) and pass a reference.",
+        step_id=owner,
+        where=where,
+        size=size,
+        limit=limit,
+    )
 
 
 def decode_value(data: bytes, type_: Any, *, owner: str, where: str) -> Any:

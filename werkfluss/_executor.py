@@ -29,6 +29,7 @@ import msgspec
 
 from ._context import RunContext, StepContext, enter_run, enter_step, exit_run, exit_step
 from ._errors import (
+    HistoryTooLargeError,
     HookConflictError,
     NonDeterminismError,
     RunCancelledError,
@@ -61,6 +62,7 @@ from ._log import log, note
 DEBUG, INFO, WARNING = logging.DEBUG, logging.INFO, logging.WARNING
 
 if TYPE_CHECKING:
+    from ._options import Settings
     from ._replay import Replay
     from ._store import RedisStore
     from ._wrappers import Step, Workflow
@@ -84,9 +86,9 @@ class Released:
     """The run was handed back unfinished (a worker shutting down)."""
 
 
-# drive_child(store, workflow, child run ID, args, kwargs, encoded args, lease, parent run ID)
+# drive_child(store, workflow, child run ID, args, kwargs, encoded args, settings, parent run ID)
 ChildDriver = Callable[
-    ["RedisStore", "Workflow[Any, Any]", str, tuple[Any, ...], dict[str, Any], bytes, float, str], Awaitable[Any]
+    ["RedisStore", "Workflow[Any, Any]", str, tuple[Any, ...], dict[str, Any], bytes, "Settings", str], Awaitable[Any]
 ]
 
 _waits_encoder = msgspec.msgpack.Encoder()
@@ -106,7 +108,7 @@ class RunExecutor:
         run_id: str,
         epoch: int,
         replay: Replay,
-        lease: float,
+        settings: Settings,
         drive_child: ChildDriver,
         *,
         cancel: str | None = None,
@@ -118,7 +120,10 @@ class RunExecutor:
         self.run_id = run_id
         self.epoch = epoch
         self.replay = replay
-        self.lease = lease
+        self.settings = settings
+        self.lease = settings.lease
+        self.events = replay.count  # in the log, as far as this process knows
+        self.warned = False  # about the history's length
         self.drive_child = drive_child
         self.lost = False
         self.diverged: NonDeterminismError | None = None
@@ -174,9 +179,20 @@ class RunExecutor:
             raise self.diverged
 
     async def record(self, dedup: str, event: AnyEvent) -> None:
-        """Append one event to the log (fenced, first writer wins)."""
+        """Append one event to the log (fenced, first writer wins).
+
+        Raises:
+            HistoryTooLargeError: the log holds `Settings.max_history` events already.
+        """
+        if self.events >= self.settings.max_history:
+            raise HistoryTooLargeError(self.run_id, self.events, self.settings.max_history)
         with self.busy():
-            _, cancel = await self.store.append(self.run_id, self.epoch, dedup, encode_event(event), self.lease)
+            n, cancel = await self.store.append(self.run_id, self.epoch, dedup, encode_event(event), self.lease)
+        self.events = max(self.events, n)
+        if self.events >= self.settings.history_warning and not self.warned:
+            self.warned = True
+            note(WARNING, "run.history", self.run_id, "run %s: its log has %d events; it fails at %d (max_history)",
+                 self.run_id, self.events, self.settings.max_history)  # fmt: skip
         if cancel is not None:
             self.request_cancel(cancel)
 
@@ -195,7 +211,10 @@ class RunExecutor:
         self._touch()
 
     async def _checkpoint(self) -> None:
-        """Where a cancel or a shutdown takes effect: before anything live runs."""
+        """Where a cancel or a shutdown takes effect, and a full log refuses more:
+        before anything live runs."""
+        if self.events >= self.settings.max_history:
+            raise HistoryTooLargeError(self.run_id, self.events, self.settings.max_history)
         if (self.cancel_reason is not None or self.stopping) and self._body is not None:
             self._body.cancel()
             await anyio.lowlevel.checkpoint()
@@ -220,7 +239,8 @@ class RunExecutor:
             return await self._execute(step, seq, args, kwargs)
 
     async def _execute(self, step: Step[Any, Any], seq: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        args_raw = msgspec.Raw(encode_call(step.id, args, kwargs))  # before any side effect
+        # Before any side effect: arguments that cannot be stored fail the call here.
+        args_raw = msgspec.Raw(encode_call(step.id, args, kwargs, limit=self.settings.max_payload))
         policy = step.options.retry
         timeout = step.options.timeout
         attempt = self.replay.attempts.get(seq, 0)
@@ -244,7 +264,7 @@ class RunExecutor:
                 exit_step(token)
             if error is None:
                 try:
-                    raw = encode_checked(result, owner=step.id, where="result")
+                    raw = encode_checked(result, owner=step.id, where="result", limit=self.settings.max_payload)
                 except SerializationError as exc:
                     # Retrying would return the same unstorable value: fail now.
                     await self._record_failure(step.id, seq, attempt, started, exc, final=True, retry_at=None)
@@ -312,13 +332,13 @@ class RunExecutor:
         if failed is not None:
             raise self._failure(workflow.id, seq, failed.attempt, failed.error, failed.error.rebuild())
         await self._checkpoint()
-        args_raw = encode_call(workflow.id, args, kwargs, deterministic=True)
+        args_raw = encode_call(workflow.id, args, kwargs, deterministic=True, limit=self.settings.max_payload)
         started = time.time()
         while True:
             try:
                 with self.busy():
                     outcome = await self.drive_child(
-                        self.store, workflow, child_id, args, kwargs, args_raw, self.lease, self.run_id
+                        self.store, workflow, child_id, args, kwargs, args_raw, self.settings, self.run_id
                     )
             except (_Suspend, NonDeterminismError):
                 raise
@@ -330,7 +350,7 @@ class RunExecutor:
                 break
             with self.waiting(Waiting("child", run=child_id)):
                 await wait_for_wake(self.store, child_id, self.lease)
-        raw = encode_checked(outcome, owner=workflow.id, where="result")
+        raw = encode_checked(outcome, owner=workflow.id, where="result", limit=self.settings.max_payload)
         attempt = self.replay.attempts.get(seq, 0) + 1
         event = StepCompleted(time.time(), seq, workflow.id, attempt, started, msgspec.Raw(args_raw), msgspec.Raw(raw))
         await self.record(f"c{seq}", event)
@@ -471,7 +491,7 @@ class RunExecutor:
             raise self.diverged
         if ok:
             try:
-                raw = encode_checked(result, owner=self.workflow.id, where="result")
+                raw = encode_checked(result, owner=self.workflow.id, where="result", limit=self.settings.max_payload)
             except SerializationError as exc:
                 error = exc
             else:

@@ -8,7 +8,8 @@ are never logged, at any level: they may hold secrets.
 
 Every record of a run or step carries ``werkfluss_event`` (``run.started``,
 ``run.resumed``, ``run.paused``, ``run.completed``, ``run.failed``,
-``run.blocked``, ``run.cancelled``, ``step.executed``, ``step.replayed``,
+``run.blocked``, ``run.cancelled``, ``run.history`` (its log grew past
+``Settings.history_warning``), ``step.executed``, ``step.replayed``,
 ``step.retrying``, ``step.failed``, ``hook.received``), ``werkfluss_run``,
 and for steps ``werkfluss_seq`` and ``werkfluss_step``, so a handler can
 show progress or ship structured logs without parsing messages.

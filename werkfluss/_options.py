@@ -20,6 +20,11 @@ __all__ = ["RetryPolicy", "Settings", "StepOptions", "parse_duration"]
 Backoff = Literal["exponential", "linear", "constant"]
 
 
+def _env_variable(field: str) -> str:
+    """The environment variable of a `Settings` field: ``WERKFLUSS_<FIELD>`` (``WERKFLUSS_DIR`` for `directory`)."""
+    return "WERKFLUSS_DIR" if field == "directory" else f"WERKFLUSS_{field.upper()}"
+
+
 def _finite(value: float) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
 
@@ -138,6 +143,14 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             power loss can lose the last second) or ``"always"``.
         lease: Seconds a run stays claimed by a process that stopped
             renewing it (default 10); renewed every third of that.
+        max_payload: Bytes one encoded value may take in the log: a step's
+            or workflow's arguments, a result, a hook payload (default 1 MiB).
+            Larger ones raise `PayloadTooLargeError` before anything is written.
+        history_warning: Events in one run's log past which a warning is
+            logged, once per process that runs it (default 10,240).
+        max_history: Events one run's log may hold; a run that needs more
+            fails with `HistoryTooLargeError` (default 51,200). Raise it and
+            resume the run to go on.
     """
 
     redis_url: str | None = None
@@ -145,6 +158,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     prefix: str = "werkfluss:"
     fsync: Fsync = "everysec"
     lease: float = 10.0
+    max_payload: int = 1 << 20
+    history_warning: int = 10_240
+    max_history: int = 51_200
 
     def __post_init__(self) -> None:
         if self.fsync not in ("everysec", "always"):
@@ -153,27 +169,30 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             raise ConfigurationError(f"lease must be >= 0.5 seconds, got {self.lease}")
         if not self.prefix or any(c in self.prefix for c in "{}"):
             raise ConfigurationError(f"invalid key prefix {self.prefix!r}: non-empty, without braces")
+        for name in ("max_payload", "history_warning", "max_history"):
+            if getattr(self, name) < 1:
+                raise ConfigurationError(f"{name} must be at least 1, got {getattr(self, name)}")
 
     @classmethod
     def from_env(cls, **overrides: object) -> Settings:
-        """Settings from ``WERKFLUSS_REDIS_URL``, ``WERKFLUSS_DIR``,
-        ``WERKFLUSS_PREFIX``, ``WERKFLUSS_FSYNC`` and ``WERKFLUSS_LEASE``;
+        """Settings from the environment, one variable per field:
+        ``WERKFLUSS_REDIS_URL``, ``WERKFLUSS_DIR``, ``WERKFLUSS_PREFIX``,
+        ``WERKFLUSS_FSYNC``, ``WERKFLUSS_LEASE``, ``WERKFLUSS_MAX_PAYLOAD``,
+        ``WERKFLUSS_HISTORY_WARNING`` and ``WERKFLUSS_MAX_HISTORY``;
         keyword arguments that are not ``None`` win."""
-        env = os.environ
         values: dict[str, object] = {}
-        if env.get("WERKFLUSS_REDIS_URL"):
-            values["redis_url"] = env["WERKFLUSS_REDIS_URL"]
-        if env.get("WERKFLUSS_DIR"):
-            values["directory"] = env["WERKFLUSS_DIR"]
-        if env.get("WERKFLUSS_PREFIX"):
-            values["prefix"] = env["WERKFLUSS_PREFIX"]
-        if env.get("WERKFLUSS_FSYNC"):
-            values["fsync"] = env["WERKFLUSS_FSYNC"]
-        if env.get("WERKFLUSS_LEASE"):
+        for name, field_type in (("lease", float), ("max_payload", int), ("history_warning", int),
+                                 ("max_history", int), ("redis_url", str), ("directory", str), ("prefix", str),
+                                 ("fsync", str)):  # fmt: skip
+            variable = _env_variable(name)
+            raw = os.environ.get(variable)
+            if not raw:
+                continue
             try:
-                values["lease"] = float(env["WERKFLUSS_LEASE"])
+                values[name] = field_type(raw)
             except ValueError:
-                raise ConfigurationError(f"WERKFLUSS_LEASE must be a number, got {env['WERKFLUSS_LEASE']!r}") from None
+                kind = "a number" if field_type is float else "a whole number"
+                raise ConfigurationError(f"{variable} must be {kind}, got {raw!r}") from None
         unknown = sorted(set(overrides) - set(cls.__struct_fields__))
         if unknown:
             raise ConfigurationError(

@@ -22,6 +22,7 @@ from ._log import log, note
 from ._replay import Replay
 
 if TYPE_CHECKING:
+    from ._options import Settings
     from ._store import AcquireResult, RedisStore
     from ._wrappers import Workflow
 
@@ -40,7 +41,7 @@ async def drive(
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
     args_raw: bytes,
-    lease: float,
+    settings: Settings,
     *,
     parent: str = "",
     wait: bool = True,
@@ -60,6 +61,7 @@ async def drive(
         Exception: what the workflow raised (the run is recorded failed).
     """
     holder = process_holder()
+    lease = settings.lease
     digest = args_digest(args_raw)
     started = encode_event(RunStarted(time.time(), workflow.id, msgspec.Raw(args_raw), parent or None))
     take_over = ""
@@ -95,7 +97,7 @@ async def drive(
         else:
             note(INFO, "run.started", run_id, "run %s (%s) started", run_id, workflow.id)
         executor = RunExecutor(
-            store, workflow, run_id, got.epoch, replay, lease, drive_child, cancel=got.cancel, parent=parent,
+            store, workflow, run_id, got.epoch, replay, settings, drive_child, cancel=got.cancel, parent=parent,
             inline=bool(parent),
         )  # fmt: skip
         try:
@@ -115,11 +117,11 @@ async def drive_child(
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
     args_raw: bytes,
-    lease: float,
+    settings: Settings,
     parent: str,
 ) -> Any:
     """`drive` a child run for its parent: returns its result, or `Paused` when it pauses."""
-    return await drive(store, workflow, child_id, args, kwargs, args_raw, lease, parent=parent, wait=False)
+    return await drive(store, workflow, child_id, args, kwargs, args_raw, settings, parent=parent, wait=False)
 
 
 def resumed_from(previous: str) -> str:

@@ -306,7 +306,7 @@ class Worker:
         note(INFO, "run.resumed", run_id, "run %s (%s) resumed %s on worker %s", run_id, workflow.id,
              resumed_from(got.previous), self.name)  # fmt: skip
         executor = RunExecutor(
-            store, workflow, run_id, got.epoch, replay, lease, drive_child, cancel=got.cancel,
+            store, workflow, run_id, got.epoch, replay, self.settings, drive_child, cancel=got.cancel,
             parent=replay.started.parent or "",
         )  # fmt: skip
         self._held[message] = executor

@@ -174,7 +174,7 @@ class _Checker(RunExecutor):
     where the history ends, instead of executing or waiting for anything."""
 
     def __init__(self, workflow: Workflow[Any, Any], run_id: str, replay: Replay) -> None:
-        super().__init__(cast("Any", None), workflow, run_id, 0, replay, 0.0, _no_children)
+        super().__init__(cast("Any", None), workflow, run_id, 0, replay, Settings(), _no_children)
         self.replayed: set[int] = set()
         self.frontier: int | None = None  # the first call the log has no record of
 
