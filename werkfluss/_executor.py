@@ -390,8 +390,14 @@ class RunExecutor:
             if kind == "conflict":
                 raise HookConflictError(token, self.run_id, entry)
             if kind == "payload":
-                raw = payload if payload is not None else msgspec.msgpack.encode(None)
-                value = decode_value(raw, type_, owner=f"hook {token!r}", where="payload")
+                try:
+                    if payload is None:
+                        raise SerializationError(f"hook {token!r}: the mailbox entry has no payload field")
+                    value = decode_value(payload, type_, owner=f"hook {token!r}", where="payload")
+                except SerializationError as exc:
+                    await self._reject(token, entry, str(exc))
+                    continue
+                raw = payload
                 await self.record(f"h{seq}:{n}", HookReceived(time.time(), seq, token, n, entry, msgspec.Raw(raw)))
                 self.cursors[token] = entry
                 with self.busy():
@@ -401,6 +407,19 @@ class RunExecutor:
                 return value
             with self.waiting(Waiting("hook", token=token)):
                 await anyio.sleep(_POLL)
+
+    async def _reject(self, token: str, entry: str, reason: str) -> None:
+        """Move a payload that does not decode to the dead letters; the run waits on.
+
+        Payloads sent with `invoke_hook` always decode; this one was written
+        some other way, or to the wrong hook. It must not fail the run.
+        """
+        with self.busy():
+            await self.store.bury(self.run_id, f"hook {token} entry {entry}", reason)
+            await self.store.consumed(token, entry)
+        self.cursors[token] = entry
+        note(WARNING, "hook.rejected", self.run_id, "run %s: hook %r entry %s moved to the dead letters: %s",
+             self.run_id, token, entry, reason)  # fmt: skip
 
     async def race(self, seq: int, awaitables: list[Awaitable[Any]]) -> tuple[int, Any]:
         """The first of `awaitables` to finish; the winner is recorded and replayed."""

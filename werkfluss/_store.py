@@ -86,7 +86,9 @@ def redact(url: str) -> str:
 
 
 def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
+    # Anything may be written into a stream; a byte that is not UTF-8 must not
+    # stop a reader (a worker would read the same message forever).
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
 
 
 class RedisStore:
@@ -548,6 +550,13 @@ class RedisStore:
         """Move `message` to the dead letters with `reason`."""
         keys = [self.queue_key("queue"), self.queue_key("dead"), self.queue_key("errors")]
         await self._run("DEAD", keys, [group, message, run_id, reason[:2000]])
+
+    async def bury(self, run_id: str, source: str, reason: str) -> None:
+        """Add a dead letter for something other than a queue message (a malformed
+        hook payload): `source` says where it came from."""
+        at = int(time.time() * 1000)
+        fields = {"r": run_id, "source": source, "at": at, "reason": reason[:2000]}
+        await self._call(self.client.xadd(self.queue_key("dead"), fields))  # type: ignore[arg-type]
 
     async def dead_letters(self, limit: int) -> list[tuple[str, dict[str, str]]]:
         """The dead letters, oldest first."""

@@ -88,6 +88,7 @@ class Worker:
         self._tg: TaskGroup | None = None
         self._slots = anyio.Semaphore(concurrency)
         self._held: dict[str, RunExecutor | None] = {}  # message id -> the run's executor, once it runs
+        self._runs: set[str] = set()  # run IDs this worker is executing
         self._stopping = anyio.Event()
         self._stopped = anyio.Event()
         self._empty = anyio.Event()  # set whenever the last held message is done
@@ -269,12 +270,27 @@ class Worker:
 
     async def _process(self, message: str, fields: dict[str, str]) -> str:
         """Handle one message; returns ack, requeue, keep or done (already dealt with)."""
-        store, lease = self.store, self.settings.lease
+        store = self.store
         run_id = fields.get("r", "")
         try:
             check_run_id(run_id)
         except ConfigurationError:
             return await self._dead(message, run_id, f"malformed message: no valid run ID in {sorted(fields)}")
+        if run_id in self._runs:
+            # This worker executes the run already (a wake-up arrived meanwhile): a
+            # second executor would fence the first out in the middle of a step.
+            # Look again in a moment; the run itself sees hooks and timers as it goes.
+            await store.wake(run_id, time.time() + 1.0)
+            return "ack"
+        self._runs.add(run_id)
+        try:
+            return await self._take(message, run_id, fields)
+        finally:
+            self._runs.discard(run_id)
+
+    async def _take(self, message: str, run_id: str, fields: dict[str, str]) -> str:
+        """Take run `run_id` over for `message` and execute it; returns like `_process`."""
+        store, lease = self.store, self.settings.lease
         resumed = encode_event(RunResumed(time.time(), self.name))
         got = await store.acquire(
             run_id, workflow="", holder=self.name, lease=lease, started=b"", resumed=resumed,
