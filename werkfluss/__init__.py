@@ -38,6 +38,7 @@ from ._context import step_key
 from ._errors import (
     ConfigurationError,
     HistoryTooLargeError,
+    HookClosedError,
     HookConflictError,
     NonDeterminismError,
     NotInWorkflowError,
@@ -76,6 +77,7 @@ __all__ = [
     "ErrorRecord",
     "HistoryTooLargeError",
     "Hook",
+    "HookClosedError",
     "HookConflictError",
     "NonDeterminismError",
     "NotInWorkflowError",

@@ -20,7 +20,7 @@ import anyio.to_thread
 import msgspec
 
 from ._embedded import ensure_server
-from ._errors import RunConflictError, RunNotFoundError
+from ._errors import HookClosedError, RunConflictError, RunNotFoundError
 from ._events import RunCancelled, RunStarted, Waiting, encode_call, encode_checked, encode_event
 from ._executor import LIVE
 from ._ids import check_run_id, derive_run_id
@@ -213,6 +213,7 @@ async def invoke_hook_async(token: str, payload: Any = None, *, settings: Settin
 
     Raises:
         SerializationError: the payload cannot be stored (nothing is delivered).
+        HookClosedError: the token's run has completed or was cancelled (nothing is stored).
         ConfigurationError: the token is not a valid token.
         StorageError: Redis/Valkey is unreachable.
     """
@@ -220,6 +221,14 @@ async def invoke_hook_async(token: str, payload: Any = None, *, settings: Settin
     settings = settings or Settings.from_env()
     raw = encode_checked(payload, owner=f"hook {token!r}", where="payload", limit=settings.max_payload)
     store = await open_store(settings)
+    # A run that ended will never take the payload. (A check, then a write: a run
+    # ending in between keeps the payload in a mailbox that expire_hooks clears.)
+    raw_owner = await store._call(store.client.hget(store.hook_key(token, "meta"), "owner"))
+    claimed = raw_owner.decode(errors="replace") if isinstance(raw_owner, bytes) else ""
+    if claimed:
+        status = await store.status(claimed)
+        if status in ("completed", "cancelled"):
+            raise HookClosedError(token, claimed, status)
     owner = await store.deliver(token, raw)
     if owner:
         await store.wake(owner)

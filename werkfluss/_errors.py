@@ -15,6 +15,7 @@ Every error a user can catch derives from `WerkflussError`::
     ├── RunNotFoundError        no run has this ID (queries, cancel, resume)
     ├── RunCancelledError       the run was cancelled (by `cancel()` or the CLI)
     ├── HookConflictError       a hook token already belongs to another run
+    ├── HookClosedError         a payload for a hook whose run completed or was cancelled
     └── NotInWorkflowError      a run-only function was called outside a run or step
 
 `_Suspend` is deliberately *not* in that tree: it is a private `BaseException`
@@ -29,6 +30,7 @@ from typing import final
 __all__ = [
     "ConfigurationError",
     "HistoryTooLargeError",
+    "HookClosedError",
     "HookConflictError",
     "NonDeterminismError",
     "NotInWorkflowError",
@@ -205,6 +207,19 @@ class HookConflictError(WerkflussError):
         self.token = token
         self.run_id = run_id
         self.owner = owner
+
+
+class HookClosedError(WerkflussError):
+    """A payload was sent to a hook whose run has completed or been cancelled.
+
+    Nothing is stored: no run would ever take it.
+    """
+
+    def __init__(self, token: str, run_id: str, status: str) -> None:
+        super().__init__(f"hook {token!r} belongs to run {run_id!r}, which is {status}: no run will take the payload")
+        self.token = token
+        self.run_id = run_id
+        self.status = status
 
 
 class NotInWorkflowError(WerkflussError):

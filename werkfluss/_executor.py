@@ -133,6 +133,7 @@ class RunExecutor:
         self.stopping = False
         self.ended = False  # its end (completed, failed, blocked, cancelled) is recorded
         self.cursors = dict(replay.cursors)
+        self._tidied: dict[str, str] = {}  # token -> recorded entry removed from its mailbox again
         self._body: anyio.CancelScope | None = None
         self._active = 0  # steps executing, records being written, children being driven
         self._waits: dict[int, Waiting] = {}
@@ -383,7 +384,10 @@ class RunExecutor:
         self.check(seq, f"hook:{token}")
         recorded = self.replay.hooks.get((seq, n))
         if recorded is not None:
-            return decode_value(recorded.payload, type_, owner=f"hook {token!r}", where="payload")
+            value = decode_value(recorded.payload, type_, owner=f"hook {token!r}", where="payload")
+            if recorded.entry == self.replay.cursors.get(token):
+                await self._tidy(token, recorded.entry)
+            return value
         await self._checkpoint()
         while True:
             kind, entry, payload = await self.store.take(token, self.run_id, self.cursors.get(token, "0-0"))
@@ -407,6 +411,18 @@ class RunExecutor:
                 return value
             with self.waiting(Waiting("hook", token=token)):
                 await anyio.sleep(_POLL)
+
+    async def _tidy(self, token: str, entry: str) -> None:
+        """Remove a recorded payload from its mailbox, once per run and token.
+
+        A payload leaves the mailbox right after its `HookReceived` is
+        recorded; a process that died in between left it there, so the
+        latest recorded entry of each token is removed again (idempotent).
+        """
+        if self._tidied.get(token) != entry:
+            self._tidied[token] = entry
+            with self.busy():
+                await self.store.consumed(token, entry)
 
     async def _reject(self, token: str, entry: str, reason: str) -> None:
         """Move a payload that does not decode to the dead letters; the run waits on.
