@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
-from ._errors import StorageError
+from ._errors import SerializationError
 from ._events import (
     AnyEvent,
     HookReceived,
@@ -70,7 +70,8 @@ class Replay:
         executing that step again.
 
         Raises:
-            StorageError: an entry does not decode (named by its index).
+            SerializationError: an entry does not decode (named by its index).
+            StorageError: Redis/Valkey is unreachable.
         """
         replay = cls()
         async for batch in store.read_log(run_id):
@@ -80,7 +81,9 @@ class Replay:
                         raise ValueError("the entry has no event field")
                     event = decode_event(body)
                 except (msgspec.DecodeError, ValueError, RecursionError) as exc:
-                    raise StorageError(f"run {run_id!r}: log entry 0-{index} is malformed: {exc}") from None
+                    raise SerializationError(
+                        f"run {run_id!r}: log entry 0-{index} is malformed: {exc}", where=f"log entry 0-{index}"
+                    ) from None
                 replay.add(index, event, retry_seq, retry_index)
         return replay
 

@@ -282,7 +282,7 @@ RECLAIM = (
     _NOW
     + """
 local got = redis.call('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[6], 'COUNT', ARGV[4])
-local out = {}
+local out, dead = {}, {}
 for _, entry in ipairs(got[2]) do
   -- Redis 6.2 reports an entry deleted while pending as nil; Redis 7 drops it itself.
   local id, fields = entry and entry[1], entry and entry[2]
@@ -295,8 +295,9 @@ for _, entry in ipairs(got[2]) do
       local run = ''
       for i = 1, #fields, 2 do if fields[i] == 'r' then run = fields[i + 1] end end
       local err = redis.call('HGET', KEYS[3], id) or 'no worker finished it'
-      redis.call('XADD', KEYS[2], '*', 'r', run, 'message', id, 'deliveries', times, 'at', now,
-                 'reason', 'delivered ' .. times .. ' times without finishing; last error: ' .. err)
+      local reason = 'delivered ' .. times .. ' times without finishing; last error: ' .. err
+      redis.call('XADD', KEYS[2], '*', 'r', run, 'message', id, 'deliveries', times, 'at', now, 'reason', reason)
+      table.insert(dead, {run, reason})
       redis.call('XACK', KEYS[1], ARGV[1], id)
       redis.call('XDEL', KEYS[1], id)
       redis.call('HDEL', KEYS[3], id)
@@ -305,7 +306,7 @@ for _, entry in ipairs(got[2]) do
     end
   end
 end
-return {got[1], out}
+return {got[1], out, dead}
 """
 )
 

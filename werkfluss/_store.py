@@ -512,20 +512,25 @@ class RedisStore:
 
     async def reclaim(
         self, group: str, consumer: str, min_idle: float, count: int, max_deliveries: int
-    ) -> list[tuple[str, dict[str, str]]]:
+    ) -> tuple[list[tuple[str, dict[str, str]]], list[tuple[str, str]]]:
         """Claim messages idle longer than `min_idle` seconds (their worker is gone),
-        dead-lettering those delivered more than `max_deliveries` times."""
+        dead-lettering those delivered more than `max_deliveries` times.
+
+        Returns the claimed messages, and ``(run ID, reason)`` of each dead letter.
+        """
         keys = [self.queue_key("queue"), self.queue_key("dead"), self.queue_key("errors")]
         claimed: list[tuple[str, dict[str, str]]] = []
+        buried: list[tuple[str, str]] = []
         cursor = "0-0"
         while len(claimed) < count:
             args: list[_Arg] = [group, consumer, int(min_idle * 1000), count, max_deliveries, cursor]
-            nxt, entries = await self._run("RECLAIM", keys, args)
+            nxt, entries, dead = await self._run("RECLAIM", keys, args)
             claimed.extend((_text(i), _fields(f)) for i, f in entries)
+            buried.extend((_text(run), _text(reason)) for run, reason in dead)
             cursor = _text(nxt)
             if cursor == "0-0":
                 break
-        return claimed
+        return claimed, buried
 
     async def touch(self, group: str, consumer: str, ids: list[str]) -> set[str]:
         """Reset the idle time of messages `consumer` still owns; returns those."""

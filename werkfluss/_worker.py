@@ -18,10 +18,11 @@ from logging import INFO
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import msgspec
 
 from ._client import open_store
 from ._errors import ConfigurationError, SerializationError, StorageError, _Suspend
-from ._events import RunResumed, encode_event
+from ._events import ErrorInfo, RunFailed, RunResumed, encode_event
 from ._executor import Released, RunExecutor
 from ._ids import check_run_id
 from ._lease import process_holder
@@ -202,7 +203,9 @@ class Worker:
             if free == 0:
                 continue
             try:
-                claimed = await self.store.reclaim(GROUP, self.name, lease, free, self.max_deliveries)
+                claimed, buried = await self.store.reclaim(GROUP, self.name, lease, free, self.max_deliveries)
+                for run_id, reason in buried:
+                    await self._fail_buried(run_id, reason)
             except Exception as exc:
                 log.warning("worker %s: cannot claim abandoned messages, retrying: %s", self.name, exc,
                             exc_info=_bug(exc))  # fmt: skip
@@ -263,6 +266,31 @@ class Worker:
             except StorageError as exc:
                 log.warning("worker %s: %s", self.name, exc)
 
+    async def _fail_buried(self, run_id: str, reason: str) -> None:
+        """Mark the run of a message that went to the dead letters as failed, with the reason.
+
+        Its message was delivered too often without finishing (a step that kills
+        its worker, say): left as it was, the run would look forever in progress.
+        It is taken over first, so a holder that is still alive is fenced out.
+        """
+        log.error("worker %s: run %s went to the dead letters: %s", self.name, run_id, reason)
+        try:
+            check_run_id(run_id)
+        except ConfigurationError:
+            return
+        resumed = encode_event(RunResumed(time.time(), self.name))
+        got = await self.store.acquire(
+            run_id, workflow="", holder=self.name, lease=self.settings.lease, started=b"", resumed=resumed,
+            retry=False,
+        )  # fmt: skip
+        if got.kind != "resumed":
+            return  # ended meanwhile, or a live holder renews it: leave it be
+        info = ErrorInfo(type="werkfluss.DeadLetter", message=reason)
+        await self.store.finish(
+            run_id, got.epoch, status="failed", event=encode_event(RunFailed(time.time(), info)), field="error",
+            value=msgspec.msgpack.encode(info), failed_seq=None,
+        )  # fmt: skip
+
     async def _dead(self, message: str, run_id: str, reason: str) -> str:
         log.error("worker %s: dead-lettering message %s (run %r): %s", self.name, message, run_id, reason)
         await self.store.dead_letter(GROUP, message, run_id, reason)
@@ -316,8 +344,13 @@ class Worker:
             if replay.started is None:
                 raise SerializationError(f"run {run_id!r} has no run-started event")
             args, kwargs = workflow.decode_call(bytes(replay.started.args))
-        except (StorageError, SerializationError) as exc:
-            await store.release(run_id, got.epoch)
+        except SerializationError as exc:
+            # A log that does not decode will not decode next time either: the run fails.
+            info = ErrorInfo(type="werkfluss.SerializationError", message=str(exc))
+            await store.finish(
+                run_id, got.epoch, status="failed", event=encode_event(RunFailed(time.time(), info)), field="error",
+                value=msgspec.msgpack.encode(info), failed_seq=None,
+            )  # fmt: skip
             return await self._dead(message, run_id, str(exc))
         note(INFO, "run.resumed", run_id, "run %s (%s) resumed %s on worker %s", run_id, workflow.id,
              resumed_from(got.previous), self.name)  # fmt: skip

@@ -142,7 +142,7 @@ async def test_hostile_entries_are_dead_lettered_and_execute_nothing(
             await invoke_hook_async(token, 5, settings=settings)
         await until(lambda: all_status(settings, tokens, "paused"), 30, "the inboxes to pause")
 
-        healthy_ids = []
+        healthy_ids, planted = [], []
         expected_dead = 0
         started = time.monotonic()
         for i, (target, fields) in enumerate(entries):
@@ -151,6 +151,7 @@ async def test_hostile_entries_are_dead_lettered_and_execute_nothing(
             elif target == "log":
                 run_id = f"fz-bad-{uuid.uuid4().hex[:12]}"
                 await plant_run(settings, run_id, fields)
+                planted.append(run_id)
                 await store.client.xadd(store.queue_key("queue"), {"r": run_id})
             else:
                 token = tokens[i % INBOXES]
@@ -189,6 +190,8 @@ async def test_hostile_entries_are_dead_lettered_and_execute_nothing(
         await until(lambda: all_status(settings, tokens, "completed"), 30, "the inboxes to finish")
         assert {msgspec.msgpack.decode((await store.state(t))["result"]) for t in tokens} == {5}
 
+        # A run whose log does not decode is failed with the reason, not left looking in progress.
+        assert {await store.status(run_id) for run_id in planted} == {"failed"}
         letters = await store.dead_letters(expected_dead + 10)
         assert all(fields.get("reason") for _, fields in letters)
         sources = {"hook" if "source" in f else "queue" for _, f in letters}
