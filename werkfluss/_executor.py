@@ -519,6 +519,17 @@ class RunExecutor:
                 del LIVE[(id(self.store), self.run_id)]
         if self.lost:
             raise _Suspend(self.run_id, "another process took this run over")
+        if isinstance(error, StorageError):
+            # The server was out of reach longer than a write's retries: the run is
+            # interrupted, not failed. Hand it back (if the server answers again) so
+            # a rerun or another worker resumes it from its log.
+            with anyio.CancelScope(shield=True), anyio.move_on_after(2):
+                try:
+                    await self.store.release(self.run_id, self.epoch)
+                except StorageError:
+                    pass  # its lease runs out instead
+            note(WARNING, "run.interrupted", self.run_id, "run %s interrupted: %s", self.run_id, error)
+            raise error
         if self.diverged is not None:
             info = ErrorInfo.from_exception(self.diverged)
             await self._finish("blocked", RunBlocked(time.time(), info), "error", msgspec.msgpack.encode(info), None)

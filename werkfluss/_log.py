@@ -8,7 +8,8 @@ are never logged, at any level: they may hold secrets.
 
 Every record of a run or step carries ``werkfluss_event`` (``run.started``,
 ``run.resumed``, ``run.paused``, ``run.completed``, ``run.failed``,
-``run.blocked``, ``run.cancelled``, ``run.history`` (its log grew past
+``run.blocked``, ``run.cancelled``, ``run.interrupted`` (the server was out of reach),
+``run.history`` (its log grew past
 ``Settings.history_warning``), ``step.executed``, ``step.replayed``,
 ``step.retrying``, ``step.failed``, ``hook.received``, ``hook.rejected``), ``werkfluss_run``,
 and for steps ``werkfluss_seq`` and ``werkfluss_step``, so a handler can
