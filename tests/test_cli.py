@@ -16,9 +16,9 @@ import pytest
 
 from werkfluss import get_events_async, get_run_async, hook, invoke_hook_async, start_async, workflow
 from werkfluss._client import close_stores, open_store
-from werkfluss.events import HookReceived, RunPaused, RunResumed, RunStarted, StepCompleted, StepFailed
+from werkfluss.events import RunPaused, RunResumed, RunStarted, StepCompleted, StepFailed
 
-from .shop_flows import attempts, run_checkout
+from .shop_flows import SECRET, attempts, run_checkout
 
 if TYPE_CHECKING:
     import subprocess
@@ -147,7 +147,10 @@ async def test_runs_show_json_has_the_run_and_every_event(wf: Settings, cli: Cli
     assert [e["kind"] for e in data["events"]] == [type(e).__struct_config__.tag for e in events]
     hooks = [e for e in data["events"] if e["kind"] == "hook-received"]
     assert hooks[0]["payload"] is True and hooks[0]["token"] == "approve:ok-7"
-    assert isinstance(events[-2], StepCompleted) or any(isinstance(e, HookReceived) for e in events)
+    assert data["run"]["result"] == "ok-7 shipped receipt-ok-7-" + SECRET
+    completions = [e for e in data["events"] if e["kind"] == "step-completed"]
+    assert [(e["seq"], e["step"]) for e in completions] == [(1, "shop.reserve"), (2, "shop.charge"), (4, "shop.ship")]
+    assert completions[0]["args"] == [["ok-7"], {}] and completions[0]["result"] == 3
 
 
 # -- runs list, cancel, resume ---------------------------------------------------------------------------------------
