@@ -5,8 +5,6 @@ from __future__ import annotations
 import os
 import random
 import signal
-import subprocess
-import sys
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -23,6 +21,7 @@ from werkfluss._events import RunResumed, StepCompleted, decode_event
 from . import worker_flows
 from .conftest import ROOT, wait_for
 from .servers import RedisProcess, require_binary
+from .workers import Workers, server_env
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Iterator
@@ -111,7 +110,11 @@ async def test_messages_no_worker_can_serve_go_to_the_dead_letters_with_their_re
     assert "malformed message" in reasons[""]
     assert "there is no run 'no-such-run'" in reasons["no-such-run"]
     assert "delivered 3 times" in reasons[unknown] and "tests.only-here:unknown" in reasons[unknown]
-    assert await store.status(unknown) == "pending" or await store.status(unknown) == "running"
+    # Its run is failed with the reason, not left looking in progress (R-31).
+    with anyio.fail_after(10):
+        while await store.status(unknown) != "failed":
+            await anyio.sleep(0.02)
+    assert b"is not defined in worker" in (await store.state(unknown))["error"]
     # Re-driven with the workflow defined again, it runs.
     dead_id = next(i for i, fields in await store.dead_letters(10) if fields["r"] == unknown)
     assert await store.redrive(dead_id)
@@ -157,55 +160,9 @@ async def test_stopping_a_worker_hands_unfinished_runs_back_at_a_step_boundary(w
 # --- real processes -----------------------------------------------------------------------------------------------
 
 
-class Workers:
-    """Worker processes (``werkfluss worker tests.worker_flows``) pointed at one server and prefix."""
-
-    def __init__(self, env: dict[str, str], tmp: Path) -> None:
-        self.env = env
-        self.tmp = tmp
-        self.procs: list[subprocess.Popen[bytes]] = []
-        self.killed: set[int] = set()
-        self.concurrency = 8
-
-    def start(self) -> subprocess.Popen[bytes]:
-        log = open(self.tmp / f"worker-{len(self.procs)}.log", "wb")
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "werkfluss", "worker", "tests.worker_flows", "--log-level", "INFO",
-             "--concurrency", str(self.concurrency)],
-            cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-        log.close()
-        self.procs.append(proc)
-        path = self.tmp / f"worker-{len(self.procs) - 1}.log"
-        wait_for(lambda: b"serving" in path.read_bytes() or proc.poll() is not None, what="a worker to start")
-        assert proc.poll() is None, path.read_text()
-        return proc
-
-    def kill(self, proc: subprocess.Popen[bytes]) -> None:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        self.killed.add(proc.pid)
-
-    def stop_all(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGCONT)
-                proc.terminate()
-        for proc in self.procs:
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
 @pytest.fixture
 def workers(server: Server, prefix: str, tmp_path: Path) -> Iterator[Workers]:
-    env = {
-        **os.environ, **server.env, "WERKFLUSS_PREFIX": prefix, "WERKFLUSS_LEASE": "1.0", "PYTHONPATH": str(ROOT),
-        "WF_LEDGER": str(tmp_path / "ledger"),
-    }  # fmt: skip
-    env.pop("WERKFLUSS_REDIS_URL" if server.kind == "valkey" else "WERKFLUSS_DIR", None)
+    env = server_env(server, prefix, WERKFLUSS_LEASE="1.0", WF_LEDGER=str(tmp_path / "ledger"))
     group = Workers(env, tmp_path)
     yield group
     group.stop_all()
@@ -348,28 +305,3 @@ async def test_a_timer_fires_after_every_process_that_knew_of_it_died(
     assert (await store.state("sleeper"))["result"] == msgspec.msgpack.encode(6)
     keys = Counter(key for key, _, _ in ledger(tmp_path.parent / tmp_path.name / "ledger"))
     assert keys == {"sleeper:1": 1, "sleeper:3": 1}  # the first step was not executed again
-
-
-def test_the_dead_letter_command_lists_and_redrives(server: Server, prefix: str, tmp_path: Path) -> None:
-    env = {**os.environ, **server.env, "WERKFLUSS_PREFIX": prefix, "PYTHONPATH": str(ROOT)}
-    env.pop("WERKFLUSS_REDIS_URL" if server.kind == "valkey" else "WERKFLUSS_DIR", None)
-
-    async def bury() -> None:
-        store = await open_store(server.settings(prefix))
-        await store.ensure_group("workers")
-        message = await store.enqueue("lost-run")
-        await store.client.xreadgroup("workers", "c", {store.queue_key("queue"): ">"})
-        await store.dead_letter("workers", message, "lost-run", "testing the command")
-        await close_stores()
-
-    anyio.run(bury)
-    cli = [sys.executable, "-m", "werkfluss", "dead"]
-    listed = subprocess.run([*cli, "list"], env=env, capture_output=True, text=True, timeout=30, check=True)
-    assert "run lost-run  testing the command" in listed.stdout
-    dead_id = listed.stdout.split()[0]
-    redriven = subprocess.run([*cli, "redrive", dead_id], env=env, capture_output=True, text=True, timeout=30)
-    assert redriven.returncode == 0 and "re-driven as" in redriven.stdout
-    again = subprocess.run([*cli, "redrive", dead_id], env=env, capture_output=True, text=True, timeout=30)
-    assert again.returncode == 1 and "no such dead letter" in again.stdout
-    empty = subprocess.run([*cli, "list"], env=env, capture_output=True, text=True, timeout=30, check=True)
-    assert "no dead letters" in empty.stdout

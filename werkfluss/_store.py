@@ -523,7 +523,7 @@ class RedisStore:
         buried: list[tuple[str, str]] = []
         cursor = "0-0"
         while len(claimed) < count:
-            args: list[_Arg] = [group, consumer, int(min_idle * 1000), count, max_deliveries, cursor]
+            args: list[_Arg] = [group, consumer, int(min_idle * 1000), count - len(claimed), max_deliveries, cursor]
             nxt, entries, dead = await self._run("RECLAIM", keys, args)
             claimed.extend((_text(i), _fields(f)) for i, f in entries)
             buried.extend((_text(run), _text(reason)) for run, reason in dead)

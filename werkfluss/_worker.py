@@ -13,6 +13,7 @@ timers to the queue (atomically: one script, so no double resume).
 
 from __future__ import annotations
 
+import random
 import time
 from logging import INFO
 from typing import TYPE_CHECKING, Any
@@ -194,8 +195,12 @@ class Worker:
 
     async def _reclaim(self) -> None:
         lease = self.settings.lease
+        backlog = False  # the last round claimed all it could take: there may be more
         while not self._stopping.is_set():
-            with anyio.move_on_after(lease / 2):
+            # Jittered, so that workers started together do not claim in lockstep; soon
+            # again while a herd of abandoned runs waits (a dead worker's whole share).
+            delay = 0.05 if backlog else lease / 2 * random.uniform(0.75, 1.25)
+            with anyio.move_on_after(delay):
                 await self._stopping.wait()
             if self._stopping.is_set():
                 return
@@ -204,6 +209,7 @@ class Worker:
                 continue
             try:
                 claimed, buried = await self.store.reclaim(GROUP, self.name, lease, free, self.max_deliveries)
+                backlog = len(claimed) + len(buried) >= free
                 for run_id, reason in buried:
                     await self._fail_buried(run_id, reason)
             except Exception as exc:
