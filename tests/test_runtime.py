@@ -359,7 +359,7 @@ async def test_gather_replays_identically_when_completion_order_differs(wf: Sett
     @step
     async def square(i: int) -> int:
         calls["square"] += 1
-        await anyio.sleep((20 - i) * 0.002)  # later calls finish first
+        await anyio.sleep((20 - i) * 0.01)  # later calls finish first, 10 ms apart: appends cannot overtake
         return i * i
 
     @workflow

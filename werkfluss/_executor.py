@@ -145,7 +145,8 @@ class RunExecutor:
 
     def _touch(self) -> None:
         self._generation += 1
-        self._changed.set()
+        if self._waits or self.stopping:  # only then may _watch act; waking it for every step costs CPU
+            self._changed.set()
 
     @contextmanager
     def busy(self) -> Iterator[None]:

@@ -122,8 +122,9 @@ return {1, redis.call('HGET', KEYS[1], 'cancel') or ''}
 APPEND = (
     _NOW
     + """
-if redis.call('HGET', KEYS[1], 'epoch') ~= ARGV[1] then return {-1, ''} end
-local cancel = redis.call('HGET', KEYS[1], 'cancel') or ''
+local cur = redis.call('HMGET', KEYS[1], 'epoch', 'cancel')
+if cur[1] ~= ARGV[1] then return {-1, ''} end
+local cancel = cur[2] or ''
 if redis.call('HEXISTS', KEYS[3], ARGV[2]) == 1 then return {0, cancel} end
 local n = redis.call('HINCRBY', KEYS[1], 'n', 1)
 redis.call('XADD', KEYS[2], '0-' .. n, 'e', ARGV[3])

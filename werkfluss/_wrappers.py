@@ -184,6 +184,13 @@ class Workflow(_Wrapper, Generic[P, R]):
             )
         return self._plain(*args, **kwargs)
 
+    def _signature(self) -> tuple[list[inspect.Parameter], dict[str, Any]]:
+        """The body's parameters and type hints, looked up once: a worker decodes calls per run."""
+        cached: tuple[list[inspect.Parameter], dict[str, Any]] | None = self.__dict__.get("_sig")
+        if cached is None:
+            cached = self.__dict__["_sig"] = (list(inspect.signature(self.fn).parameters.values()), _hints(self.fn))
+        return cached
+
     def decode_call(self, raw: bytes) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """A recorded ``[args, kwargs]`` decoded to the workflow's parameter types.
 
@@ -196,8 +203,7 @@ class Workflow(_Wrapper, Generic[P, R]):
             raise SerializationError(
                 f"{self.id}: the recorded arguments do not decode: {exc}", step_id=self.id, where="arguments"
             ) from None
-        params = list(inspect.signature(self.fn).parameters.values())
-        hints = _hints(self.fn)
+        params, hints = self._signature()
         positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
         star = next((p for p in params if p.kind == p.VAR_POSITIONAL), None)
         double = next((p for p in params if p.kind == p.VAR_KEYWORD), None)
