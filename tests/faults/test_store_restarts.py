@@ -1,0 +1,182 @@
+"""R-07, R-08: the server process is SIGKILLed under load and restarted 2 s later; workers stay up.
+
+Each variant gets a server of its own: Debian's redis-server (`RedisProcess`, restarted
+on the same port and data) or an embedded Valkey in its own directory (restarted with
+`ensure_server`, as the next `start()` would). Both run with ``appendonly yes`` and
+``appendfsync always`` (R-07) or ``everysec`` (R-08). A process crash loses nothing the
+server acknowledged in either mode: only a machine crash can lose the everysec window.
+
+"Acknowledged events lost" is measured from the workers' side: every append a worker saw
+acknowledged at log index N (the instrumented store's ``done ... ok N`` rows) must still
+be that event at ``0-N`` in the final log.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import psutil
+import pytest
+
+from werkfluss import Settings
+from werkfluss._embedded import ensure_server, stop_server
+
+from ..conftest import ROOT
+from ..servers import RedisProcess, require_binary
+from . import flows
+from .harness import DEADLINE, LEASE, Faults, pct, report
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
+
+RUNS = int(os.environ.get("WF_FAULT_RESTART_RUNS", "200"))
+# Runs per worker process. redis-py's asyncio pool refuses a 101st connection, and during an
+# outage every retrying command holds one: a worker at --concurrency 200 hit "Too many
+# connections" here (WF_FAULT_RESTART_CONCURRENCY=200 shows it), a StorageError that failed
+# runs until such errors interrupted runs instead (see test_partitions.py).
+PER_WORKER = int(os.environ.get("WF_FAULT_RESTART_CONCURRENCY", "50"))
+OUTAGE = 2.0  # seconds the server stays down
+
+
+class Target:
+    """A server this test may kill and restart, and how processes reach it."""
+
+    def __init__(self, kind: str, fsync: str, tmp: Path) -> None:
+        self.kind = kind
+        self.fsync = fsync
+        self.redis: RedisProcess | None = None
+        self.directory: Path | None = None
+        if kind == "redis":
+            require_binary("redis-server")
+            self.redis = RedisProcess(tmp / "redis", "--appendonly", "yes", "--appendfsync", fsync)
+            self.url = self.redis.url
+            self.env = {"WERKFLUSS_REDIS_URL": self.url}
+        else:
+            self.directory = Path(tempfile.mkdtemp(prefix="wf-restart-"))  # short: the socket lives inside
+            self.url = ensure_server(self.directory, fsync=fsync).url()
+            self.env = {"WERKFLUSS_DIR": str(self.directory), "WERKFLUSS_FSYNC": fsync}
+
+    def settings(self, prefix: str) -> Settings:
+        if self.redis is not None:
+            return Settings(redis_url=self.url, prefix=prefix, lease=LEASE)
+        assert self.directory is not None
+        return Settings(directory=str(self.directory), prefix=prefix, lease=LEASE, fsync=self.fsync)  # type: ignore[arg-type]
+
+    def kill(self) -> None:
+        if self.redis is not None:
+            self.redis.kill()
+            return
+        assert self.directory is not None
+        pid = int((self.directory / "valkey.pid").read_text())
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # a daemon: not our child, so we cannot wait() for it
+            try:
+                if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                    return
+            except psutil.NoSuchProcess:
+                return
+            time.sleep(0.01)
+        pytest.fail(f"valkey-server {pid} survived SIGKILL")
+
+    def restart(self) -> None:
+        if self.redis is not None:
+            self.redis.restart()
+        else:
+            assert self.directory is not None
+            ensure_server(self.directory, fsync=self.fsync)
+
+    def close(self) -> None:
+        if self.redis is not None:
+            self.redis.stop()
+        elif self.directory is not None:
+            stop_server(self.directory)
+            shutil.rmtree(self.directory, ignore_errors=True)
+
+
+@pytest.fixture(params=["redis", "valkey"])
+def target(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[[str], Target]]:
+    made: list[Target] = []
+
+    def make(fsync: str) -> Target:
+        made.append(Target(request.param, fsync, tmp_path))
+        return made[-1]
+
+    yield make
+    for one in made:
+        one.close()
+
+
+def worker_troubles(faults: Faults) -> tuple[Counter[str], int]:
+    """Warnings and errors the workers logged, by the exception type they name; and tracebacks."""
+    kinds: Counter[str] = Counter()
+    tracebacks = 0
+    for proc in faults.workers.procs:
+        for line in faults.workers.log(proc).splitlines():
+            tracebacks += line.startswith("Traceback")
+            if " WARNING " in line or " ERROR " in line:
+                found = re.search(r"\b([A-Z]\w*(?:Error|Exception))\b", line)
+                kinds[found.group(1) if found else "other"] += 1
+    return kinds, tracebacks
+
+
+@pytest.mark.parametrize(("scenario", "fsync"), [("R-07", "always"), ("R-08", "everysec")], ids=["R-07", "R-08"])
+def test_r07_r08_server_sigkill_and_restart_loses_no_acknowledged_event(
+    target: Callable[[str], Target], prefix: str, tmp_path: Path, scenario: str, fsync: str
+) -> None:
+    server = target(fsync)
+    env = {**os.environ, **server.env, "WERKFLUSS_PREFIX": prefix, "PYTHONPATH": str(ROOT)}
+    env.pop("WERKFLUSS_DIR" if server.kind == "redis" else "WERKFLUSS_REDIS_URL", None)
+    env["WF_FAULT_STEP_DELAY"] = "0.1"  # every run spends >= 0.3 s in flight
+    faults = Faults(
+        tmp_path / "faults", env, server.url, server.settings(prefix), kind=server.kind, concurrency=PER_WORKER
+    )
+    try:
+        calls = {f"restart-{i}": (i,) for i in range(RUNS)}
+        expected = faults.reference(flows.order, calls).result(DEADLINE)  # before the fault: same server
+        for _ in range(-(-RUNS // PER_WORKER)):
+            faults.workers.start()
+        faults.enqueue(flows.order, calls.items())
+        faults.wait(lambda: len(faults.ledger("exec")) >= RUNS, "a third of the steps to have started")
+        before = len(faults.ledger("done"))
+        killed_at = time.time()
+        server.kill()
+        time.sleep(OUTAGE)  # the fault itself: the server stays away this long
+        server.restart()
+        restarted_at = time.time()
+        faults.wait_status(calls, timeout=120)
+        figures = faults.check(expected)
+        acknowledged, lost, examples = faults.acknowledged_lost()
+        assert lost == 0, examples
+        progress = [r.time for r in faults.ledger("done") if r.time > restarted_at and r.extra[1:2] == ("ok",)]
+        executions = Counter(r.key for r in faults.ledger("exec"))
+        troubles, tracebacks = worker_troubles(faults)
+        assert [p.pid for p in faults.workers.procs if p.poll() is not None] == [], "a worker died"
+        assert tracebacks == 0, faults.describe_workers()
+        completed = [e.time for r in calls for _, e in faults.events(r) if type(e).__name__ == "RunCompleted"]
+        report(
+            f"{scenario} appendfsync {fsync} [{server.kind}]",
+            **figures,
+            writes_acknowledged=acknowledged,
+            writes_acknowledged_before_kill=before,
+            acknowledged_events_lost=lost,
+            steps_re_executed=sum(n - 1 for n in executions.values() if n > 1),
+            outage_s=round(restarted_at - killed_at, 3),
+            restart_to_first_progress_s=round(min(progress) - restarted_at, 3) if progress else None,
+            restart_to_all_completed_s=round(max(completed) - restarted_at, 3),
+            completion_after_restart_p50=pct([t - restarted_at for t in completed if t > restarted_at], 50),
+            worker_warnings_by_type=dict(troubles),
+            worker_tracebacks=tracebacks,
+        )
+    finally:
+        faults.close()
