@@ -223,8 +223,7 @@ async def invoke_hook_async(token: str, payload: Any = None, *, settings: Settin
     store = await open_store(settings)
     # A run that ended will never take the payload. (A check, then a write: a run
     # ending in between keeps the payload in a mailbox that expire_hooks clears.)
-    raw_owner = await store._call(store.client.hget(store.hook_key(token, "meta"), "owner"))
-    claimed = raw_owner.decode(errors="replace") if isinstance(raw_owner, bytes) else ""
+    claimed = await store.hook_owner(token)
     if claimed:
         status = await store.status(claimed)
         if status in ("completed", "cancelled"):

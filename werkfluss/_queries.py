@@ -11,7 +11,7 @@ the same for a run of ten steps and one of a hundred thousand; only
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import msgspec
 
@@ -29,9 +29,6 @@ from ._events import (
 from ._ids import check_run_id
 from ._options import Settings
 from ._runtime import error_info
-
-if TYPE_CHECKING:
-    from ._store import RedisStore
 
 __all__ = [
     "ErrorRecord",
@@ -150,16 +147,15 @@ async def get_run_async(run_id: str, *, settings: Settings | None = None) -> Run
     state = await store.state(run_id)
     if not state.get("status"):
         raise RunNotFoundError(run_id)
-    first = await store._call(store.client.xrange(store.key(run_id, "log"), count=1))
-    last = await store._call(store.client.xrevrange(store.key(run_id, "log"), count=4))
+    head, tail = await store.log_ends(run_id, 4)
     args: list[Any] = []
     kwargs: dict[str, Any] = {}
-    started = _event(first[0][1]) if first else None
+    started = _event(head)
     if isinstance(started, RunStarted):
         call = _plain(started.args)
         if isinstance(call, list) and len(call) == 2 and isinstance(call[0], list) and isinstance(call[1], dict):
             args, kwargs = call
-    step = _last_step([_event(fields) for _, fields in last])
+    step = _last_step([_event(body) for body in tail])
     status = _text(state, "status")
     error = error_of(error_info(state["error"])) if status in ("failed", "blocked") and state.get("error") else None
     summary = _summary(run_id, state)
@@ -221,21 +217,18 @@ async def list_runs_async(
     budget = max(limit * 20, 2000)  # runs looked at per call, so a rare filter cannot scan forever
     offset = 0
     while True:
-        batch = await store._call(
-            store.client.zrange(store.runs_key, top, "-inf", desc=True, byscore=True, offset=offset, num=_BATCH,
-                                withscores=True)
-        )  # fmt: skip
+        batch = await store.runs_by_time(top, offset, _BATCH)
         # Runs created in the same millisecond come in reverse order of their
         # IDs; at the cursor's millisecond, those not below its ID were seen.
         seen_top = top
-        fresh = [(_str(m), int(s)) for m, s in batch]
+        fresh = batch
         if after is not None:
             fresh = [(r, s) for r, s in fresh if not (s == int(seen_top) and r >= after)]
         if not fresh and len(batch) == _BATCH:
             offset += _BATCH  # a whole batch already seen in one millisecond: look further
             continue
         offset = 0
-        states = await _states(store, [r for r, _ in fresh])
+        states = await store.states([r for r, _ in fresh], _SUMMARY_FIELDS)
         for (run_id, score), state in zip(fresh, states, strict=True):
             budget -= 1
             top, after = str(score), run_id
@@ -275,19 +268,6 @@ def _parse_cursor(cursor: str | None) -> tuple[str, str | None]:
     return score, run_id
 
 
-async def _states(store: RedisStore, run_ids: list[str]) -> list[dict[str, bytes]]:
-    if not run_ids:
-        return []
-    pipe = store.client.pipeline(transaction=False)
-    for run_id in run_ids:
-        pipe.hmget(store.key(run_id, "state"), _SUMMARY_FIELDS)
-    replies = await store._call(pipe.execute())
-    return [
-        {name: value for name, value in zip(_SUMMARY_FIELDS, reply, strict=True) if value is not None}
-        for reply in replies
-    ]
-
-
 # -- get_events ------------------------------------------------------------------------
 
 
@@ -305,7 +285,7 @@ async def get_events_async(run_id: str, *, settings: Settings | None = None) -> 
     events: list[AnyEvent] = []
     async for batch in store.read_log(run_id):
         for index, body in batch:
-            event = _event({b"e": body}) if body is not None else None
+            event = _event(body)
             if event is None:
                 raise StorageError(f"run {run_id!r}: log entry 0-{index} is malformed")
             events.append(event)
@@ -377,8 +357,8 @@ def _waits(raw: bytes | None) -> list[Wait]:
     ]
 
 
-def _event(fields: dict[bytes, bytes] | None) -> AnyEvent | None:
-    body = (fields or {}).get(b"e")
+def _event(body: bytes | None) -> AnyEvent | None:
+    """An undecoded log entry's event, None when it has no body or does not decode."""
     if body is None:
         return None
     try:
@@ -404,10 +384,6 @@ def _time(raw: bytes | None) -> datetime:
 
 def _text(state: dict[str, bytes], name: str) -> str:
     return state.get(name, b"").decode(errors="replace")
-
-
-def _str(value: bytes | str) -> str:
-    return value.decode(errors="replace") if isinstance(value, bytes) else value
 
 
 def error_of(info: ErrorInfo) -> ErrorRecord:

@@ -708,6 +708,33 @@ class RedisStore:
         raw = await self._call(self.client.hgetall(self.key(run_id, "state")))
         return {_text(k): v for k, v in raw.items()}
 
+    async def log_ends(self, run_id: str, newest: int) -> tuple[bytes | None, list[bytes | None]]:
+        """The run's first event and its `newest` last ones (newest first), undecoded."""
+        key = self.key(run_id, "log")
+        first = await self._call(self.client.xrange(key, count=1))
+        last = await self._call(self.client.xrevrange(key, count=newest))
+        head = (first[0][1] or {}).get(b"e") if first else None
+        return head, [(fields or {}).get(b"e") for _, fields in last]
+
+    async def runs_by_time(self, top: str, offset: int, count: int) -> list[tuple[str, int]]:
+        """``(run ID, creation ms)`` from the run index, newest first, created at or before `top`
+        (a score, ``+inf`` or ``(<score>`` for strictly before), skipping `offset`."""
+        batch = await self._call(
+            self.client.zrange(self.runs_key, top, "-inf", desc=True, byscore=True, offset=offset, num=count,
+                               withscores=True)
+        )  # fmt: skip
+        return [(_text(member), int(score)) for member, score in batch]
+
+    async def states(self, run_ids: list[str], fields: tuple[str, ...]) -> list[dict[str, bytes]]:
+        """`fields` of many runs' state hashes in one round trip (absent fields left out)."""
+        if not run_ids:
+            return []
+        pipe = self.client.pipeline(transaction=False)
+        for run_id in run_ids:
+            pipe.hmget(self.key(run_id, "state"), fields)
+        replies = await self._call(pipe.execute())
+        return [{f: v for f, v in zip(fields, reply, strict=True) if v is not None} for reply in replies]
+
     async def status(self, run_id: str) -> str:
         """The run's status, ``""`` if there is no such run."""
         status = await self._fast([b"HGET", self.key(run_id, "state"), b"status"])
@@ -780,6 +807,10 @@ class RedisStore:
         left = int(await self._run("CONSUMED", [self.hook_key(token, "box")], [entry]))
         if left == 0:
             await self._call(self.client.zrem(self.hooks_key, token))
+
+    async def hook_owner(self, token: str) -> str:
+        """The run that claimed hook `token`, ``""`` if none has."""
+        return _text(await self._call(self.client.hget(self.hook_key(token, "meta"), "owner")) or b"")
 
     async def pending_hooks(self, limit: int) -> list[tuple[str, float, int, str]]:
         """Tokens with payloads waiting: ``(token, last delivery, count, owner)``, oldest first."""

@@ -34,7 +34,7 @@ from ._events import (
 from ._executor import describe
 
 if TYPE_CHECKING:
-    from ._queries import RunInfo
+    from ._queries import RunInfo, Wait
 
 __all__ = ["WIDTH", "Row", "duration", "render", "rows"]
 
@@ -269,14 +269,12 @@ def _visible(text: str) -> str:
     return _ANSI.sub("", text)
 
 
-def _wait_text(wait: object) -> str:
-    kind = getattr(wait, "kind", "")
-    if kind == "hook":
-        return f"hook {getattr(wait, 'token', '')!r}"
-    if kind == "timer":
-        due = getattr(wait, "due", None)
-        return f"timer at {due:%Y-%m-%d %H:%M:%S} UTC" if due else "a timer"
-    return f"child run {getattr(wait, 'run', '')!r}"
+def _wait_text(wait: Wait) -> str:
+    if wait.kind == "hook":
+        return f"hook {wait.token!r}"
+    if wait.kind == "timer":
+        return f"timer at {wait.due:%Y-%m-%d %H:%M:%S} UTC" if wait.due else "a timer"
+    return f"child run {wait.run!r}"
 
 
 def _status_colour(status: str) -> str:
