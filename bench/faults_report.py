@@ -54,6 +54,7 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
 import scale_flows  # noqa: E402  (the workers import it by this name too)
+from tables import fmt, print_table  # noqa: E402  (bench/ is on sys.path: run as bench/faults_report.py)
 
 from werkfluss import (  # noqa: E402
     HistoryTooLargeError,
@@ -87,39 +88,12 @@ def progress(text: str) -> None:
     print(f"  [{time.monotonic() - T0:6.1f} s] {text}", flush=True)
 
 
-def fmt(value: float | None, digits: int = 1) -> str:
-    if value is None or value != value:  # None or NaN
-        return "-"
-    return f"{value:,.{digits}f}"
-
-
 def mib(n: float | None) -> str:
     return "-" if n is None else f"{n / 2**20:,.1f}"
 
 
 def yes_no(ok: bool) -> str:
     return "yes" if ok else "NO"
-
-
-def print_table(
-    title: str, header: Sequence[str], rows: Sequence[Sequence[str]], notes: Sequence[str] = (), *, left: int = 1
-) -> None:
-    """A plain-text table; the first `left` columns are labels (left-aligned), the rest right-aligned."""
-    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows, strict=True)]
-    line = " | ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))
-    print()
-    print(title)
-    print("-" * len(line))
-    print(line.rstrip())
-    print("-+-".join("-" * w for w in widths))
-    for row in rows:
-        cells = [
-            str(c).ljust(w) if i < left else str(c).rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))
-        ]
-        print(" | ".join(cells).rstrip())
-    for note in notes:
-        print(f"  {note}")
-    sys.stdout.flush()
 
 
 def percentile(values: Sequence[float], q: float) -> float:

@@ -49,6 +49,7 @@ import anyio.to_thread
 import msgspec
 import redis
 import redis.asyncio as aioredis
+from tables import fmt, print_table
 
 from werkfluss import Settings, _scripts, _store, start_async, step, workflow
 from werkfluss._client import close_stores, open_store
@@ -121,33 +122,6 @@ def new_run_id(kind: str) -> str:
 
 def median(values: Sequence[float]) -> float:
     return statistics.median(values) if values else float("nan")
-
-
-def fmt(value: float | None, digits: int = 1) -> str:
-    if value is None or value != value:  # None or NaN
-        return "-"
-    return f"{value:,.{digits}f}"
-
-
-def print_table(
-    title: str, header: Sequence[str], rows: Sequence[Sequence[str]], notes: Sequence[str] = (), *, left: int = 2
-) -> None:
-    """A plain-text table; the first `left` columns are labels (left-aligned), the rest numbers."""
-    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows, strict=True)]
-    line = " | ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))
-    print()
-    print(title)
-    print("-" * len(line))
-    print(line)
-    print("-+-".join("-" * w for w in widths))
-    for row in rows:
-        cells = [
-            str(c).ljust(w) if i < left else str(c).rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))
-        ]
-        print(" | ".join(cells))
-    for note in notes:
-        print(f"  {note}")
-    sys.stdout.flush()
 
 
 def package_version(name: str) -> str:
@@ -777,6 +751,7 @@ def report_steps(results: Sequence[ServerResult], steps: Sequence[int], calls: i
             "  script (fencing, dedup, XADD, lease) on the fast lane, without the runtime around it.",
             "ratios: per-step cost / raw round trip (a step's marginal cost is a mean, the raw figures medians).",
         ],
+        left=2,
     )
 
 
@@ -853,6 +828,7 @@ def report_breakdown(results: Sequence[ServerResult], steps: Sequence[int]) -> N
             "  parser, one timer for all timeouts. asyncio streams: the same bytes on a bare asyncio connection, the",
             "  reply read by the lane's parser. blocking socket: no event loop either (the transport floor).",
         ],
+        left=2,
     )
 
 

@@ -44,6 +44,7 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
 import bench_flows  # noqa: E402  (the workers import it by this name too)
+from tables import fmt, print_table  # noqa: E402
 
 from werkfluss import Settings, enqueue_async  # noqa: E402
 from werkfluss._client import close_stores, open_store  # noqa: E402
@@ -195,25 +196,6 @@ def dbos_available() -> bool:
 # -- report ----------------------------------------------------------------------------------------------------------
 
 
-def fmt(value: float, digits: int = 1) -> str:
-    return "-" if value != value else f"{value:,.{digits}f}"
-
-
-def print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[str]], notes: Sequence[str] = ()) -> None:
-    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows, strict=True)]
-    line = " | ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))
-    print(f"\n{title}\n{'-' * len(line)}\n{line}\n{'-+-'.join('-' * w for w in widths)}")
-    for row in rows:
-        print(
-            " | ".join(
-                str(c).ljust(w) if i < 2 else str(c).rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))
-            )
-        )
-    for note in notes:
-        print(f"  {note}")
-    sys.stdout.flush()
-
-
 def report(samples: Sequence[Sample], runs: int, concurrency: int) -> None:
     rows = []
     medians: dict[tuple[str, int], float] = {}
@@ -256,6 +238,7 @@ def report(samples: Sequence[Sample], runs: int, concurrency: int) -> None:
             "  (appendfsync everysec). DBOS: `dbos_side.py worker` processes on one SQLite file, default settings",
             "  (queue polling interval 1 s), enqueued with DBOSClient.",
         ],
+        left=2,
     )
     ratios = [
         [
@@ -268,7 +251,7 @@ def report(samples: Sequence[Sample], runs: int, concurrency: int) -> None:
         if ("werkfluss", w) in medians and ("DBOS", w) in medians
     ]
     if ratios:
-        print_table("werkfluss / DBOS, workflows per second", ["workers", "werkfluss", "DBOS", "ratio"], ratios)
+        print_table("werkfluss / DBOS, workflows per second", ["workers", "werkfluss", "DBOS", "ratio"], ratios, left=2)
 
 
 def package_version(name: str) -> str:
