@@ -347,8 +347,10 @@ async def test_unencodable_result_is_a_recorded_final_failure(wf: Settings) -> N
     async def leaks() -> None:
         await leaky()
 
-    with pytest.raises(SerializationError, match="result"):
+    # A step failure like any other (StepFailedError), the same live as on every replay.
+    with pytest.raises(StepFailedError, match="result") as info:
         await start_async(leaks.options(settings=wf, run_id="leak"))
+    assert isinstance(info.value.original, SerializationError)
     assert calls["leaky"] == 1  # not retried: it would return the same value
     failed = [e for e in await events(wf, "leak") if isinstance(e, StepFailed)]
     assert len(failed) == 1 and failed[0].final and failed[0].error.type == "werkfluss.SerializationError"

@@ -21,7 +21,7 @@ import msgspec
 
 from ._embedded import ensure_server
 from ._errors import HookClosedError, RunConflictError, RunNotFoundError
-from ._events import RunCancelled, RunStarted, Waiting, encode_call, encode_checked, encode_event
+from ._events import RunCancelled, RunStarted, Waiting, encode_checked, encode_event, encode_run_call
 from ._executor import LIVE
 from ._ids import check_run_id, derive_run_id
 from ._options import Settings, parse_duration
@@ -117,8 +117,8 @@ async def start_async(workflow: Workflow[P, R], /, *args: P.args, **kwargs: P.kw
         StorageError: Redis/Valkey is unreachable.
     """
     settings = workflow.run_options.settings or Settings.from_env()
-    args_raw = encode_call(workflow.id, args, kwargs, deterministic=True, limit=settings.max_payload)
-    run_id = workflow.run_options.run_id or derive_run_id(workflow.id, args_raw)
+    encoded = encode_run_call(workflow.id, args, kwargs, limit=settings.max_payload)
+    run_id = workflow.run_options.run_id or derive_run_id(workflow.id, encoded[1])
     store = await open_store(settings)
     key = (id(store), run_id)
     running = _active.get(key)
@@ -128,7 +128,7 @@ async def start_async(workflow: Workflow[P, R], /, *args: P.args, **kwargs: P.kw
     future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
     _active[key] = future
     try:
-        result = await drive(store, workflow, run_id, args, kwargs, args_raw, settings)
+        result = await drive(store, workflow, run_id, args, kwargs, encoded, settings)
     except BaseException as exc:
         future.set_exception(exc)
         future.exception()  # mark retrieved: nobody else may be waiting
@@ -182,11 +182,11 @@ async def enqueue_async(workflow: Workflow[P, R], /, *args: P.args, **kwargs: P.
         StorageError: Redis/Valkey is unreachable.
     """
     settings = workflow.run_options.settings or Settings.from_env()
-    args_raw = encode_call(workflow.id, args, kwargs, deterministic=True, limit=settings.max_payload)
-    run_id = workflow.run_options.run_id or derive_run_id(workflow.id, args_raw)
+    args_raw, canonical = encode_run_call(workflow.id, args, kwargs, limit=settings.max_payload)
+    run_id = workflow.run_options.run_id or derive_run_id(workflow.id, canonical)
     store = await open_store(settings)
     started = encode_event(RunStarted(time.time(), workflow.id, msgspec.Raw(args_raw)))
-    kind, detail = await store.create(run_id, workflow=workflow.id, started=started, args_digest=args_digest(args_raw))
+    kind, detail = await store.create(run_id, workflow=workflow.id, started=started, args_digest=args_digest(canonical))
     if kind == "conflict":
         raise RunConflictError(f"run {run_id!r} belongs to workflow {detail!r}, not {workflow.id!r}")
     if kind == "other-arguments":

@@ -111,17 +111,28 @@ class NonDeterminismError(WerkflussError):
     the run again.
     """
 
-    def __init__(self, run_id: str, seq: int, recorded: str, called: str) -> None:
-        super().__init__(
-            f"run {run_id!r}: step #{seq} was recorded as {recorded!r} but the workflow now "
-            f"calls {called!r}. The workflow code changed under a run in progress; restore the "
-            f"old order of steps (new steps may only be appended after the recorded ones) and "
-            f"start the run again."
-        )
+    def __init__(self, run_id: str, seq: int, recorded: str, called: str, *, arguments: str | None = None) -> None:
+        if arguments is None:
+            message = (
+                f"run {run_id!r}: step #{seq} was recorded as {recorded!r} but the workflow now "
+                f"calls {called!r}. The workflow code changed under a run in progress; restore the "
+                f"old order of steps (new steps may only be appended after the recorded ones) and "
+                f"start the run again."
+            )
+        else:
+            message = (
+                f"run {run_id!r}: step #{seq} {called!r} is called with other arguments than recorded: "
+                f"{arguments}. The workflow computed them differently on this replay (a clock, a random "
+                f"value, the environment, changed code); make them depend only on the workflow's arguments "
+                f"and earlier steps' results, or declare the step @step(check_args=False) if it "
+                f"legitimately takes a changing value."
+            )
+        super().__init__(message)
         self.run_id = run_id
         self.seq = seq
         self.recorded = recorded
         self.called = called
+        self.arguments = arguments
 
 
 class StepFailedError(WerkflussError):

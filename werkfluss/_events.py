@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import builtins
 import dataclasses
+import hashlib
 import traceback as tb
 from typing import Any, TypeAlias
 
@@ -42,10 +43,14 @@ __all__ = [
     "StepFailed",
     "TimerStarted",
     "Waiting",
+    "call_digest",
+    "convert_value",
     "decode_event",
     "decode_value",
     "encode_event",
+    "encode_run_call",
     "encode_value",
+    "first_difference",
 ]
 
 
@@ -105,7 +110,12 @@ class RunResumed(Event, tag="run-resumed", frozen=True, array_like=True):
 
 
 class StepCompleted(Event, tag="step-completed", frozen=True, array_like=True):
-    """Step `seq` returned. Written with its start time, in one round trip."""
+    """Step `seq` returned. Written with its start time, in one round trip.
+
+    `args` is the call's ``[args, kwargs]`` as given; `digest` is `call_digest`
+    of them, which a replay compares (None: recorded before digests, or the
+    step opted out with ``check_args=False``).
+    """
 
     seq: int
     step: str
@@ -113,6 +123,7 @@ class StepCompleted(Event, tag="step-completed", frozen=True, array_like=True):
     started: float
     args: msgspec.Raw
     result: msgspec.Raw
+    digest: bytes | None = None
 
 
 class StepFailed(Event, tag="step-failed", frozen=True, array_like=True):
@@ -125,6 +136,7 @@ class StepFailed(Event, tag="step-failed", frozen=True, array_like=True):
     error: ErrorInfo
     final: bool
     retry_at: float | None = None
+    digest: bytes | None = None  # of the call's arguments, as in `StepCompleted`
 
 
 class Waiting(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True):
@@ -280,6 +292,79 @@ def encode_call(
     return raw
 
 
+def encode_run_call(
+    owner: str, args: tuple[Any, ...], kwargs: dict[str, Any], *, limit: int | None = None
+) -> tuple[bytes, bytes]:
+    """A workflow call's arguments twice: as given, and canonical.
+
+    The first is what is stored and decoded, so the body sees a dict's keys
+    in the caller's order in every process. The second sorts dict keys and
+    sets: run IDs and argument digests derive from it, so equal arguments
+    reach the same run however they were built.
+    """
+    given = encode_call(owner, args, kwargs, limit=limit)
+    return given, encode_value([args, kwargs], deterministic=True)
+
+
+def call_digest(args: tuple[Any, ...], kwargs: dict[str, Any], canonical: bytes | None = None) -> bytes:
+    """8 bytes that change when a call's arguments change (dict and set order aside),
+    from their `canonical` encoding when the caller has it already.
+
+    Raises what `encode_value` raises; callers have encoded the arguments once before.
+    """
+    if canonical is None:
+        canonical = encode_value([args, kwargs], deterministic=True)
+    return hashlib.blake2b(canonical, digest_size=8).digest()
+
+
+def first_difference(recorded: bytes, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+    """Where the call `(args, kwargs)` differs from the recorded ``[args, kwargs]``:
+    ``argument 0['fruit']: recorded 'pear', now 'apple'``."""
+    try:
+        before = msgspec.msgpack.decode(recorded)
+        now = msgspec.msgpack.decode(encode_value([args, kwargs], deterministic=True))
+        before_args, before_kwargs = before
+        now_args, now_kwargs = now
+    except (msgspec.DecodeError, ValueError, TypeError, RecursionError):
+        return "the recorded arguments do not decode"
+    if len(before_args) != len(now_args):
+        return f"recorded {len(before_args)} positional arguments, now {len(now_args)}"
+    pairs = [(f"argument {i}", a, b) for i, (a, b) in enumerate(zip(before_args, now_args, strict=True))]
+    pairs += [(f"argument {k!r}", before_kwargs.get(k, _MISSING), now_kwargs.get(k, _MISSING))
+              for k in sorted(set(before_kwargs) | set(now_kwargs))]  # fmt: skip
+    for path, a, b in pairs:
+        found = _differs(path, a, b)
+        if found:
+            return found
+    return "the arguments differ only in a dict's or a set's order"
+
+
+_MISSING: Any = type("_Missing", (), {"__repr__": lambda self: "nothing"})()
+
+
+def _differs(path: str, before: Any, now: Any) -> str:
+    if isinstance(before, dict) and isinstance(now, dict):
+        for key in sorted(set(before) | set(now), key=repr):
+            found = _differs(f"{path}[{key!r}]", before.get(key, _MISSING), now.get(key, _MISSING))
+            if found:
+                return found
+        return ""
+    if isinstance(before, list) and isinstance(now, list) and len(before) == len(now):
+        for i, (a, b) in enumerate(zip(before, now, strict=True)):
+            found = _differs(f"{path}[{i}]", a, b)
+            if found:
+                return found
+        return ""
+    if type(before) is type(now) and before == now:
+        return ""
+    return f"{path}: recorded {_short(before)}, now {_short(now)}"
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def _too_large(owner: str, where: str, size: int, limit: int) -> PayloadTooLargeError:
     return PayloadTooLargeError(
         f"{owner}: {where}: {size:,} bytes encoded, over the limit of {limit:,} (Settings.max_payload). "
@@ -299,6 +384,25 @@ def decode_value(data: bytes, type_: Any, *, owner: str, where: str) -> Any:
         raise SerializationError(
             f"{owner}: the recorded {where} does not decode as {getattr(type_, '__name__', type_)}: {exc}. "
             f"Did the annotated type change incompatibly since it was recorded?",
+            step_id=owner,
+            where=where,
+        ) from None
+
+
+def convert_value(data: bytes, type_: Any, value: Any, *, owner: str, where: str) -> Any:
+    """The value a replay will return for `value`, just encoded as `data`: decoded to
+    its annotation `type_`, exactly as a replay decodes it.
+
+    Raises:
+        SerializationError: `value` does not match `type_` (``None`` for ``-> str``, say).
+    """
+    try:
+        return msgspec.msgpack.decode(data, type=type_)
+    except (msgspec.DecodeError, ValueError, RecursionError) as exc:
+        raise SerializationError(
+            f"{owner}: the {where} {_short(value)} does not match its annotation "
+            f"{getattr(type_, '__name__', type_)} ({exc}). A replay returns the recorded {where} "
+            f"decoded to the annotation, so it must match: return that type, or change the annotation.",
             step_id=owner,
             where=where,
         ) from None

@@ -52,10 +52,14 @@ from ._events import (
     StepFailed,
     TimerStarted,
     Waiting,
+    call_digest,
+    convert_value,
     decode_value,
     encode_call,
     encode_checked,
     encode_event,
+    encode_run_call,
+    first_difference,
 )
 from ._log import log, note
 
@@ -86,9 +90,10 @@ class Released:
     """The run was handed back unfinished (a worker shutting down)."""
 
 
-# drive_child(store, workflow, child run ID, args, kwargs, encoded args, settings, parent run ID)
+# drive_child(store, workflow, child run ID, args, kwargs, (args as given, canonical), settings, parent run ID)
 ChildDriver = Callable[
-    ["RedisStore", "Workflow[Any, Any]", str, tuple[Any, ...], dict[str, Any], bytes, "Settings", str], Awaitable[Any]
+    ["RedisStore", "Workflow[Any, Any]", str, tuple[Any, ...], dict[str, Any], tuple[bytes, bytes], "Settings", str],
+    Awaitable[Any],
 ]
 
 _waits_encoder = msgspec.msgpack.Encoder()
@@ -228,11 +233,15 @@ class RunExecutor:
         self.check(seq, step.id)
         done = self.replay.completed.get(seq)
         if done is not None:
+            if step.options.check_args:
+                self.check_args(seq, step.id, done.digest, done.args, args, kwargs)
             note(DEBUG, "step.replayed", self.run_id, "run %s: step #%d %s replayed from the log", self.run_id, seq,
                  step.id, seq=seq, step=step.id)  # fmt: skip
             return decode_value(done.result, step.return_type(), owner=step.id, where="result")
         failed = self.replay.failed.get(seq)
         if failed is not None:
+            if step.options.check_args:
+                self.check_args(seq, step.id, failed.digest, None, args, kwargs)
             note(DEBUG, "step.replayed", self.run_id, "run %s: step #%d %s replayed its recorded failure",
                  self.run_id, seq, step.id, seq=seq, step=step.id)  # fmt: skip
             raise self._failure(step.id, seq, failed.attempt, failed.error, failed.error.rebuild())
@@ -240,9 +249,37 @@ class RunExecutor:
         with self.busy():
             return await self._execute(step, seq, args, kwargs)
 
+    def check_args(
+        self, seq: int, label: str, digest: bytes | None, recorded: bytes | None, args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> None:  # fmt: skip
+        """Raise `NonDeterminismError` if call `seq` now has other arguments than recorded.
+
+        Only the step's ID used to be compared, so a replay that computed another
+        argument (a dict walked in another order) was silently handed the result
+        recorded for the old one.
+        """
+        if digest is None:
+            return  # recorded before digests, or by a step that opted out
+        try:
+            now = call_digest(args, kwargs)
+        except (TypeError, ValueError, OverflowError, RecursionError, msgspec.EncodeError):
+            now = b""
+        if now == digest:
+            return
+        if not now:
+            detail = "an argument cannot be stored now"
+        elif recorded is None:
+            detail = "their digest differs from the recorded failed call's"
+        else:
+            detail = first_difference(recorded, args, kwargs)
+        self.diverged = NonDeterminismError(self.run_id, seq, label, label, arguments=detail)
+        raise self.diverged
+
     async def _execute(self, step: Step[Any, Any], seq: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         # Before any side effect: arguments that cannot be stored fail the call here.
         args_raw = msgspec.Raw(encode_call(step.id, args, kwargs, limit=self.settings.max_payload))
+        digest = call_digest(args, kwargs) if step.options.check_args else None
         policy = step.options.retry
         timeout = step.options.timeout
         attempt = self.replay.attempts.get(seq, 0)
@@ -258,7 +295,9 @@ class RunExecutor:
                 else:
                     with anyio.move_on_after(timeout) as scope:
                         result = await step.fn(*args, **kwargs)
-                    if scope.cancelled_caught:
+                    # cancel_called, not cancelled_caught: a body that swallows the
+                    # cancellation and returns has still outlived its timeout.
+                    if scope.cancel_called:
                         error = TimeoutError(f"step {step.id!r} timed out after {timeout:g} s")
             except Exception as exc:
                 error = exc
@@ -267,21 +306,30 @@ class RunExecutor:
             if error is None:
                 try:
                     raw = encode_checked(result, owner=step.id, where="result", limit=self.settings.max_payload)
+                    # The workflow gets what a replay will decode, never the raw object:
+                    # live and replayed runs must see the same value of the same type.
+                    value = convert_value(raw, step.return_type(), result, owner=step.id, where="result")
                 except SerializationError as exc:
-                    # Retrying would return the same unstorable value: fail now.
-                    await self._record_failure(step.id, seq, attempt, started, exc, final=True, retry_at=None)
-                    raise
-                event = StepCompleted(time.time(), seq, step.id, attempt, started, args_raw, msgspec.Raw(raw))
+                    # Retrying would return the same unfit value: a final failure, the same
+                    # StepFailedError live and on every replay, and retried when the run resumes.
+                    info = await self._record_failure(
+                        step.id, seq, attempt, started, exc, final=True, retry_at=None, digest=digest
+                    )
+                    note(WARNING, "step.failed", self.run_id, "run %s: step #%d %s returned an unfit result: %s",
+                         self.run_id, seq, step.id, exc, seq=seq, step=step.id)  # fmt: skip
+                    raise self._failure(step.id, seq, attempt, info, exc) from exc
+                event = StepCompleted(time.time(), seq, step.id, attempt, started, args_raw, msgspec.Raw(raw), digest)
                 await self.record(f"c{seq}", event)
                 note(DEBUG, "step.executed", self.run_id, "run %s: step #%d %s executed (attempt %d)", self.run_id,
                      seq, step.id, attempt, seq=seq, step=step.id)  # fmt: skip
-                return result
+                return value
             failures += 1
             retry = failures <= policy.retries and policy.retries_on(error)
             delay = policy.delay(failures) if retry else 0.0
             info = await self._record_failure(
-                step.id, seq, attempt, started, error, final=not retry, retry_at=time.time() + delay if retry else None
-            )
+                step.id, seq, attempt, started, error, final=not retry, retry_at=time.time() + delay if retry else None,
+                digest=digest,
+            )  # fmt: skip
             if not retry:
                 note(WARNING, "step.failed", self.run_id, "run %s: step #%d %s failed after %d attempt(s): %s",
                      self.run_id, seq, step.id, attempt, info.type, seq=seq, step=step.id)  # fmt: skip
@@ -293,12 +341,12 @@ class RunExecutor:
 
     async def _record_failure(
         self, step_id: str, seq: int, attempt: int, started: float, error: BaseException, *, final: bool,
-        retry_at: float | None,
+        retry_at: float | None, digest: bytes | None,
     ) -> ErrorInfo:  # fmt: skip
         """Record a failed attempt; returns the error as recorded."""
         info = ErrorInfo.from_exception(error)
         await self.record(
-            f"f{seq}:{attempt}", StepFailed(time.time(), seq, step_id, attempt, started, info, final, retry_at)
+            f"f{seq}:{attempt}", StepFailed(time.time(), seq, step_id, attempt, started, info, final, retry_at, digest)
         )
         return info
 
@@ -329,24 +377,29 @@ class RunExecutor:
         self.check(seq, workflow.id)
         done = self.replay.completed.get(seq)
         if done is not None:
+            self.check_args(seq, workflow.id, done.digest, done.args, args, kwargs)
             return decode_value(done.result, workflow.return_type(), owner=workflow.id, where="result")
         failed = self.replay.failed.get(seq)
         if failed is not None:
+            self.check_args(seq, workflow.id, failed.digest, None, args, kwargs)
             raise self._failure(workflow.id, seq, failed.attempt, failed.error, failed.error.rebuild())
         await self._checkpoint()
-        args_raw = encode_call(workflow.id, args, kwargs, deterministic=True, limit=self.settings.max_payload)
+        encoded = encode_run_call(workflow.id, args, kwargs, limit=self.settings.max_payload)
+        digest = call_digest(args, kwargs, encoded[1])
         started = time.time()
         while True:
             try:
                 with self.busy():
                     outcome = await self.drive_child(
-                        self.store, workflow, child_id, args, kwargs, args_raw, self.settings, self.run_id
+                        self.store, workflow, child_id, args, kwargs, encoded, self.settings, self.run_id
                     )
             except (_Suspend, NonDeterminismError):
                 raise
             except Exception as exc:
                 attempt = self.replay.attempts.get(seq, 0) + 1
-                info = await self._record_failure(workflow.id, seq, attempt, started, exc, final=True, retry_at=None)
+                info = await self._record_failure(
+                    workflow.id, seq, attempt, started, exc, final=True, retry_at=None, digest=digest
+                )
                 raise self._failure(workflow.id, seq, attempt, info, exc) from exc
             if not isinstance(outcome, Paused):
                 break
@@ -354,7 +407,9 @@ class RunExecutor:
                 await wait_for_wake(self.store, child_id, self.lease)
         raw = encode_checked(outcome, owner=workflow.id, where="result", limit=self.settings.max_payload)
         attempt = self.replay.attempts.get(seq, 0) + 1
-        event = StepCompleted(time.time(), seq, workflow.id, attempt, started, msgspec.Raw(args_raw), msgspec.Raw(raw))
+        event = StepCompleted(
+            time.time(), seq, workflow.id, attempt, started, msgspec.Raw(encoded[0]), msgspec.Raw(raw), digest
+        )
         await self.record(f"c{seq}", event)
         return outcome
 
@@ -402,8 +457,10 @@ class RunExecutor:
                 except SerializationError as exc:
                     await self._reject(token, entry, str(exc))
                     continue
-                raw = payload
-                await self.record(f"h{seq}:{n}", HookReceived(time.time(), seq, token, n, entry, msgspec.Raw(raw)))
+                event = HookReceived(time.time(), seq, token, n, entry, msgspec.Raw(payload))
+                await self.record(f"h{seq}:{n}", event)
+                # A racer that lost after taking this payload leaves it to the next await, as a replay would.
+                self.replay.hooks[(seq, n)] = event
                 self.cursors[token] = entry
                 with self.busy():
                     await self.store.consumed(token, entry)
@@ -539,12 +596,14 @@ class RunExecutor:
         if ok:
             try:
                 raw = encode_checked(result, owner=self.workflow.id, where="result", limit=self.settings.max_payload)
+                # What an attach to the completed run will decode: the caller gets the same.
+                value = convert_value(raw, self.workflow.return_type(), result, owner=self.workflow.id, where="result")
             except SerializationError as exc:
                 error = exc
             else:
                 await self._finish("completed", RunCompleted(time.time(), msgspec.Raw(raw)), "result", raw, None)
                 note(INFO, "run.completed", self.run_id, "run %s (%s) completed", self.run_id, self.workflow.id)
-                return result
+                return value
         if error is None:
             if self.cancel_reason is not None:
                 return await self.cancelled(self.cancel_reason)

@@ -75,18 +75,22 @@ class RetryPolicy(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class StepOptions(msgspec.Struct, frozen=True, kw_only=True):
-    """Options of one step: its retry policy and per-attempt timeout in seconds."""
+    """Options of one step: its retry policy, per-attempt timeout in seconds, and
+    whether a replay compares the call's arguments with the recorded ones."""
 
     retry: RetryPolicy = RetryPolicy()
     timeout: float | None = None
+    check_args: bool = True
 
 
-def step_options(retries: int | RetryPolicy, timeout: float | None) -> StepOptions:
+def step_options(retries: int | RetryPolicy, timeout: float | None, check_args: bool = True) -> StepOptions:
     """Build `StepOptions` from the keyword arguments of `step()`."""
     policy = retries if isinstance(retries, RetryPolicy) else RetryPolicy(retries=retries)
     if timeout is not None and not (_finite(timeout) and timeout > 0):
         raise ConfigurationError(f"timeout must be > 0 seconds, got {timeout}")
-    return StepOptions(retry=policy, timeout=timeout)
+    if not isinstance(check_args, bool):
+        raise ConfigurationError(f"check_args must be True or False, got {check_args!r}")
+    return StepOptions(retry=policy, timeout=timeout, check_args=check_args)
 
 
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}

@@ -40,7 +40,7 @@ async def drive(
     run_id: str,
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
-    args_raw: bytes,
+    encoded: tuple[bytes, bytes],
     settings: Settings,
     *,
     parent: str = "",
@@ -62,7 +62,9 @@ async def drive(
     """
     holder = process_holder()
     lease = settings.lease
-    digest = args_digest(args_raw)
+    # Stored as given (the body sees a dict's keys in the caller's order); compared canonically.
+    args_raw, canonical = encoded
+    digest = args_digest(canonical)
     started = encode_event(RunStarted(time.time(), workflow.id, msgspec.Raw(args_raw), parent or None))
     take_over = ""
     while True:
@@ -116,12 +118,12 @@ async def drive_child(
     child_id: str,
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
-    args_raw: bytes,
+    encoded: tuple[bytes, bytes],
     settings: Settings,
     parent: str,
 ) -> Any:
     """`drive` a child run for its parent: returns its result, or `Paused` when it pauses."""
-    return await drive(store, workflow, child_id, args, kwargs, args_raw, settings, parent=parent, wait=False)
+    return await drive(store, workflow, child_id, args, kwargs, encoded, settings, parent=parent, wait=False)
 
 
 def resumed_from(previous: str) -> str:

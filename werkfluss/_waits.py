@@ -26,6 +26,31 @@ __all__ = ["Hook", "hook", "race", "sleep"]
 T = TypeVar("T")
 
 
+class _Receive(Generic[T]):
+    """``hook.wait()``: awaitable once, and recognisable by `race()` as a hook's wait."""
+
+    __slots__ = ("hook",)
+
+    def __init__(self, hook: Hook[T]) -> None:
+        self.hook = hook
+
+    def __await__(self) -> Generator[Any, None, T]:
+        return self.hook._next().__await__()
+
+
+def _racer(awaitable: Awaitable[Any]) -> tuple[Awaitable[Any], Hook[Any] | None]:
+    """What `race()` awaits for `awaitable`, and the hook behind it if it is one.
+
+    A hook is raced without counting its payload as handed over; only the
+    winner's is, so a hook that lost a race still returns that payload (or
+    the next one) to a later ``await``, as a replay would.
+    """
+    hook = awaitable.hook if isinstance(awaitable, _Receive) else awaitable
+    if isinstance(hook, Hook):
+        return hook._next(advance=False), hook
+    return awaitable, None
+
+
 def _run(what: str) -> RunContext:
     run = current_run()
     if run is None:
@@ -51,14 +76,25 @@ class Hook(Generic[T]):
         self.type = type_
         self._received = 0
 
-    async def wait(self) -> T:
+    def wait(self) -> Awaitable[T]:
         """The next payload (recorded in the run's log, so a replay returns the same one)."""
-        self._received += 1
-        value: T = await self._run.executor.receive(self.seq, self.token, self._received, self.type)
+        return _Receive(self)
+
+    async def _next(self, *, advance: bool = True) -> T:
+        # The count moves only once a payload is handed to the workflow: a wait
+        # that lost a race (cancelled, or its payload taken but not returned)
+        # leaves that payload for the next await, live and on replay alike.
+        value: T = await self._run.executor.receive(self.seq, self.token, self._received + 1, self.type)
+        if advance:
+            self._received += 1
         return value
 
+    def _advance(self) -> None:
+        """Count a payload that `race()` took for this hook as handed over."""
+        self._received += 1
+
     def __await__(self) -> Generator[Any, None, T]:
-        return self.wait().__await__()
+        return self._next().__await__()
 
     def __aiter__(self) -> AsyncIterator[T]:
         return self
@@ -144,4 +180,13 @@ def race(*awaitables: Awaitable[Any]) -> Coroutine[Any, Any, tuple[int, Any]]:
     run = _run("race()")
     if not awaitables:
         raise ConfigurationError("race() needs at least one awaitable")
-    return run.executor.race(run.next_seq(), list(awaitables))
+    racers = [_racer(a) for a in awaitables]
+    return _race(run, run.next_seq(), racers)
+
+
+async def _race(run: RunContext, seq: int, racers: list[tuple[Awaitable[Any], Hook[Any] | None]]) -> tuple[int, Any]:
+    index, value = await run.executor.race(seq, [awaitable for awaitable, _ in racers])
+    hook = racers[index][1]
+    if hook is not None:
+        hook._advance()
+    return index, value

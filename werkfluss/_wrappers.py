@@ -231,7 +231,7 @@ class Workflow(_Wrapper, Generic[P, R]):
 def step(fn: Callable[P, Awaitable[R]], /) -> Step[P, R]: ...
 @overload
 def step(
-    *, name: str | None = None, retries: int | RetryPolicy = 0, timeout: float | None = None
+    *, name: str | None = None, retries: int | RetryPolicy = 0, timeout: float | None = None, check_args: bool = True
 ) -> Callable[[Callable[P, Awaitable[R]]], Step[P, R]]: ...
 def step(
     fn: Callable[P, Awaitable[R]] | None = None,
@@ -240,6 +240,7 @@ def step(
     name: str | None = None,
     retries: int | RetryPolicy = 0,
     timeout: float | None = None,
+    check_args: bool = True,
 ) -> Step[P, R] | Callable[[Callable[P, Awaitable[R]]], Step[P, R]]:
     """Make an async function a durable step.
 
@@ -248,8 +249,12 @@ def step(
         name: The step ID (default ``module:qualname``).
         retries: Retries after the first attempt, or a `RetryPolicy`.
         timeout: Seconds per attempt; a slower attempt is cancelled and fails.
+        check_args: A replay raises `NonDeterminismError` when the step is
+            called with other arguments than recorded. Turn it off for a step
+            that legitimately takes a changing value (a timestamp for a log
+            line, say); its recorded result is then replayed whatever it is passed.
     """
-    options = step_options(retries, timeout)
+    options = step_options(retries, timeout, check_args)
     if fn is not None:
         return Step(fn, name=name, options=options)
 
