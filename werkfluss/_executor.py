@@ -385,7 +385,7 @@ class RunExecutor:
             raise self._failure(workflow.id, seq, failed.attempt, failed.error, failed.error.rebuild())
         await self._checkpoint()
         encoded = encode_run_call(workflow.id, args, kwargs, limit=self.settings.max_payload)
-        digest = call_digest(args, kwargs, encoded[1])
+        digest = call_digest(args, kwargs)
         started = time.time()
         while True:
             try:
