@@ -55,7 +55,7 @@ from werkfluss import Settings, _scripts, _store, start_async, step, workflow
 from werkfluss._client import close_stores, open_store
 from werkfluss._context import StepContext, current_run, enter_step, exit_step
 from werkfluss._embedded import server_status, stop_server
-from werkfluss._events import StepCompleted, encode_call, encode_checked, encode_event
+from werkfluss._events import StepCompleted, call_digest, convert_value, encode_call, encode_checked, encode_event
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Sequence
@@ -688,7 +688,12 @@ async def micro_costs(store: RedisStore) -> None:
         ("time.time()", time.time),
         ("current_run() (2 ContextVar.get)", current_run),
         ("encode_call(step.id, args, {})  [to_builtins + encode]", lambda: encode_call(noop.id, payload_args, {})),
+        ("call_digest(args, {})  [argument check, live and replay]", lambda: call_digest(payload_args, {})),
         ("encode_checked(result)", lambda: encode_checked(500, owner=noop.id, where="result")),
+        (
+            "convert_value(result)  [the live value as a replay decodes it]",
+            lambda: convert_value(b"\xcd\x01\xf4", int, 500, owner=noop.id, where="result"),
+        ),
         ("StepContext + enter_step + exit_step", enter_exit),
         ("StepCompleted(...) construction", lambda: StepCompleted(now, 500, noop.id, 1, now, args_raw, args_raw)),
         ("encode_event(StepCompleted)", lambda: encode_event(event)),

@@ -13,6 +13,7 @@ from werkfluss import (
     PayloadTooLargeError,
     RunNotFoundError,
     Settings,
+    StepFailedError,
     get_run_async,
     invoke_hook_async,
     pending_hooks_async,
@@ -84,8 +85,10 @@ async def test_a_step_argument_over_the_limit_fails_before_the_step_runs(small: 
 
 
 async def test_a_result_over_the_limit_fails_the_step_without_retries(small: Settings) -> None:
-    with pytest.raises(PayloadTooLargeError, match=r"lim\.render: result: 102,405 bytes encoded"):
+    # A step failure (StepFailedError, as on every replay), carrying the PayloadTooLargeError.
+    with pytest.raises(StepFailedError, match=r"lim\.render: result: 102,405 bytes encoded") as info:
         await start_async(report.options(run_id="big-result", settings=small), 100 * KIB)
+    assert isinstance(info.value.original, PayloadTooLargeError)
     assert calls["render"] == 1
     failed = [e for e in await events(small, "big-result") if isinstance(e, StepFailed)]
     assert [(e.attempt, e.final, e.error.type) for e in failed] == [(1, True, "werkfluss.PayloadTooLargeError")]

@@ -35,6 +35,7 @@ from werkfluss import (
 )
 from werkfluss._client import close_stores, open_store
 from werkfluss._events import RaceWon, RunStarted, StepCompleted, StepFailed, decode_event
+from werkfluss.testing import check_replay_async
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -180,6 +181,22 @@ async def test_a_step_called_with_other_arguments_on_replay_is_a_divergence(wf: 
     flags["fruit"] = "pear"
     assert await start_async(welcome.options(settings=wf, run_id="d1"), "ann") == "hello annend"
     assert calls["greet"] == 1
+
+
+async def test_a_replay_check_reports_other_arguments(wf: Settings) -> None:
+    @workflow
+    async def checked(name: str) -> str:
+        return await greet(name, {"fruit": flags["fruit"]}) + await flaky_end()
+
+    flags["fruit"] = "pear"
+    with pytest.raises(StepFailedError):
+        await start_async(checked.options(settings=wf, run_id="d0"), "ann")
+    assert (await check_replay_async(checked, "d0", settings=wf)).ok
+    flags["fruit"] = "fig"
+    result = await check_replay_async(checked, "d0", settings=wf)
+    assert result.divergence is not None and result.divergence.seq == 1
+    assert "argument 1['fruit']: recorded 'pear', now 'fig'" in result.divergence.message
+    assert calls["greet"] == 1  # a check executes nothing
 
 
 async def test_the_same_arguments_in_another_dict_order_replay(wf: Settings) -> None:
