@@ -22,8 +22,8 @@ import msgspec
 from ._embedded import ensure_server
 from ._errors import HookClosedError, RunConflictError, RunNotFoundError
 from ._events import RunCancelled, RunStarted, Waiting, encode_checked, encode_event, encode_run_call
-from ._executor import LIVE
 from ._ids import check_run_id, derive_run_id
+from ._lease import Holding, live_holding
 from ._options import Settings, parse_duration
 from ._runtime import args_digest, drive
 from ._store import RedisStore
@@ -59,9 +59,6 @@ T = TypeVar("T")
 
 _stores: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[Settings, RedisStore]] = weakref.WeakKeyDictionary()
 _locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = weakref.WeakKeyDictionary()
-# Runs executing in this process, so that concurrent starts of one run share
-# one execution instead of fencing each other out.
-_active: dict[tuple[int, str], asyncio.Future[Any]] = {}
 
 
 async def open_store(settings: Settings) -> RedisStore:
@@ -120,24 +117,10 @@ async def start_async(workflow: Workflow[P, R], /, *args: P.args, **kwargs: P.kw
     encoded = encode_run_call(workflow.id, args, kwargs, limit=settings.max_payload)
     run_id = workflow.run_options.run_id or derive_run_id(workflow.id, encoded[1])
     store = await open_store(settings)
-    key = (id(store), run_id)
-    running = _active.get(key)
-    if running is not None:
-        result: R = await asyncio.shield(running)
-        return result
-    future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-    _active[key] = future
-    try:
-        result = await drive(store, workflow, run_id, args, kwargs, encoded, settings)
-    except BaseException as exc:
-        future.set_exception(exc)
-        future.exception()  # mark retrieved: nobody else may be waiting
-        raise
-    else:
-        future.set_result(result)
-        return result
-    finally:
-        del _active[key]
+    # Another caller of this run in this process (a task, a thread, a worker) is
+    # told apart by its holder name: drive waits for it and returns its result.
+    result: R = await drive(store, workflow, run_id, args, kwargs, encoded, settings)
+    return result
 
 
 def start(workflow: Workflow[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
@@ -259,14 +242,17 @@ async def cancel_async(run_id: str, reason: str = "", *, settings: Settings | No
 
 
 async def _cancel(store: RedisStore, run_id: str, reason: str, depth: int) -> bool:
-    waiting = (await store.state(run_id)).get("waiting")
+    state = await store.state(run_id)
+    waiting = state.get("waiting")
     outcome, parent = await store.cancel(run_id, reason, encode_event(RunCancelled(time.time(), reason)))
     if outcome == "missing":
         raise RunNotFoundError(run_id)
     if outcome == "requested":
-        live = LIVE.get((id(store), run_id))
-        if live is not None:
-            live.request_cancel(reason)
+        # Its holder may be a caller in this process, on any thread: stop it at once
+        # instead of at its next lease renewal.
+        here = live_holding(state.get("holder", b"").decode(errors="replace"))
+        if here is not None and here.run_id == run_id:
+            here.call(lambda: _stop_here(here, reason))
     elif outcome == "cancelled":
         await store.unschedule(run_id)
         if parent:
@@ -276,6 +262,12 @@ async def _cancel(store: RedisStore, run_id: str, reason: str, depth: int) -> bo
             if wait.kind == "child" and wait.run:
                 await _cancel(store, wait.run, reason or f"parent run {run_id!r} was cancelled", depth + 1)
     return outcome in ("cancelled", "requested")
+
+
+def _stop_here(holding: Holding, reason: str) -> None:
+    executor = holding.executor
+    if executor is not None:
+        executor.request_cancel(reason)
 
 
 def _decode_waits(raw: bytes) -> list[Waiting]:

@@ -16,6 +16,8 @@ recorded.
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
@@ -66,12 +68,13 @@ from ._log import log, note
 DEBUG, INFO, WARNING = logging.DEBUG, logging.INFO, logging.WARNING
 
 if TYPE_CHECKING:
+    from ._lease import Holding
     from ._options import Settings
     from ._replay import Replay
     from ._store import RedisStore
     from ._wrappers import Step, Workflow
 
-__all__ = ["HOLD", "LIVE", "Paused", "Released", "RunExecutor", "describe", "wait_for_wake"]
+__all__ = ["HOLD", "Paused", "Released", "RunExecutor", "describe", "wait_for_wake"]
 
 HOLD = 2.0  # a timer due this soon is waited for in memory instead of pausing the run
 _SETTLE = 0.01  # how long everything must stay waiting before the run pauses
@@ -98,10 +101,6 @@ ChildDriver = Callable[
 
 _waits_encoder = msgspec.msgpack.Encoder()
 
-# The runs executing in this process, by (store, run ID): `cancel()` stops one
-# at once instead of at its next lease renewal.
-LIVE: dict[tuple[int, str], RunExecutor] = {}
-
 
 class RunExecutor:
     """Runs one workflow body for a run this process holds (epoch `epoch`)."""
@@ -119,6 +118,7 @@ class RunExecutor:
         cancel: str | None = None,
         parent: str = "",
         inline: bool = False,
+        holding: Holding | None = None,
     ) -> None:
         self.store = store
         self.workflow = workflow
@@ -145,6 +145,9 @@ class RunExecutor:
         self._generation = 0
         self._changed = anyio.Event()
         self._paused: list[Waiting] | None = None
+        self.holding = holding  # the caller's claim in this process's registry: cancel() finds us there
+        self._closed = False  # the body has ended: nothing more may start for this execution
+        self._tasks: dict[asyncio.Task[Any], int] = {}  # tasks inside busy()/waiting(), and how deep
 
     # -- bookkeeping of what the body is doing ------------------------------------------
 
@@ -153,20 +156,39 @@ class RunExecutor:
         if self._waits or self.stopping:  # only then may _watch act; waking it for every step costs CPU
             self._changed.set()
 
+    def _enter(self) -> asyncio.Task[Any] | None:
+        # A task the body started (asyncio.gather's children) can outlive the body:
+        # it must not begin anything for an execution that is over.
+        if self._closed:
+            raise asyncio.CancelledError(f"run {self.run_id!r} stopped executing in this task's caller")
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks[task] = self._tasks.get(task, 0) + 1
+        return task
+
+    def _leave(self, task: asyncio.Task[Any] | None) -> None:
+        if task is not None:
+            depth = self._tasks.pop(task, 1) - 1
+            if depth > 0:
+                self._tasks[task] = depth
+
     @contextmanager
     def busy(self) -> Iterator[None]:
         """Mark work in progress: the run does not pause meanwhile."""
+        task = self._enter()
         self._active += 1
         self._touch()
         try:
             yield
         finally:
             self._active -= 1
+            self._leave(task)
             self._touch()
 
     @contextmanager
     def waiting(self, wait: Waiting) -> Iterator[None]:
         """Mark a wait that may pause the run when nothing else is going on."""
+        task = self._enter()
         key = id(wait)
         self._waits[key] = wait
         self._touch()
@@ -174,6 +196,7 @@ class RunExecutor:
             yield
         finally:
             del self._waits[key]
+            self._leave(task)
             self._touch()
 
     def check(self, seq: int, label: str) -> None:
@@ -543,18 +566,29 @@ class RunExecutor:
             RunCancelledError: the run was cancelled.
             Exception: whatever the workflow raised; the run is failed.
         """
+        if self.holding is not None:
+            self.holding.executing(self)
+        try:
+            return await self._execute_run(args, kwargs)
+        finally:
+            if self.holding is not None:
+                self.holding.stopped()  # after the run's state says so: its waiters read it next
+
+    async def _execute_run(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         ok = False
         result: Any = None
         error: Exception | None = None
-        LIVE[(id(self.store), self.run_id)] = self
+        # Created here and closed below if their tasks never ran: a task cancelled
+        # before its first step (a loop shutting down) never awaits what it wraps.
+        helpers = (self._keep_lease(), self._watch())
         try:
             async with anyio.create_task_group() as tg:
                 with anyio.CancelScope() as body:
                     self._body = body
                     if self.cancel_reason is not None:
                         body.cancel()
-                    tg.start_soon(self._keep_lease)
-                    tg.start_soon(self._watch)
+                    for helper, name in zip(helpers, ("lease", "watch"), strict=True):
+                        tg.start_soon(_given, helper, name=f"werkfluss {name} of run {self.run_id}")
                     token = enter_run(RunContext(self.run_id, self))
                     try:
                         result = await self.workflow.fn(*args, **kwargs)
@@ -563,18 +597,31 @@ class RunExecutor:
                         self.lost = True
                     except Exception as exc:
                         error = exc
+                    except BaseExceptionGroup as group:
+                        # A _Suspend raised in a task group (race(), the user's own) arrives
+                        # wrapped; it must not escape as an error nobody can catch.
+                        if group.subgroup(_Suspend) is None or group.split(_UNWINDING)[1] is not None:
+                            raise
+                        self.lost = True
                     finally:
                         exit_run(token)
+                self._closed = True
+                await self._reap()
                 tg.cancel_scope.cancel()
         except BaseException:
             # Ctrl-C or an outer cancellation: let a rerun take over at once.
-            with anyio.CancelScope(shield=True), anyio.move_on_after(2):
-                await self.store.release(self.run_id, self.epoch)
+            self._closed = True
+            with anyio.CancelScope(shield=True):
+                with anyio.move_on_after(1):
+                    await self._reap()
+                with anyio.move_on_after(2):
+                    await self.store.release(self.run_id, self.epoch)
             raise
         finally:
             self._body = None
-            if LIVE.get((id(self.store), self.run_id)) is self:
-                del LIVE[(id(self.store), self.run_id)]
+            for helper in helpers:
+                if inspect.getcoroutinestate(helper) == inspect.CORO_CREATED:
+                    helper.close()
         if self.lost:
             raise _Suspend(self.run_id, "another process took this run over")
         if isinstance(error, StorageError):
@@ -620,6 +667,25 @@ class RunExecutor:
         await self._finish("failed", RunFailed(time.time(), info, seq), "error", msgspec.msgpack.encode(info), seq)
         note(WARNING, "run.failed", self.run_id, "run %s (%s) failed: %s", self.run_id, self.workflow.id, info.type)
         raise error
+
+    async def _reap(self) -> None:
+        """Stop the tasks that still work for this execution after its body ended.
+
+        `asyncio.gather` hands its caller the first child's cancellation without
+        waiting for the other children, and on Python 3.11 `asyncio.wait_for`
+        (redis-py sends through it) loses a cancellation that meets a finished
+        send: a child of the body could go on, re-drive a child run (fencing out
+        the execution the next replay started) or record after the run's end.
+        """
+        current = asyncio.current_task()
+        deadline = time.monotonic() + self.lease
+        while left := [task for task in self._tasks if task is not current and not task.done()]:
+            if time.monotonic() > deadline:
+                log.warning("run %s: %d tasks of its body ignore cancellation; leaving them", self.run_id, len(left))
+                return
+            for task in left:
+                task.cancel()  # again each round: a cancellation may have been lost
+            await asyncio.wait(left, timeout=0.05)
 
     async def cancelled(self, reason: str) -> Any:
         """Record the run as cancelled and raise `RunCancelledError`."""
@@ -708,6 +774,14 @@ class RunExecutor:
             if self._body is not None:
                 self._body.cancel()
             return
+
+
+def _given(coro: Coroutine[Any, Any, None]) -> Coroutine[Any, Any, None]:
+    return coro
+
+
+# What may accompany a _Suspend in an exception group of the body: the run is lost either way.
+_UNWINDING = (_Suspend, Exception, asyncio.CancelledError)
 
 
 async def wait_for_wake(store: RedisStore, run_id: str, lease: float) -> None:

@@ -17,7 +17,8 @@ import msgspec
 from ._errors import RunCancelledError, RunConflictError, RunFailedError, _Suspend
 from ._events import ErrorInfo, RunResumed, RunStarted, decode_value, encode_event
 from ._executor import Paused, RunExecutor, wait_for_wake
-from ._lease import holder_is_dead, process_holder
+from ._lease import Holding, holder_is_dead, holder_prefix, live_holding
+from ._lease import holding as new_holding
 from ._log import log, note
 from ._replay import Replay
 
@@ -45,6 +46,7 @@ async def drive(
     *,
     parent: str = "",
     wait: bool = True,
+    holding: Holding | None = None,
 ) -> Any:
     """Attach to run `run_id` of `workflow` and bring it to its end.
 
@@ -60,7 +62,14 @@ async def drive(
         RunFailedError: the run failed in another process while this one waited.
         Exception: what the workflow raised (the run is recorded failed).
     """
-    holder = process_holder()
+    if holding is None:
+        # A holder name of this call's own: another caller in this process (a task, a
+        # thread, a worker) then finds the run busy and waits, instead of taking it over.
+        with new_holding(run_id) as held:
+            return await drive(
+                store, workflow, run_id, args, kwargs, encoded, settings, parent=parent, wait=wait, holding=held
+            )
+    holder = holding.holder
     lease = settings.lease
     # Stored as given (the body sees a dict's keys in the caller's order); compared canonically.
     args_raw, canonical = encoded
@@ -71,7 +80,7 @@ async def drive(
         got = await store.acquire(
             run_id, workflow=workflow.id, holder=holder, lease=lease, started=started,
             resumed=encode_event(RunResumed(time.time(), holder)), take_over=take_over, args_digest=digest,
-            parent=parent,
+            parent=parent, process=holder_prefix(),
         )  # fmt: skip
         take_over = ""
         if got.kind == "completed":
@@ -100,7 +109,7 @@ async def drive(
             note(INFO, "run.started", run_id, "run %s (%s) started", run_id, workflow.id)
         executor = RunExecutor(
             store, workflow, run_id, got.epoch, replay, settings, drive_child, cancel=got.cancel, parent=parent,
-            inline=bool(parent),
+            inline=bool(parent), holding=holding,
         )  # fmt: skip
         try:
             outcome = await executor.execute(args, kwargs)
@@ -138,10 +147,13 @@ def resumed_from(previous: str) -> str:
 
 
 async def _wait_for_holder(store: RedisStore, run_id: str, busy: AcquireResult) -> str:
-    """Wait while another live process holds the run.
+    """Wait while another live caller holds the run, here or in another process.
 
-    Returns the holder to take over (a process on this host that is gone),
+    Returns the holder to take over (a caller on this host that is gone),
     or ``""`` to try acquiring again (lease expired, released, paused or ended).
+    A holder in this process is never taken over while it lives, even past
+    its lease: it is provably alive, and this process must not fence itself.
+    It wakes its waiters when it stops executing, so they learn at once.
 
     Raises:
         RunFailedError: the run ended failed or blocked while we waited.
@@ -150,11 +162,21 @@ async def _wait_for_holder(store: RedisStore, run_id: str, busy: AcquireResult) 
     if holder_is_dead(busy.holder):
         log.info("run %s: its holder %s is gone; taking over", run_id, busy.holder)
         return busy.holder
+    here = live_holding(busy.holder)
+    generation = here.generation if here is not None else 0
+    if here is not None:
+        log.info("run %s is executing in this process (holder %s); waiting for it", run_id, busy.holder)
     deadline = time.monotonic() + max(busy.lease_left, 0.0) + 0.05
     delay = 0.01
     while True:
-        await anyio.sleep(delay)
-        delay = min(delay * 2, 0.25)
+        if here is not None:
+            await here.wait(generation, delay)
+            # Read before the state: a stop after the read below wakes the next wait.
+            generation = here.generation
+            delay = min(delay * 2, 1.0)
+        else:
+            await anyio.sleep(delay)
+            delay = min(delay * 2, 0.25)
         state = await store.state(run_id)
         status = state.get("status", b"").decode()
         if status in ("failed", "blocked"):
@@ -167,7 +189,10 @@ async def _wait_for_holder(store: RedisStore, run_id: str, busy: AcquireResult) 
             return ""
         if holder != busy.holder:
             return holder if holder_is_dead(holder) else ""
-        if time.monotonic() >= deadline:
+        if here is not None:
+            if holder_is_dead(holder):
+                return holder  # it ended here without handing the run back (its release failed)
+        elif time.monotonic() >= deadline:
             return ""
 
 

@@ -49,7 +49,9 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 # KEYS: state, log. ARGV: holder, lease_ms, workflow ('' accepts any), run-started
 # event ('' never creates), run-resumed event, holder to take over ('' none),
 # digest of the arguments ('' skips the check), '1' to resume a failed or
-# blocked run, parent run ('' none).
+# blocked run, parent run ('' none), the caller's process prefix ('' none): a
+# holder under it is busy even past its lease, since only that process can
+# tell whether it still executes (it passes the holder to take over if not).
 ACQUIRE = (
     _NOW
     + """
@@ -69,7 +71,7 @@ if status == 'completed' then return {'completed', redis.call('HGET', KEYS[1], '
 if status == 'cancelled' then return {'cancelled', cur[5] or ''} end
 if (status == 'failed' or status == 'blocked') and ARGV[8] ~= '1' then return {'ended', status} end
 if status == 'running' and cur[3] ~= '' and cur[3] ~= ARGV[1] and cur[3] ~= ARGV[6]
-   and tonumber(cur[4]) > now then
+   and (tonumber(cur[4]) > now or (ARGV[10] ~= '' and string.sub(cur[3], 1, #ARGV[10]) == ARGV[10])) then
   return {'busy', cur[3], tonumber(cur[4]) - now, cur[2]}
 end
 local epoch = redis.call('HINCRBY', KEYS[1], 'epoch', 1)

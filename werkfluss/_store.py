@@ -598,16 +598,19 @@ class RedisStore:
         args_digest: str = "",
         retry: bool = True,
         parent: str = "",
+        process: str = "",
     ) -> AcquireResult:
         """Create run `run_id` or take it over; see `AcquireResult` for the outcomes.
 
         An empty `workflow`, `started` or `args_digest` means: accept any
         workflow, never create, do not compare arguments (what a worker
         passes, knowing only the run ID). `retry` lets a failed or blocked
-        run resume.
+        run resume. A holder whose name starts with `process` (the caller's
+        own process) is reported busy even past its lease.
         """
         args: list[_Arg] = [
             holder, int(lease * 1000), workflow, started, resumed, take_over, args_digest, "1" if retry else "", parent,
+            process,
         ]  # fmt: skip
         reply = await self._run("ACQUIRE", self._run_keys(run_id, "state", "log"), args)
         kind = _text(reply[0])

@@ -26,7 +26,7 @@ from ._errors import ConfigurationError, SerializationError, StorageError, _Susp
 from ._events import ErrorInfo, RunFailed, RunResumed, encode_event
 from ._executor import Released, RunExecutor
 from ._ids import check_run_id
-from ._lease import process_holder
+from ._lease import Holding, holder_prefix, holding, process_holder
 from ._log import log, note
 from ._options import Settings
 from ._replay import Replay
@@ -90,7 +90,6 @@ class Worker:
         self._tg: TaskGroup | None = None
         self._slots = anyio.Semaphore(concurrency)
         self._held: dict[str, RunExecutor | None] = {}  # message id -> the run's executor, once it runs
-        self._runs: set[str] = set()  # run IDs this worker is executing
         self._stopping = anyio.Event()
         self._stopped = anyio.Event()
         self._empty = anyio.Event()  # set whenever the last held message is done
@@ -284,18 +283,19 @@ class Worker:
             check_run_id(run_id)
         except ConfigurationError:
             return
-        resumed = encode_event(RunResumed(time.time(), self.name))
-        got = await self.store.acquire(
-            run_id, workflow="", holder=self.name, lease=self.settings.lease, started=b"", resumed=resumed,
-            retry=False,
-        )  # fmt: skip
-        if got.kind != "resumed":
-            return  # ended meanwhile, or a live holder renews it: leave it be
-        info = ErrorInfo(type="werkfluss.DeadLetter", message=reason)
-        await self.store.finish(
-            run_id, got.epoch, status="failed", event=encode_event(RunFailed(time.time(), info)), field="error",
-            value=msgspec.msgpack.encode(info), failed_seq=None,
-        )  # fmt: skip
+        with holding(run_id) as held:
+            resumed = encode_event(RunResumed(time.time(), held.holder))
+            got = await self.store.acquire(
+                run_id, workflow="", holder=held.holder, lease=self.settings.lease, started=b"", resumed=resumed,
+                retry=False, process=holder_prefix(),
+            )  # fmt: skip
+            if got.kind != "resumed":
+                return  # ended meanwhile, or a live holder renews it: leave it be
+            info = ErrorInfo(type="werkfluss.DeadLetter", message=reason)
+            await self.store.finish(
+                run_id, got.epoch, status="failed", event=encode_event(RunFailed(time.time(), info)), field="error",
+                value=msgspec.msgpack.encode(info), failed_seq=None,
+            )  # fmt: skip
 
     async def _dead(self, message: str, run_id: str, reason: str) -> str:
         log.error("worker %s: dead-lettering message %s (run %r): %s", self.name, message, run_id, reason)
@@ -304,37 +304,31 @@ class Worker:
 
     async def _process(self, message: str, fields: dict[str, str]) -> str:
         """Handle one message; returns ack, requeue, keep or done (already dealt with)."""
-        store = self.store
         run_id = fields.get("r", "")
         try:
             check_run_id(run_id)
         except ConfigurationError:
             return await self._dead(message, run_id, f"malformed message: no valid run ID in {sorted(fields)}")
-        if run_id in self._runs:
-            # This worker executes the run already (a wake-up arrived meanwhile): a
-            # second executor would fence the first out in the middle of a step.
-            # Look again in a moment; the run itself sees hooks and timers as it goes.
-            await store.wake(run_id, time.time() + 1.0)
-            return "ack"
-        self._runs.add(run_id)
-        try:
-            return await self._take(message, run_id, fields)
-        finally:
-            self._runs.discard(run_id)
+        # A holder name per execution: when this process executes the run already (a
+        # wake-up arrived meanwhile, or a start() here holds it), the run is busy.
+        with holding(run_id) as held:
+            return await self._take(message, run_id, fields, held)
 
-    async def _take(self, message: str, run_id: str, fields: dict[str, str]) -> str:
+    async def _take(self, message: str, run_id: str, fields: dict[str, str], held: Holding) -> str:
         """Take run `run_id` over for `message` and execute it; returns like `_process`."""
         store, lease = self.store, self.settings.lease
-        resumed = encode_event(RunResumed(time.time(), self.name))
+        resumed = encode_event(RunResumed(time.time(), held.holder))
         got = await store.acquire(
-            run_id, workflow="", holder=self.name, lease=lease, started=b"", resumed=resumed,
-            retry=fields.get("x") == "1",
+            run_id, workflow="", holder=held.holder, lease=lease, started=b"", resumed=resumed,
+            retry=fields.get("x") == "1", process=holder_prefix(),
         )  # fmt: skip
         if got.kind == "missing":
             return await self._dead(message, run_id, f"there is no run {run_id!r}")
         if got.kind == "busy":
-            # Its holder is alive and will finish it; look again when its lease would run out.
-            await store.wake(run_id, time.time() + got.lease_left + 0.1)
+            # Its holder is alive and will finish it; look again when its lease would run out
+            # (a holder in this process may be past its lease: then in a moment). The run
+            # itself sees hooks and timers as it goes.
+            await store.wake(run_id, time.time() + (got.lease_left + 0.1 if got.lease_left > 0 else 1.0))
             return "ack"
         if got.kind != "resumed":
             return "ack"  # completed, cancelled, or failed/blocked without a retry: nothing to do
@@ -362,7 +356,7 @@ class Worker:
              resumed_from(got.previous), self.name)  # fmt: skip
         executor = RunExecutor(
             store, workflow, run_id, got.epoch, replay, self.settings, drive_child, cancel=got.cancel,
-            parent=replay.started.parent or "",
+            parent=replay.started.parent or "", holding=held,
         )  # fmt: skip
         self._held[message] = executor
         if self._stopping.is_set():
