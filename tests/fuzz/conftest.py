@@ -1,0 +1,39 @@
+"""Servers for the fuzzer: the session's embedded Valkey, and a Debian redis-server of this
+module's own with ``appendfsync always``, which the restart fault may SIGKILL and restart."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import pytest
+
+import werkfluss._executor
+
+from ..conftest import Server
+from ..servers import RedisProcess
+from .conductor import HOLD
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+
+@pytest.fixture(scope="module")
+def restartable_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProcess]:
+    directory = tmp_path_factory.mktemp("fuzz-redis")
+    with RedisProcess(directory, "--appendonly", "yes", "--appendfsync", "always") as server:
+        yield server
+
+
+@pytest.fixture(params=["valkey", "redis"])
+def fuzz_server(request: pytest.FixtureRequest) -> tuple[Server, RedisProcess | None]:
+    """The server a fuzz test runs on, and the process to restart (Redis only)."""
+    if request.param == "valkey":
+        return request.getfixturevalue("valkey_server"), None
+    redis = request.getfixturevalue("restartable_redis")
+    return Server("redis", {"WERKFLUSS_REDIS_URL": redis.url}, redis.url), redis
+
+
+@pytest.fixture(autouse=True)
+def short_hold(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sleeps longer than `HOLD` pause the run in this process too (worker processes get WF_FAULT_HOLD)."""
+    monkeypatch.setattr(werkfluss._executor, "HOLD", HOLD)
