@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
 import signal
@@ -14,9 +15,10 @@ import anyio
 import msgspec
 import pytest
 
-from werkfluss import Settings, Worker, enqueue_async, workflow
+from werkfluss import RetryPolicy, Settings, Worker, enqueue_async, step, workflow
 from werkfluss._client import close_stores, open_store
-from werkfluss._events import RunResumed, StepCompleted, decode_event
+from werkfluss._events import RunResumed, StepCompleted, decode_event, encode_event
+from werkfluss._lease import holder_is_dead, holder_prefix
 
 from . import worker_flows
 from .conftest import ROOT, wait_for
@@ -155,6 +157,64 @@ async def test_stopping_a_worker_hands_unfinished_runs_back_at_a_step_boundary(w
         del os.environ["WF_STEP_DELAY"]
     executed = Counter(key for key, _, _ in ledger(Path(os.environ["WF_LEDGER"])))
     assert set(executed.values()) == {1}  # the step running at shutdown finished and was recorded
+
+
+async def test_a_graceful_stop_lets_a_parallel_step_finish_while_a_sibling_retries(wf: Settings) -> None:
+    # Found by the differential fuzzer: the retrying sibling's checkpoint saw the
+    # shutdown and cancelled the whole body, so the step still executing in
+    # parallel ran again on the next worker.
+    running, release = anyio.Event(), anyio.Event()
+    runs: Counter[str] = Counter()
+
+    @step(retries=RetryPolicy(retries=2, base=0.05))
+    async def flaky() -> str:
+        runs["flaky"] += 1
+        if runs["flaky"] == 1:
+            raise RuntimeError("first attempt fails")
+        return "flaky"
+
+    @step
+    async def slow() -> str:
+        runs["slow"] += 1
+        running.set()
+        await release.wait()
+        return "slow"
+
+    @workflow
+    async def pair() -> list[str]:
+        return list(await asyncio.gather(flaky(), slow()))
+
+    run_id = await enqueue_async(pair.options(settings=wf, run_id="graceful-pair"))
+    async with Worker(settings=wf, grace=10) as first:
+        with anyio.fail_after(20):
+            await running.wait()
+        first.stop()
+        await anyio.sleep(0.2)  # the sibling's retry (0.05 s) reaches its checkpoint while slow() runs
+        release.set()
+    async with Worker(settings=wf):
+        await until_all(wf, [run_id])
+    assert runs["slow"] == 1  # finished on the first worker and recorded, not executed again
+    assert [e.step for e in await log_of(wf, run_id) if isinstance(e, StepCompleted)].count(slow.id) == 1
+
+
+async def test_a_worker_takes_over_at_once_from_a_caller_here_that_left_without_handing_back(wf: Settings) -> None:
+    # A caller whose acquire was cancelled on its way back (a worker shutting down
+    # mid-read) holds the run under a name nobody here uses any more. The lease is
+    # no help: this process's holders count as busy past it. It must be taken over.
+    run_id = await enqueue_async(worker_flows.five.options(settings=wf, run_id="orphaned"), 7)
+    store = await open_store(wf)
+    gone = holder_prefix() + "999999"
+    got = await store.acquire(
+        run_id, workflow="", holder=gone, lease=3600, started=b"", resumed=encode_event(RunResumed(time.time(), gone))
+    )
+    assert got.kind == "resumed" and holder_is_dead(gone)
+    await store.enqueue(run_id)
+    started = time.monotonic()
+    async with Worker(settings=wf):
+        await until_all(wf, [run_id], timeout=30)
+    assert time.monotonic() - started < 20  # not the hour-long lease
+    resumed = [e.holder for e in await log_of(wf, run_id) if isinstance(e, RunResumed)]
+    assert resumed[0] == gone and len(resumed) >= 2
 
 
 # --- real processes -----------------------------------------------------------------------------------------------

@@ -141,6 +141,8 @@ class RunExecutor:
         self._tidied: dict[str, str] = {}  # token -> recorded entry removed from its mailbox again
         self._body: anyio.CancelScope | None = None
         self._active = 0  # steps executing, records being written, children being driven
+        self._parked = 0  # calls held back at a checkpoint by a shutdown: handed back, never paused
+        self._held = 0  # of those, steps between attempts, inside busy()
         self._waits: dict[int, Waiting] = {}
         self._generation = 0
         self._changed = anyio.Event()
@@ -240,14 +242,30 @@ class RunExecutor:
         self.stopping = True
         self._touch()
 
-    async def _checkpoint(self) -> None:
+    async def _checkpoint(self, *, held: bool = False) -> None:
         """Where a cancel or a shutdown takes effect, and a full log refuses more:
-        before anything live runs."""
+        before anything live runs (`held`: by a step inside `busy()`, between attempts).
+
+        A cancel stops the body at once. A shutdown only starts nothing new: the
+        steps already executing in parallel finish and are recorded, and the
+        watcher hands the run back once none is left.
+        """
         if self.events >= self.settings.max_history:
             raise HistoryTooLargeError(self.run_id, self.events, self.settings.max_history)
-        if (self.cancel_reason is not None or self.stopping) and self._body is not None:
+        if self._body is None:
+            return
+        if self.cancel_reason is not None:
             self._body.cancel()
             await anyio.lowlevel.checkpoint()
+        elif self.stopping:
+            self._parked += 1
+            self._held += held
+            self._touch()
+            try:
+                await anyio.sleep_forever()
+            finally:
+                self._parked -= 1
+                self._held -= held
 
     # -- steps --------------------------------------------------------------------------
 
@@ -360,7 +378,7 @@ class RunExecutor:
             note(INFO, "step.retrying", self.run_id, "run %s: step #%d %s attempt %d failed (%s), retrying in %.3g s",
                  self.run_id, seq, step.id, attempt, info.type, delay, seq=seq, step=step.id)  # fmt: skip
             await anyio.sleep(delay)
-            await self._checkpoint()
+            await self._checkpoint(held=True)
 
     async def _record_failure(
         self, step_id: str, seq: int, attempt: int, started: float, error: BaseException, *, final: bool,
@@ -740,13 +758,13 @@ class RunExecutor:
         while True:
             await self._changed.wait()
             self._changed = anyio.Event()
-            if self._active or (not self._waits and not self.stopping):
+            if self._active > self._held or (not self._waits and not self.stopping):
                 continue
             generation = self._generation
             await anyio.sleep(_SETTLE)
-            if generation != self._generation or self._active or self._body is None:
+            if generation != self._generation or self._active > self._held or self._body is None:
                 continue
-            if self._waits:
+            if self._waits and not self._parked:  # a call held back must run elsewhere: hand back
                 self._paused = list(self._waits.values())
             elif not self.stopping:
                 continue

@@ -26,7 +26,7 @@ from ._errors import ConfigurationError, SerializationError, StorageError, _Susp
 from ._events import ErrorInfo, RunFailed, RunResumed, encode_event
 from ._executor import Released, RunExecutor
 from ._ids import check_run_id
-from ._lease import Holding, holder_prefix, holding, process_holder
+from ._lease import Holding, holder_is_dead, holder_prefix, holding, process_holder
 from ._log import log, note
 from ._options import Settings
 from ._replay import Replay
@@ -169,6 +169,11 @@ class Worker:
                 log.warning("worker %s: cannot read the queue, retrying: %s", self.name, exc, exc_info=_bug(exc))
                 await anyio.sleep(1.0)
                 continue
+            if self._stopping.is_set():
+                # Read while stop() was called: another worker takes them at once.
+                for message, fields in messages:
+                    await self._quietly(self.store.requeue(GROUP, message, fields.get("r", "")))
+                return
             for message, fields in messages:
                 await self._spawn(message, fields)
 
@@ -318,10 +323,18 @@ class Worker:
         """Take run `run_id` over for `message` and execute it; returns like `_process`."""
         store, lease = self.store, self.settings.lease
         resumed = encode_event(RunResumed(time.time(), held.holder))
-        got = await store.acquire(
-            run_id, workflow="", holder=held.holder, lease=lease, started=b"", resumed=resumed,
-            retry=fields.get("x") == "1", process=holder_prefix(),
-        )  # fmt: skip
+        take_over = ""
+        while True:
+            got = await store.acquire(
+                run_id, workflow="", holder=held.holder, lease=lease, started=b"", resumed=resumed,
+                retry=fields.get("x") == "1", process=holder_prefix(), take_over=take_over,
+            )  # fmt: skip
+            # A holder that is provably gone (a process on this host that died, or a caller
+            # in this one that stopped without handing the run back, its acquire cancelled
+            # on the way) is taken over at once: nobody else will ever release the run.
+            if got.kind != "busy" or take_over or not holder_is_dead(got.holder):
+                break
+            take_over = got.holder
         if got.kind == "missing":
             return await self._dead(message, run_id, f"there is no run {run_id!r}")
         if got.kind == "busy":
