@@ -1,11 +1,20 @@
 """Servers for the fuzzer: the session's embedded Valkey, and a Debian redis-server of this
-module's own with ``appendfsync always``, which the restart fault may SIGKILL and restart."""
+module's own with ``appendfsync always``, which the restart fault may SIGKILL and restart.
+
+Hypothesis keeps a cache of constants in ``./.hypothesis`` even without an example
+database; it goes to a temporary directory instead (unless HYPOTHESIS_STORAGE_DIRECTORY
+says where), so a test run leaves nothing in the repository."""
 
 from __future__ import annotations
 
+import atexit
+import os
+import shutil
+import tempfile
 from typing import TYPE_CHECKING
 
 import pytest
+from hypothesis.configuration import set_hypothesis_home_dir
 
 import werkfluss._executor
 
@@ -15,6 +24,11 @@ from .conductor import HOLD
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
+
+if not os.environ.get("HYPOTHESIS_STORAGE_DIRECTORY"):
+    _home = tempfile.mkdtemp(prefix="wf-hypothesis-")
+    set_hypothesis_home_dir(_home)
+    atexit.register(shutil.rmtree, _home, True)
 
 
 @pytest.fixture(scope="module")

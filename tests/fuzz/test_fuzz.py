@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import shutil
 import tempfile
 import uuid
 from pathlib import Path
@@ -116,20 +117,25 @@ def run_example(
             with anyio.CancelScope(shield=True):
                 await close_stores()
 
+    found: list[str] = ["the run raised"]
     try:
         found = anyio.run(main, backend="asyncio")
     finally:
         faults.close()
+        if not found:
+            shutil.rmtree(root, ignore_errors=True)  # kept when something failed: the ledger, the worker logs
         for k, v in previous.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-    assert not found, f"{len(found)} problems under {fault}:\n" + "\n".join(found[:12]) + f"\n\n{source}\n"
+    assert not found, (
+        f"{len(found)} problems under {fault} (ledger, logs: {root}):\n" + "\n".join(found[:12]) + f"\n\n{source}\n"
+    )
 
 
 @pytest.mark.timeout(600)
-@budget(ci_examples=8)
+@budget(ci_examples=20)
 @given(data=st.data())
 def test_programs_agree_under_in_process_faults(fuzz_server: tuple[Server, RedisProcess | None], data: Any) -> None:
     """Concurrent starts in tasks and threads, an in-process Worker beside a start, a graceful
@@ -141,7 +147,7 @@ def test_programs_agree_under_in_process_faults(fuzz_server: tuple[Server, Redis
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-@budget(ci_examples=3)
+@budget(ci_examples=6)
 @given(data=st.data())
 def test_programs_agree_under_process_faults(fuzz_server: tuple[Server, RedisProcess | None], data: Any) -> None:
     """start() scripts and worker processes SIGKILLed between steps, mid-step before and after the
