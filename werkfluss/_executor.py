@@ -174,18 +174,9 @@ class RunExecutor:
             if depth > 0:
                 self._tasks[task] = depth
 
-    @contextmanager
-    def busy(self) -> Iterator[None]:
-        """Mark work in progress: the run does not pause meanwhile."""
-        task = self._enter()
-        self._active += 1
-        self._touch()
-        try:
-            yield
-        finally:
-            self._active -= 1
-            self._leave(task)
-            self._touch()
+    def busy(self) -> _Busy:
+        """Mark work in progress (``with executor.busy():``): the run does not pause meanwhile."""
+        return _Busy(self)
 
     @contextmanager
     def waiting(self, wait: Waiting) -> Iterator[None]:
@@ -218,7 +209,7 @@ class RunExecutor:
         """
         if self.events >= self.settings.max_history:
             raise HistoryTooLargeError(self.run_id, self.events, self.settings.max_history)
-        with self.busy():
+        with _Busy(self, track=False):  # its caller's task is tracked already, where it matters
             n, cancel = await self.store.append(self.run_id, self.epoch, dedup, encode_event(event), self.lease)
         self.events = max(self.events, n)
         if self.events >= self.settings.history_warning and not self.warned:
@@ -792,6 +783,33 @@ class RunExecutor:
             if self._body is not None:
                 self._body.cancel()
             return
+
+
+class _Busy:
+    """`RunExecutor.busy()`: a class, not a generator, since every step enters it twice
+    (about 1 µs a step less than ``@contextmanager``)."""
+
+    __slots__ = ("executor", "task", "track")
+
+    def __init__(self, executor: RunExecutor, *, track: bool = True) -> None:
+        self.executor = executor
+        self.task: asyncio.Task[Any] | None = None
+        self.track = track  # remember the task for `_reap` (costs a current_task() lookup)
+
+    def __enter__(self) -> None:
+        executor = self.executor
+        if self.track:
+            self.task = executor._enter()
+        elif executor._closed:
+            executor._enter()  # raises: nothing new starts for an execution that is over
+        executor._active += 1
+        executor._touch()
+
+    def __exit__(self, *_: object) -> None:
+        executor = self.executor
+        executor._active -= 1
+        executor._leave(self.task)
+        executor._touch()
 
 
 def _given(coro: Coroutine[Any, Any, None]) -> Coroutine[Any, Any, None]:
