@@ -133,11 +133,15 @@ def _worker(args: argparse.Namespace) -> int:
         settings=_settings(args), concurrency=args.concurrency, grace=args.grace, max_deliveries=args.max_deliveries
     )
 
+    forced: list[int] = []  # the signal that stopped the worker at once, if one did
+
     async def serve() -> None:
         try:
             async with anyio.create_task_group() as tg:
-                tg.start_soon(_on_signals, worker, tg.cancel_scope)
+                serving = anyio.Event()
+                tg.start_soon(_on_signals, worker, tg.cancel_scope, serving, forced)
                 async with worker:
+                    serving.set()
                     print(f"werkfluss worker {worker.name} serving {', '.join(names)}", file=sys.stderr, flush=True)
                     await worker.wait()
                 tg.cancel_scope.cancel()
@@ -145,18 +149,53 @@ def _worker(args: argparse.Namespace) -> int:
             with anyio.CancelScope(shield=True):
                 await close_stores()
 
-    anyio.run(serve, backend="asyncio")
+    try:
+        anyio.run(serve, backend="asyncio")
+    except BaseExceptionGroup as group:
+        # The task group wraps what failed in it (the connection, at start): a lone
+        # werkfluss error is reported like every other command's, in one line.
+        leaves = _leaves(group)
+        if len(leaves) == 1 and isinstance(leaves[0], WerkflussError):
+            raise leaves[0] from None
+        raise
+    if forced:
+        # Stopped at once: runs were cut short and handed back; not a clean exit.
+        return 128 + forced[0]
     return 0
 
 
-async def _on_signals(worker: Worker, scope: anyio.CancelScope) -> None:
-    """First SIGINT/SIGTERM: stop gracefully; a second one: stop now."""
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    """The exceptions in `group` and its nested groups."""
+    found: list[BaseException] = []
+    for exc in group.exceptions:
+        found.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return found
+
+
+async def _on_signals(worker: Worker, scope: anyio.CancelScope, serving: anyio.Event, forced: list[int]) -> None:
+    """First SIGINT/SIGTERM: stop gracefully; a second one: stop now, noting the signal in `forced`."""
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as received:
-        async for _ in received:
-            if worker.stopping:
-                scope.cancel()
-                return
-            worker.stop()
+        async for signum in received:
+            if not worker.stopping:
+                worker.stop()
+                print(
+                    f"werkfluss worker: stopping; running steps may finish (up to {worker.grace:g} s). "
+                    f"Press Ctrl-C again to stop at once",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                continue
+            forced.append(signum)
+            worker.stop(now=True)  # hands its runs back to the queue, pending
+            if not serving.is_set():
+                scope.cancel()  # still connecting: nothing to hand back
+            print(
+                "werkfluss worker: stopping at once; unfinished runs go back to the queue, "
+                "and their current steps execute again",
+                file=sys.stderr,
+                flush=True,
+            )
+            return
 
 
 def _server(args: argparse.Namespace) -> int:
@@ -192,15 +231,26 @@ def _run_async(command: Callable[[argparse.Namespace], Awaitable[int]], args: ar
     return anyio.run(main, backend="asyncio")
 
 
+def _command(args: argparse.Namespace) -> int:
+    if args.command == "worker":
+        return _worker(args)
+    if args.command == "server":
+        return _server(args)
+    return _run_async({"runs": runs, "hooks": hooks, "dead": dead}[args.command], args)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
     args = _parser().parse_args(argv)
     try:
-        if args.command == "worker":
-            return _worker(args)
-        if args.command == "server":
-            return _server(args)
-        return _run_async({"runs": runs, "hooks": hooks, "dead": dead}[args.command], args)
+        code = _command(args)
+        sys.stdout.flush()  # a reader that went away shows here, not at the interpreter's exit
+        return code
+    except BrokenPipeError:
+        # The reader stopped reading (`werkfluss runs list | head`): it has what it wanted.
+        # Later writes (the interpreter's final flush) go nowhere instead of failing again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (WerkflussError, ValueError, OSError) as exc:
         print(f"werkfluss: {exc}", file=sys.stderr)
         return 1

@@ -2,6 +2,11 @@
 
 Each command is a coroutine taking the parsed arguments and returning the
 exit code; tables for people, ``--json`` for scripts.
+
+Commands about runs and letters that exist (everything but ``hooks send``)
+never start an embedded server in a directory that holds no werkfluss data:
+asked from the wrong directory, they would create an empty store and then
+report that the run is not there. They say where they looked instead.
 """
 
 from __future__ import annotations
@@ -12,15 +17,17 @@ import os
 import sys
 import time
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 
 from ._client import cancel_async, invoke_hook_async, open_store, pending_hooks_async
-from ._errors import ConfigurationError
+from ._errors import ConfigurationError, RunNotFoundError, WerkflussError
 from ._events import AnyEvent, ErrorInfo, Waiting
 from ._options import Settings
 from ._queries import get_events_async, get_run_async, list_runs_async, resume_async
+from ._store import redact
 from ._timeline import duration, render
 
 if TYPE_CHECKING:
@@ -31,6 +38,39 @@ __all__ = ["dead", "event_dict", "hooks", "print_json", "runs"]
 
 def _settings(args: argparse.Namespace) -> Settings:
     return Settings.from_env(redis_url=args.redis_url, directory=args.dir, prefix=args.prefix)
+
+
+_ELSEWHERE = "point it elsewhere with --dir DIR (WERKFLUSS_DIR), --redis-url URL (WERKFLUSS_REDIS_URL) or --prefix P"
+
+
+def _looked_in(settings: Settings) -> str:
+    """Where a command looked, for its messages: the data directory or the redacted URL, and a prefix of one's own."""
+    where = redact(settings.redis_url) if settings.redis_url else str(Path(settings.directory).resolve())
+    if settings.prefix != Settings.prefix:
+        where += f" (key prefix {settings.prefix!r})"
+    return where
+
+
+def _existing(args: argparse.Namespace) -> Settings:
+    """The settings of `args`, refusing an embedded server's directory that holds no data.
+
+    Answering a question must not create a server or data. A directory whose
+    server merely stopped still has its data (and password): the server is
+    started again on it, as `start()` would.
+    """
+    settings = _settings(args)
+    if settings.redis_url is None:
+        directory = Path(settings.directory).resolve()
+        if not (directory / "password").is_file():
+            raise ConfigurationError(
+                f"no werkfluss data in {directory}: no embedded server has run there, and none was started. "
+                f"Run the command in the directory your workflows ran in, or {_ELSEWHERE}"
+            )
+    return settings
+
+
+def _not_found(exc: RunNotFoundError, settings: Settings) -> WerkflussError:
+    return WerkflussError(f"{exc} in {_looked_in(settings)}: `werkfluss runs list` shows the runs there; {_ELSEWHERE}")
 
 
 # -- output ----------------------------------------------------------------------------
@@ -82,7 +122,14 @@ def _colour(choice: str) -> bool:
 
 async def runs(args: argparse.Namespace) -> int:
     """``werkfluss runs list|show|cancel|resume``."""
-    settings = _settings(args)
+    settings = _existing(args)
+    try:
+        return await _runs(args, settings)
+    except RunNotFoundError as exc:
+        raise _not_found(exc, settings) from None
+
+
+async def _runs(args: argparse.Namespace, settings: Settings) -> int:
     if args.action == "list":
         page = await list_runs_async(
             workflow=args.workflow, status=args.status, limit=args.limit, cursor=args.cursor, settings=settings
@@ -126,7 +173,9 @@ async def runs(args: argparse.Namespace) -> int:
 
 async def hooks(args: argparse.Namespace) -> int:
     """``werkfluss hooks send TOKEN JSON`` and ``werkfluss hooks list``."""
-    settings = _settings(args)
+    # A payload may be sent before any run exists (it waits in the mailbox): `send`
+    # may start a server; `list` only reads.
+    settings = _settings(args) if args.action == "send" else _existing(args)
     if args.action == "send":
         if args.token is None or args.payload is None:
             raise ConfigurationError("usage: werkfluss hooks send TOKEN JSON  (JSON '-' reads standard input)")
@@ -158,7 +207,7 @@ async def hooks(args: argparse.Namespace) -> int:
 
 async def dead(args: argparse.Namespace) -> int:
     """``werkfluss dead list`` and ``werkfluss dead redrive ID...|--all``."""
-    store = await open_store(_settings(args))
+    store = await open_store(_existing(args))
     if args.action == "list":
         letters = await store.dead_letters(args.limit)
         if args.json:
@@ -172,6 +221,10 @@ async def dead(args: argparse.Namespace) -> int:
             )
         return 0
     ids = [i for i, _ in await store.dead_letters(100_000)] if args.all else args.ids
+    if args.all and not ids:
+        # Nothing to do is not a failure: after this, no dead letter is left, as asked.
+        print("no dead letters to re-drive")
+        return 0
     if not ids:
         raise ConfigurationError("name the dead letters to re-drive, or pass --all")
     missing = 0

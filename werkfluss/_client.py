@@ -20,7 +20,7 @@ import anyio.to_thread
 import msgspec
 
 from ._embedded import ensure_server
-from ._errors import HookClosedError, RunConflictError, RunNotFoundError
+from ._errors import ConfigurationError, HookClosedError, RunConflictError, RunNotFoundError
 from ._events import RunCancelled, RunStarted, Waiting, encode_checked, encode_event, encode_run_call
 from ._ids import check_run_id, derive_run_id
 from ._lease import Holding, live_holding
@@ -28,12 +28,11 @@ from ._options import Settings, parse_duration
 from ._runtime import args_digest, drive
 from ._store import RedisStore
 from ._waits import _check_token
+from ._wrappers import Step, Workflow
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
     from datetime import timedelta
-
-    from ._wrappers import Workflow
 
 __all__ = [
     "PendingHook",
@@ -93,6 +92,29 @@ async def close_stores() -> None:
         await store.close()
 
 
+def _check_workflow(workflow: object, called: str) -> None:
+    """Refuse anything but a `Workflow` at the entry of `called`, saying what to do instead.
+
+    A step is not run as an implicit one-step workflow: that workflow would be
+    defined only in the calling process (a worker could not serve an enqueued
+    run of it), and its ID would collide with the step's own.
+    """
+    if isinstance(workflow, Workflow):
+        return
+    if isinstance(workflow, Step):
+        name = getattr(workflow.fn, "__name__", "the_step")
+        raise ConfigurationError(
+            f"{called}() takes a workflow, but {workflow.id!r} is a step: steps run inside a workflow run. "
+            f"Define a @workflow that awaits it ('@workflow async def {name}_flow(...): return await {name}(...)') "
+            f"and {called}() that; or await {name}(...) outside any run to execute it once, recording nothing"
+        )
+    what = getattr(workflow, "__qualname__", None) or repr(workflow)
+    raise ConfigurationError(
+        f"{called}() takes a workflow, but got {what} ({type(workflow).__name__}): "
+        f"decorate the async function with @workflow and pass that"
+    )
+
+
 async def start_async(workflow: Workflow[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
     """Start or attach to a run of `workflow` and return its result.
 
@@ -112,7 +134,9 @@ async def start_async(workflow: Workflow[P, R], /, *args: P.args, **kwargs: P.kw
         RunConflictError: the run ID belongs to another workflow or other arguments.
         SerializationError: an argument or result cannot be stored.
         StorageError: Redis/Valkey is unreachable.
+        ConfigurationError: `workflow` is not a workflow (a step, say).
     """
+    _check_workflow(workflow, "start_async")
     settings = workflow.run_options.settings or Settings.from_env()
     encoded = encode_run_call(workflow.id, args, kwargs, limit=settings.max_payload)
     run_id = workflow.run_options.run_id or derive_run_id(workflow.id, encoded[1])
@@ -129,6 +153,7 @@ def start(workflow: Workflow[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
     The blocking twin of `start_async`, for scripts; it runs its own event
     loop, so it cannot be called from inside one.
     """
+    _check_workflow(workflow, "start")
     return _blocking("start", lambda: start_async(workflow, *args, **kwargs))
 
 
@@ -163,7 +188,9 @@ async def enqueue_async(workflow: Workflow[P, R], /, *args: P.args, **kwargs: P.
         RunConflictError: the run ID belongs to another workflow or other arguments.
         SerializationError: an argument cannot be stored.
         StorageError: Redis/Valkey is unreachable.
+        ConfigurationError: `workflow` is not a workflow (a step, say).
     """
+    _check_workflow(workflow, "enqueue_async")
     settings = workflow.run_options.settings or Settings.from_env()
     args_raw, canonical = encode_run_call(workflow.id, args, kwargs, limit=settings.max_payload)
     run_id = workflow.run_options.run_id or derive_run_id(workflow.id, canonical)
@@ -183,6 +210,7 @@ async def enqueue_async(workflow: Workflow[P, R], /, *args: P.args, **kwargs: P.
 
 def enqueue(workflow: Workflow[P, R], /, *args: P.args, **kwargs: P.kwargs) -> str:
     """Blocking twin of `enqueue_async`: put a run on the queue, return its run ID."""
+    _check_workflow(workflow, "enqueue")
     return _blocking("enqueue", lambda: enqueue_async(workflow, *args, **kwargs))
 
 

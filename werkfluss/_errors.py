@@ -18,6 +18,9 @@ Every error a user can catch derives from `WerkflussError`::
     ├── HookClosedError         a payload for a hook whose run completed or was cancelled
     └── NotInWorkflowError      a run-only function was called outside a run or step
 
+One warning category goes with them: `LossyServerWarning`, for a server that
+could silently lose runs (an eviction policy, no persistence).
+
 `_Suspend` is deliberately *not* in that tree: it is a private `BaseException`
 used to unwind a run whose lease was lost, so that a user's
 `except Exception:` can never swallow it.
@@ -32,6 +35,7 @@ __all__ = [
     "HistoryTooLargeError",
     "HookClosedError",
     "HookConflictError",
+    "LossyServerWarning",
     "NonDeterminismError",
     "NotInWorkflowError",
     "PayloadTooLargeError",
@@ -235,6 +239,17 @@ class HookClosedError(WerkflussError):
 
 class NotInWorkflowError(WerkflussError):
     """A function that needs a running workflow or step was called outside one."""
+
+
+class LossyServerWarning(UserWarning):
+    """The Redis/Valkey server could silently lose runs: an eviction policy
+    other than ``noeviction``, or persistence switched off.
+
+    Issued through Python's `warnings` when the application has not configured
+    logging (otherwise the ``werkfluss`` logger reports it), so that it reaches
+    stderr either way. Silence it with
+    ``-W ignore::werkfluss.LossyServerWarning``.
+    """
 
 
 @final

@@ -168,12 +168,21 @@ return {n, parent}
 """
 )
 
-# KEYS: state. ARGV: epoch. Lets another process take over at once.
-RELEASE = """
+# KEYS: state. ARGV: epoch, '1' if the run goes back to the queue. Lets another
+# process take over at once. A run handed back to the queue becomes 'pending'
+# (waiting for a worker) instead of looking 'running' with nobody running it;
+# ACQUIRE takes a pending run over like a released running one.
+RELEASE = (
+    _NOW
+    + """
 if redis.call('HGET', KEYS[1], 'epoch') ~= ARGV[1] then return 0 end
 redis.call('HSET', KEYS[1], 'lease', 0, 'holder', '')
+if ARGV[2] == '1' and redis.call('HGET', KEYS[1], 'status') == 'running' then
+  redis.call('HSET', KEYS[1], 'status', 'pending', 'updated', now)
+end
 return 1
 """
+)
 
 # KEYS: state, log. ARGV: reason, run-cancelled event.
 # A run held by a live process is only marked: its holder stops at the next

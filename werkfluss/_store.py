@@ -26,6 +26,7 @@ import contextlib
 import logging
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
@@ -40,7 +41,7 @@ from redis.exceptions import NoScriptError, RedisClusterException, RedisError, R
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from . import _scripts
-from ._errors import StorageError, _Suspend
+from ._errors import LossyServerWarning, StorageError, _Suspend
 
 try:  # redis-py parses replies in C with it when it is installed; so does the fast lane
     import hiredis
@@ -98,6 +99,37 @@ def _text(value: Any) -> str:
     # Anything may be written into a stream; a byte that is not UTF-8 must not
     # stop a reader (a worker would read the same message forever).
     return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+
+def _logging_reaches(logger: logging.Logger, level: int) -> bool:
+    """Whether a record of `level` on `logger` reaches a handler the application set up.
+
+    werkfluss's own NullHandler does not count. A logger silenced on purpose
+    (its level above `level`) counts as set up: the application decided.
+    """
+    if not logger.isEnabledFor(level):
+        return True
+    current: logging.Logger | None = logger
+    while current is not None:
+        if any(not isinstance(h, logging.NullHandler) and level >= h.level for h in current.handlers):
+            return True
+        current = current.parent if current.propagate else None
+    return False
+
+
+def _warn_lossy(message: str, *args: object) -> None:
+    """Report a server that could lose runs where the user will see it.
+
+    To the ``werkfluss`` logger when the application configured logging; else
+    as a `LossyServerWarning` through Python's warnings, which print to stderr
+    by default: the logger alone would drop it (its NullHandler), and a
+    newcomer would never learn that a restart of the server loses every run.
+    Never both, so a configured application does not see it twice.
+    """
+    if _logging_reaches(log, logging.WARNING):
+        log.warning(message, *args)
+    else:
+        warnings.warn(message % args, LossyServerWarning, stacklevel=3)
 
 
 # -- the fast lane ------------------------------------------------------------------------
@@ -521,13 +553,15 @@ class RedisStore:
             values = {_text(k): _text(v) for k, v in config.items()}
             policy = values.get("maxmemory-policy", "noeviction")
             if policy != "noeviction":
-                log.warning(
-                    "%s has maxmemory-policy %s: it may evict run logs and lose progress; use noeviction",
-                    name,
-                    policy,
+                _warn_lossy(
+                    "%s has maxmemory-policy %s: it may evict run logs and lose progress; use noeviction", name, policy
                 )
             if values.get("appendonly") == "no" and not values.get("save"):
-                log.warning("%s has no persistence (appendonly no, no save points): a restart loses every run", name)
+                _warn_lossy(
+                    "%s has no persistence (appendonly no, no save points): a restart loses every run; "
+                    "use appendonly yes",
+                    name,
+                )
 
     async def close(self) -> None:
         """Close the connection pool (every node's, on a cluster)."""
@@ -696,9 +730,14 @@ class RedisStore:
             raise _Suspend(run_id, "another process took this run over; this one stops writing")
         return _text(reply[1])
 
-    async def release(self, run_id: str, epoch: int) -> None:
-        """Give up the lease at once (the run stays resumable by anyone)."""
-        await self._run("RELEASE", [self.key(run_id, "state")], [epoch])
+    async def release(self, run_id: str, epoch: int, *, pending: bool = False) -> None:
+        """Give up the lease at once (the run stays resumable by anyone).
+
+        With `pending`, a running run also becomes ``pending``: it was handed
+        back to the queue and waits for a worker. Fenced (nothing happens) once
+        another holder took the run over.
+        """
+        await self._run("RELEASE", [self.key(run_id, "state")], [epoch, "1" if pending else ""])
 
     async def cancel(self, run_id: str, reason: str, event: bytes) -> tuple[str, str]:
         """Cancel a run: ``(outcome, parent)``; outcome is cancelled, requested (its live

@@ -54,7 +54,9 @@ class Worker:
     from the command line. `stop()` shuts down gracefully: no new work is
     taken, runs stop at their next step boundary (a run that only waits
     pauses), and what is not done within `grace` seconds is handed back to
-    the queue for another worker.
+    the queue for another worker. ``stop(now=True)`` ends the grace at once.
+    A run handed back is ``pending`` again, with no holder: it waits for a
+    worker (or a `start()` of it), which resumes it from its log.
 
     Args:
         settings: Where the queue lives (default `Settings.from_env()`).
@@ -91,6 +93,8 @@ class Worker:
         self._slots = anyio.Semaphore(concurrency)
         self._held: dict[str, RunExecutor | None] = {}  # message id -> the run's executor, once it runs
         self._stopping = anyio.Event()
+        self._now = False  # stop(now=True): no grace
+        self._grace_scope: anyio.CancelScope | None = None  # the drain's wait, while it waits
         self._stopped = anyio.Event()
         self._empty = anyio.Event()  # set whenever the last held message is done
 
@@ -137,19 +141,30 @@ class Worker:
         """Wait until `stop()` is called."""
         await self._stopping.wait()
 
-    def stop(self) -> None:
-        """Begin a graceful shutdown (see the class docstring); safe to call twice."""
+    def stop(self, *, now: bool = False) -> None:
+        """Begin a graceful shutdown (see the class docstring); safe to call twice.
+
+        With ``now=True`` (``werkfluss worker`` on a second Ctrl-C) there is no
+        grace: steps still executing are cancelled (they execute again wherever
+        the run resumes) and their runs are handed back to the queue at once.
+        """
         if not self._stopping.is_set():
             log.info("worker %s stopping: %d runs in progress", self.name, len(self._held))
             self._stopping.set()
+        if now and not self._now:
+            self._now = True
+            log.warning("worker %s stopping now: %d runs are handed back unfinished", self.name, len(self._held))
+            if self._grace_scope is not None:
+                self._grace_scope.cancel()
         for executor in self._held.values():
             if executor is not None:
                 executor.stop()
 
     async def _drain(self) -> None:
-        if self._held:
-            with anyio.move_on_after(self.grace):
+        if self._held and not self._now:
+            with anyio.move_on_after(self.grace) as self._grace_scope:
                 await self._empty.wait()
+            self._grace_scope = None
         if self._held:
             log.warning("worker %s: %d runs did not stop within %g s; handing them back", self.name,
                         len(self._held), self.grace)  # fmt: skip
@@ -261,6 +276,12 @@ class Worker:
                 if outcome == "ack":
                     await self._quietly(self.store.ack(GROUP, message))
                 elif outcome == "requeue":
+                    executor = self._held.get(message)
+                    if executor is not None and not executor.ended:
+                        # Handed back unfinished (a stop, or cancelled past the grace): the run
+                        # says it waits for a worker, not that one runs it. Before the requeue,
+                        # so the worker that takes the message finds it so; fenced if one did.
+                        await self._quietly(self.store.release(executor.run_id, executor.epoch, pending=True))
                     await self._quietly(self.store.requeue(GROUP, message, fields.get("r", "")))
                 self._held.pop(message, None)
                 if not self._held:
@@ -347,7 +368,7 @@ class Worker:
             return "ack"  # completed, cancelled, or failed/blocked without a retry: nothing to do
         workflow = registered_workflow(got.workflow)
         if workflow is None:
-            await store.release(run_id, got.epoch)
+            await store.release(run_id, got.epoch, pending=True)  # for a worker that defines it
             await store.note_error(message, f"workflow {got.workflow!r} is not defined in worker {self.name}")
             log.warning("worker %s: run %s needs workflow %r, which this worker does not define; leaving it",
                         self.name, run_id, got.workflow)  # fmt: skip
