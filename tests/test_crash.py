@@ -10,17 +10,20 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 from collections import Counter
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import pytest
+import redis
 
 from .conftest import wait_for
 
 if TYPE_CHECKING:
-    import subprocess
     from pathlib import Path
+
+    from .conftest import Server
 
 SCRIPT = """
 import os, sys
@@ -108,3 +111,51 @@ def test_sigkill_then_rerun_executes_only_unfinished_steps(
     # A third run: the run is completed, nothing executes, "done" at once.
     assert finish(run_script(script, env=env)) == "done"
     assert ledger(book) == expected
+
+
+PAUSER = """
+import logging, sys
+from werkfluss import sleep, start, step, workflow
+
+logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
+
+@step
+async def first() -> str:
+    return "first"
+
+@workflow
+async def napper() -> str:
+    await first()
+    await sleep(60)
+    return "woke"
+
+print(start(napper.options(run_id=sys.argv[1])))
+"""
+
+
+def test_ctrl_c_right_as_a_run_pauses_stops_the_script_and_leaves_the_run_paused(
+    tmp_path: Path, run_script: Runner, server: Server, prefix: str
+) -> None:
+    # A SIGINT landing as the pause is recorded used to be swallowed by Python 3.11's
+    # asyncio.wait_for inside redis-py: the script waited out the whole sleep.
+    script = tmp_path / "pauser.py"
+    script.write_text(PAUSER)
+    for attempt in range(3):
+        run_id = f"nap-{attempt}"
+        proc = run_script(script, run_id)
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            if "paused, waiting for" in line:
+                proc.send_signal(signal.SIGINT)
+                break
+        try:
+            proc.wait(15)  # well before the 60 s timer
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            pytest.fail(f"Ctrl-C at the pause was lost (attempt {attempt + 1}): the script waited on")
+        finally:
+            proc.communicate()
+        assert proc.returncode != 0
+        client = redis.Redis.from_url(server.url)
+        assert client.hget(f"{prefix}{{{run_id}}}:state", "status") == b"paused"
+        client.close()

@@ -837,8 +837,25 @@ async def wait_for_wake(store: RedisStore, run_id: str, lease: float) -> None:
                 return
         # Wake-ups by hooks arrive any time: look again soon, backing off; a timer is waited for exactly.
         soonest = min((due for due in dues if due is not None), default=None)
+        _raise_lost_cancellation()
         await anyio.sleep(delay if soonest is None else min(delay, max(soonest - now, 0.001)))
         delay = min(delay * 2, 0.5)
+
+
+def _raise_lost_cancellation() -> None:
+    """Raise a cancellation of this task that never arrived.
+
+    redis-py sends each command through ``asyncio.wait_for``, which on Python
+    3.11 swallows a cancellation that lands as the command completes
+    (CPython gh-86296). A Ctrl-C of ``start()`` waiting on a paused run lands
+    there nearly every time, right after the pause is recorded: lost, the
+    script would wait on for the timer. anyio re-delivers its own cancel
+    scopes' cancellations; a plain ``Task.cancel()`` (asyncio's SIGINT
+    handler) is delivered once, so a request still counted is raised here.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError("a cancellation that asyncio.wait_for swallowed")
 
 
 async def _wait_tree(store: RedisStore, run_id: str) -> list[str]:
