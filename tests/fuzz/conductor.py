@@ -125,6 +125,7 @@ class World:
     run_id: str
     restart_server: Callable[[], None] | None = None  # SIGKILL and restart the server (restartable Redis only)
     outcomes: dict[str, Outcome] = field(default_factory=dict)  # caller -> what it saw
+    procs: list[subprocess.Popen[str]] = field(default_factory=list)  # start() scripts, reaped by `conduct`
     kills: int = 0
     log: list[str] = field(default_factory=list)
 
@@ -214,7 +215,9 @@ def _program_file(world: World, program: Program) -> str:
 
 
 def _spawn_start(world: World, program: Program) -> subprocess.Popen[str]:
-    return world.faults.python(START, _program_file(world, program), world.run_id)
+    proc = world.faults.python(START, _program_file(world, program), world.run_id)
+    world.procs.append(proc)
+    return proc
 
 
 async def _finish_process(world: World, proc: subprocess.Popen[str], name: str) -> None:
@@ -245,7 +248,8 @@ async def _reached(world: World, fault: Fault) -> int | None:
         pid = world.faults.reached(fault.point, key)
         if pid is not None:
             return pid
-        return _terminal(world) and -1
+        # The run's end is recorded before its process reaches after-finish: wait for that one.
+        return fault.point != "after-finish" and _terminal(world) and -1
 
     pid = await _poll(check, f"a process at {fault.point}@{key}", world)
     return None if pid == -1 else pid
@@ -376,3 +380,9 @@ async def conduct(world: World, program: Program, fault: Fault, *, in_process: b
             + "\n".join(world.log[-10:])
             + ("\n" + world.faults.describe_workers() if world.faults.workers.procs else "")
         ) from None
+    finally:
+        for proc in world.procs:  # a script still stopped at a barrier after a failure
+            if proc.poll() is None:
+                proc.kill()
+            if proc.stdout is not None and not proc.stdout.closed:
+                proc.communicate()
