@@ -820,12 +820,13 @@ def _given(coro: Coroutine[Any, Any, None]) -> Coroutine[Any, Any, None]:
 _UNWINDING = (_Suspend, Exception, asyncio.CancelledError)
 
 
-async def wait_for_wake(store: RedisStore, run_id: str, lease: float) -> None:
+async def wait_for_wake(store: RedisStore, run_id: str, lease: float, *, caller: bool = False) -> None:
     """Wait while run `run_id` is paused, until it or a child it waits for comes due.
 
     A due timer entry is taken (pushed `lease` ahead, so that it comes due
     again if this process dies) before returning: the caller resumes the run.
-    Returns at once when the run is no longer paused.
+    Returns at once when the run is no longer paused. `caller`: the wait of
+    ``start()`` itself, outside any run's body, where a Ctrl-C must not be lost.
     """
     delay = 0.02
     runs = await _wait_tree(store, run_id)
@@ -837,7 +838,8 @@ async def wait_for_wake(store: RedisStore, run_id: str, lease: float) -> None:
                 return
         # Wake-ups by hooks arrive any time: look again soon, backing off; a timer is waited for exactly.
         soonest = min((due for due in dues if due is not None), default=None)
-        _raise_lost_cancellation()
+        if caller:
+            _raise_lost_cancellation()
         await anyio.sleep(delay if soonest is None else min(delay, max(soonest - now, 0.001)))
         delay = min(delay * 2, 0.5)
 
@@ -852,6 +854,7 @@ def _raise_lost_cancellation() -> None:
     script would wait on for the timer. anyio re-delivers its own cancel
     scopes' cancellations; a plain ``Task.cancel()`` (asyncio's SIGINT
     handler) is delivered once, so a request still counted is raised here.
+    Only outside a run's body: inside, anyio's own scopes count requests too.
     """
     task = asyncio.current_task()
     if task is not None and task.cancelling():

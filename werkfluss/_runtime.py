@@ -118,7 +118,7 @@ async def drive(
             continue
         if not isinstance(outcome, Paused) or not wait:
             return outcome
-        await wait_for_wake(store, run_id, lease)
+        await wait_for_wake(store, run_id, lease, caller=True)
 
 
 async def drive_child(
