@@ -307,13 +307,19 @@ def encode_run_call(
 
 
 def call_digest(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
-    """8 bytes that change when a call's arguments change (dict and set order aside).
+    """A few bytes that change when a call's arguments change (dict and set order aside).
 
-    Straight to msgpack, skipping `to_builtins`: a digest needs stability, not a
-    readable form, and a replay computes one per recorded step (4x cheaper).
-    Raises what the encoder raises; callers have encoded the arguments once before.
+    The canonical msgpack of the call itself when it is short (most calls: an ID,
+    a number), else 8 bytes of its BLAKE2b: a replay computes one per recorded
+    step, and hashing would cost 4x the encoding. Straight to msgpack, skipping
+    `to_builtins`: a digest needs stability, not a readable form. Raises what the
+    encoder raises; callers have encoded the arguments once before.
     """
-    return hashlib.blake2b(_deterministic_encoder.encode([args, kwargs]), digest_size=8).digest()
+    canonical = _deterministic_encoder.encode([args, kwargs])
+    return canonical if len(canonical) <= _SHORT_CALL else hashlib.blake2b(canonical, digest_size=8).digest()
+
+
+_SHORT_CALL = 24  # bytes of canonical msgpack kept as their own digest
 
 
 def first_difference(recorded: bytes, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
