@@ -265,7 +265,7 @@ class RunExecutor:
         self.check(seq, step.id)
         done = self.replay.completed.get(seq)
         if done is not None:
-            if step.options.check_args:
+            if done.digest is not None and step.options.check_args:
                 self.check_args(seq, step.id, done.digest, done.args, args, kwargs)
             note(DEBUG, "step.replayed", self.run_id, "run %s: step #%d %s replayed from the log", self.run_id, seq,
                  step.id, seq=seq, step=step.id)  # fmt: skip
@@ -294,11 +294,11 @@ class RunExecutor:
         if digest is None:
             return  # recorded before digests, or by a step that opted out
         try:
-            now = call_digest(args, kwargs)
+            if call_digest(args, kwargs) == digest:
+                return
+            now = b"?"
         except (TypeError, ValueError, OverflowError, RecursionError, msgspec.EncodeError):
             now = b""
-        if now == digest:
-            return
         if not now:
             detail = "an argument cannot be stored now"
         elif recorded is None:
