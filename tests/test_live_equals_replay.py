@@ -33,9 +33,12 @@ from werkfluss import (
     step,
     workflow,
 )
-from werkfluss._client import close_stores, open_store
-from werkfluss._events import RaceWon, RunStarted, StepCompleted, StepFailed, decode_event
+from werkfluss._client import close_stores
+from werkfluss._events import RaceWon, RunStarted, StepCompleted, StepFailed
 from werkfluss.testing import check_replay_async
+
+from .test_runtime import events
+from .test_waits import until_status
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -50,20 +53,6 @@ async def wf(settings: Settings) -> AsyncIterator[Settings]:
     flags.clear()
     yield settings
     await close_stores()
-
-
-async def events(settings: Settings, run_id: str) -> list[Any]:
-    store = await open_store(settings)
-    return [decode_event(body) async for batch in store.read_log(run_id) for _, body in batch if body]
-
-
-async def until_status(settings: Settings, run_id: str, *statuses: str, timeout: float = 30) -> str:
-    with anyio.fail_after(timeout):
-        while True:
-            info = await get_run_async(run_id, settings=settings)
-            if info.status in statuses:
-                return info.status
-            await anyio.sleep(0.02)
 
 
 # -- 1. arguments as given ----------------------------------------------------------------------------------------
