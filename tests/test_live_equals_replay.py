@@ -11,6 +11,8 @@ hook that lost a race hands its payload to a later ``await`` after a replay.
 from __future__ import annotations
 
 import dataclasses
+import gc
+import warnings
 from collections import Counter
 from typing import TYPE_CHECKING, Any
 
@@ -431,3 +433,29 @@ async def test_a_payload_a_losing_hook_took_goes_to_the_next_await(wf: Settings)
     assert value == (7 if index == 0 else "won by the hook")
     with anyio.fail_after(10):
         assert await start_async(both.options(settings=wf, run_id="h2")) == [index, value]
+
+
+async def test_a_race_that_diverges_on_replay_leaves_no_coroutine_unawaited(wf: Settings) -> None:
+    @step
+    async def one() -> int:
+        return 1
+
+    @workflow
+    async def changed() -> int:
+        if calls["flaky_end"] == 0:
+            await one()
+            await one()
+            await one()  # seq 3
+        else:
+            await race(hook("lr-div-1"), hook("lr-div-2"))  # the race takes seq 3 now
+        await flaky_end()
+        return 1
+
+    with pytest.raises(StepFailedError):
+        await start_async(changed.options(settings=wf, run_id="rd1"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(NonDeterminismError, match="'race'"):
+            await start_async(changed.options(settings=wf, run_id="rd1"))
+        gc.collect()
+    assert not [w for w in caught if "never awaited" in str(w.message)]

@@ -529,7 +529,13 @@ class RunExecutor:
 
     async def race(self, seq: int, awaitables: list[Awaitable[Any]]) -> tuple[int, Any]:
         """The first of `awaitables` to finish; the winner is recorded and replayed."""
-        self.check(seq, "race")
+        try:
+            self.check(seq, "race")
+        except NonDeterminismError:
+            for awaitable in awaitables:  # never to be awaited: no "never awaited" warnings
+                if isinstance(awaitable, Coroutine):
+                    awaitable.close()
+            raise
         index = self.replay.races.get(seq)
         if index is not None:
             for i, awaitable in enumerate(awaitables):
