@@ -228,6 +228,27 @@ def workers(server: Server, prefix: str, tmp_path: Path) -> Iterator[Workers]:
     group.stop_all()
 
 
+async def test_a_step_that_calls_sys_exit_fails_its_attempt_and_its_worker_serves_on(
+    workers: Workers, settings: Settings, tmp_path: Path
+) -> None:
+    # SystemExit is no Exception: raised on, it killed every worker that took the run,
+    # whose message was handed on to the next worker, and the run never failed.
+    worker = workers.start()
+    caught = await enqueue_async(worker_flows.exits.options(settings=settings, run_id="exit-caught"), 3, True)
+    uncaught = await enqueue_async(worker_flows.exits.options(settings=settings, run_id="exit-uncaught"), 4, False)
+    healthy = [await enqueue_async(worker_flows.five.options(settings=settings), n) for n in range(5)]
+    await until_all(settings, healthy, timeout=60)
+    await until_all(settings, [uncaught], "failed", timeout=60)
+    await until_all(settings, [caught], timeout=60)
+    assert worker.poll() is None, workers.log(worker)
+    store = await open_store(settings)
+    assert msgspec.msgpack.decode((await store.state(caught))["result"]) == "caught SystemExit: 3"
+    error = msgspec.msgpack.decode((await store.state(uncaught))["error"])
+    assert "SystemExit" in str(error)
+    executions = Counter(key.rsplit(":", 1)[0] for key, _, _ in ledger(tmp_path / "ledger"))
+    assert executions[caught] == 1 and executions[uncaught] == 1  # one attempt each: not retried, not re-run
+
+
 def check_exactly_once(killed: set[int], logs: dict[str, list[Any]], rows: list[tuple[str, int, float]]) -> None:
     """Every step completed once; every extra execution was in flight in a killed worker."""
     completed: dict[str, float] = {}

@@ -8,11 +8,12 @@ runs, so the ledger counts executions, the log counts completions.
 from __future__ import annotations
 
 import os
+import sys
 import time
 
 import anyio
 
-from werkfluss import sleep, step, step_key, workflow
+from werkfluss import StepFailedError, sleep, step, step_key, workflow
 
 
 def _mark() -> None:
@@ -49,6 +50,25 @@ async def nap_then_add(n: int, seconds: float) -> int:
     total = await add(0, n)
     await sleep(seconds)
     return await add(total, 1)
+
+
+@step
+async def leave(code: int) -> None:
+    """A step that calls sys.exit(): it fails its attempt, never its worker."""
+    _mark()
+    sys.exit(code)
+
+
+@workflow
+async def exits(code: int, catch: bool) -> str:
+    """Calls `leave`, catching its failure or not."""
+    if not catch:
+        await leave(code)
+    try:
+        await leave(code)
+    except StepFailedError as exc:
+        return f"caught {exc.error_type}: {exc.error_message}"
+    return "not reached"
 
 
 def expected_five(n: int) -> int:

@@ -333,6 +333,12 @@ class RunExecutor:
                         error = TimeoutError(f"step {step.id!r} timed out after {timeout:g} s")
             except Exception as exc:
                 error = exc
+            except BaseException as exc:
+                # sys.exit() in a step, say: a failed attempt like any other. Raised on,
+                # it would kill every worker that takes the run, and never fail it.
+                if not _step_failure(exc):
+                    raise
+                error = exc
             finally:
                 exit_step(token)
             if error is None:
@@ -816,6 +822,15 @@ class _Busy:
         executor._active -= 1
         executor._leave(self.task)
         executor._touch()
+
+
+def _step_failure(exc: BaseException) -> bool:
+    """Whether a step's `BaseException` that is no `Exception` fails its attempt: all do
+    but cancellation, a Ctrl-C, a generator closing, and the engine's own `_Suspend`."""
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_step_failure(inner) for inner in exc.exceptions)
+    cancelled = anyio.get_cancelled_exc_class()
+    return not isinstance(exc, (cancelled, KeyboardInterrupt, GeneratorExit, _Suspend))
 
 
 def _given(coro: Coroutine[Any, Any, None]) -> Coroutine[Any, Any, None]:
