@@ -132,6 +132,16 @@ class Terminal:
         os.close(self.master)
 
 
+def _run_to_the_end(order: str, cwd: Path, env: dict[str, str]) -> str:
+    """Rerun the example for `order` in a terminal until it exits 0; what it printed."""
+    terminal = Terminal([sys.executable, EXAMPLE, order], cwd, env)
+    try:
+        assert terminal.wait() == 0, terminal.output
+    finally:
+        terminal.close()
+    return terminal.output
+
+
 def _printed_command(output: str, start: str) -> list[str]:
     """The command line the example printed that begins with `start`, split like a shell would."""
     lines = [line.strip() for line in output.splitlines() if line.strip().startswith(start)]
@@ -189,12 +199,7 @@ def test_ctrl_c_leaves_the_run_paused_and_a_hook_sent_meanwhile_resumes_it(
     assert sent.returncode == 0, sent.stderr
     assert _status(tmp_path, env, "order-7")["status"] == "paused"  # nothing runs it yet
 
-    second = Terminal([sys.executable, EXAMPLE, "order-7"], tmp_path, env)
-    try:
-        assert second.wait() == 0, second.output
-    finally:
-        second.close()
-    out = second.output
+    out = _run_to_the_end("order-7", tmp_path, env)
     assert out.startswith("order-7 is paused, waiting for the manager's approval (hook approve:order-7)"), out
     assert "[1/4] ↺ fetch_order: replayed from the log, not executed again" in out
     assert "[2/4] ↺ charge_card: replayed from the log, not executed again" in out
@@ -247,12 +252,7 @@ def test_ctrl_c_during_the_warehouse_sleep_and_an_approval_sent_early_in_python(
     )
     assert sent.returncode == 0, sent.stderr
 
-    second = Terminal([sys.executable, EXAMPLE, "order-8"], tmp_path, env)
-    try:
-        assert second.wait() == 0, second.output
-    finally:
-        second.close()
-    out = second.output
+    out = _run_to_the_end("order-8", tmp_path, env)
     assert out.startswith("order-8 is paused, waiting for the warehouse at "), out
     assert "[1/4] ↺ fetch_order: replayed from the log, not executed again" in out
     assert "[2/4] ↺ charge_card: replayed from the log, not executed again" in out
