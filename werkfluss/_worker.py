@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 
     from anyio.abc import TaskGroup
 
-    from ._store import RedisStore
+    from ._store import AcquireResult, RedisStore
 
 __all__ = ["GROUP", "Worker"]
 
@@ -297,6 +297,25 @@ class Worker:
             except StorageError as exc:
                 log.warning("worker %s: %s", self.name, exc)
 
+    async def _acquire(self, run_id: str, held: Holding, *, retry: bool) -> AcquireResult:
+        """Take run `run_id` over for `held`, whatever workflow it is a run of.
+
+        A holder that is provably gone (a process on this host that died, or a caller
+        in this one that stopped without handing the run back, its acquire cancelled
+        on the way) is taken over at once, before its lease runs out: nobody else will
+        ever release the run.
+        """
+        resumed = encode_event(RunResumed(time.time(), held.holder))
+        take_over = ""
+        while True:
+            got = await self.store.acquire(
+                run_id, workflow="", holder=held.holder, lease=self.settings.lease, started=b"", resumed=resumed,
+                retry=retry, process=holder_prefix(), take_over=take_over,
+            )  # fmt: skip
+            if got.kind != "busy" or take_over or not holder_is_dead(got.holder):
+                return got
+            take_over = got.holder
+
     async def _fail_buried(self, run_id: str, reason: str) -> None:
         """Mark the run of a message that went to the dead letters as failed, with the reason.
 
@@ -310,11 +329,7 @@ class Worker:
         except ConfigurationError:
             return
         with holding(run_id) as held:
-            resumed = encode_event(RunResumed(time.time(), held.holder))
-            got = await self.store.acquire(
-                run_id, workflow="", holder=held.holder, lease=self.settings.lease, started=b"", resumed=resumed,
-                retry=False, process=holder_prefix(),
-            )  # fmt: skip
+            got = await self._acquire(run_id, held, retry=False)
             if got.kind != "resumed":
                 return  # ended meanwhile, or a live holder renews it: leave it be
             info = ErrorInfo(type="werkfluss.DeadLetter", message=reason)
@@ -342,20 +357,8 @@ class Worker:
 
     async def _take(self, message: str, run_id: str, fields: dict[str, str], held: Holding) -> str:
         """Take run `run_id` over for `message` and execute it; returns like `_process`."""
-        store, lease = self.store, self.settings.lease
-        resumed = encode_event(RunResumed(time.time(), held.holder))
-        take_over = ""
-        while True:
-            got = await store.acquire(
-                run_id, workflow="", holder=held.holder, lease=lease, started=b"", resumed=resumed,
-                retry=fields.get("x") == "1", process=holder_prefix(), take_over=take_over,
-            )  # fmt: skip
-            # A holder that is provably gone (a process on this host that died, or a caller
-            # in this one that stopped without handing the run back, its acquire cancelled
-            # on the way) is taken over at once: nobody else will ever release the run.
-            if got.kind != "busy" or take_over or not holder_is_dead(got.holder):
-                break
-            take_over = got.holder
+        store = self.store
+        got = await self._acquire(run_id, held, retry=fields.get("x") == "1")
         if got.kind == "missing":
             return await self._dead(message, run_id, f"there is no run {run_id!r}")
         if got.kind == "busy":

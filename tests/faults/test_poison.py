@@ -17,7 +17,7 @@ import pytest
 
 from werkfluss._events import RunCompleted
 
-from ..conftest import ROOT
+from ..conftest import ROOT, wait_for
 from . import flows
 from .harness import DEADLINE, pct, report
 
@@ -143,5 +143,7 @@ def test_r31_a_dead_lettered_run_is_marked_failed_with_the_reason(faults: Faults
     faults.workers.start(*args)
     faults.enqueue(flows.poisoned, [("poisoned", (7,))])
     supervise(faults, lambda: dead_letter_of(faults, "poisoned"), "the dead letter", *args, keep=1)
+    # The worker that buried the message fails the run next (its own write, right after).
+    wait_for(lambda: faults.status("poisoned") != "running", 15, "the dead-lettered run to be failed")
     assert faults.status("poisoned") == "failed"
     assert "deliver" in faults.error("poisoned")
