@@ -32,6 +32,7 @@ from __future__ import annotations
 import functools
 import inspect
 import os
+import random
 import time
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,7 @@ from typing import Any
 import anyio
 
 import werkfluss._executor
-from werkfluss import hook, sleep, step, step_key, workflow
+from werkfluss import hook, race, sleep, step, step_key, workflow
 from werkfluss._context import current_run
 
 BARRIER_LIMIT = 300.0  # seconds a barrier holds at most: a forgotten process must not hang forever
@@ -407,3 +408,110 @@ def _instrument() -> None:
 
 if os.environ.get("WF_FAULT_INSTRUMENT") == "1":
     _instrument()
+
+
+# -- R-04: ten short steps of random latency -------------------------------------------------------------------------
+
+
+@step(name="faults:hop")
+async def hop(total: int, i: int) -> int:
+    await work(step_key())
+    # Random latency (RELIABILITY.md: 1-200 ms), so that kills land anywhere in a step.
+    high = float(os.environ.get("WF_FAULT_HOP_MAX", "0.2"))
+    await anyio.sleep(random.uniform(0.001, high))
+    return total + i
+
+
+@workflow(name="faults:hops")
+async def hops(n: int, steps: int) -> int:
+    total = n
+    for i in range(steps):
+        total = await hop(total, i)
+    return total
+
+
+def expected_hops(n: int, steps: int) -> int:
+    return n + steps * (steps - 1) // 2
+
+
+# -- R-05, R-16: one long step ---------------------------------------------------------------------------------------
+
+
+@step(name="faults:long")
+async def long_step(n: int, seconds: float) -> int:
+    key = step_key()
+    await work(key)
+    await barrier("long", key)  # an armed barrier makes the first execution last until released
+    await anyio.sleep(seconds)  # the scenario itself: a step that takes this long
+    row("long-done", key)
+    return n * 3
+
+
+@workflow(name="faults:lengthy")
+async def lengthy(n: int, seconds: float) -> str:
+    tripled = await long_step(n, seconds)
+    return await ship(f"long-{tripled}")
+
+
+def expected_lengthy(n: int) -> str:
+    return f"LONG-{n * 3}"
+
+
+if os.environ.get("WF_FAULT_NO_RENEW") == "1":  # R-16's negative control, test worker processes only
+    # Neither the run's lease nor the queue message's idle time is renewed: a step longer
+    # than the lease looks abandoned, as it would to a worker whose renewals never arrive.
+    import werkfluss._worker
+
+    async def _never(self: Any) -> None:
+        await anyio.sleep_forever()
+
+    werkfluss._executor.RunExecutor._keep_lease = _never  # type: ignore[method-assign]
+    werkfluss._worker.Worker._touch = _never  # type: ignore[method-assign]
+
+
+# -- R-15: a run that many callers start at once ---------------------------------------------------------------------
+
+
+@step(name="faults:first")
+async def first(n: int) -> int:
+    await work(step_key())
+    await anyio.sleep(float(os.environ.get("WF_FAULT_FIRST_DELAY", "0")))  # callers pile up while it runs
+    return n + 7
+
+
+@workflow(name="faults:once")
+async def once(n: int) -> str:
+    return await ship(f"once-{await first(n)}")
+
+
+def expected_once(n: int) -> str:
+    return f"ONCE-{n + 7}"
+
+
+# -- R-20: a hook delivered while a step is in flight ----------------------------------------------------------------
+
+
+def raced_token(n: int) -> str:
+    return f"raced:{n}"
+
+
+@workflow(name="faults:hook-then-step")
+async def hook_then_step(n: int, seconds: float) -> str:
+    """A hook registered in a race it loses, a long step, then the hook again."""
+    gate = hook(token=raced_token(n))
+    winner, _ = await race(gate, sleep(0.01))  # the hook loses: registered, not received
+    tripled = await long_step(n, seconds)  # the payload arrives while this step runs
+    payload = await gate
+    return await conclude(tripled + winner, payload)
+
+
+@workflow(name="faults:hook-races-step")
+async def hook_races_step(n: int, seconds: float) -> str:
+    """A hook and a long step in one race: the payload arrives while the step runs and wins."""
+    winner, value = await race(hook(token=raced_token(n)), long_step(n, seconds))
+    return await conclude(winner, value)
+
+
+def expected_raced(flow: str, n: int, payload: Any) -> str:
+    """What an R-20 workflow returns when the payload arrives while its step runs."""
+    return f"{n * 3 + 1}:{payload}" if flow == "faults:hook-then-step" else f"0:{payload}"

@@ -53,7 +53,7 @@ from werkfluss._events import (
 )
 
 from ..conftest import ROOT
-from ..workers import Workers
+from ..workers import Workers, server_env
 from .flows import barrier_name
 
 if TYPE_CHECKING:
@@ -62,7 +62,9 @@ if TYPE_CHECKING:
 
     from werkfluss import Workflow
 
-__all__ = ["BATCH", "DEADLINE", "LEASE", "TRIALS", "Faults", "Row", "Write", "pct", "report"]
+    from ..conftest import Server
+
+__all__ = ["BATCH", "DEADLINE", "LEASE", "TRIALS", "Faults", "Row", "Write", "make_faults", "pct", "report"]
 
 TRIALS = int(os.environ.get("WF_FAULT_TRIALS", "10"))
 BATCH = max(1, int(os.environ.get("WF_FAULT_BATCH", "5")))
@@ -495,3 +497,10 @@ def _matches(event: AnyEvent | None, dedup: str) -> bool:
     if kind == "r":
         return isinstance(event, RaceWon) and event.seq == int(rest)
     return event is not None
+
+
+def make_faults(server: Server, prefix: str, root: Path, *, lease: float = LEASE, concurrency: int = 16) -> Faults:
+    """A `Faults` world like the ``faults`` fixture's, with another lease (for scenarios that
+    measure something against the lease, such as a hand-over that must not wait for it)."""
+    settings = msgspec.structs.replace(server.settings(prefix), lease=lease)
+    return Faults(root, server_env(server, prefix), server.url, settings, kind=server.kind, concurrency=concurrency)
