@@ -77,6 +77,7 @@ def _parser() -> argparse.ArgumentParser:
     hooks.add_argument("token", nargs="?", help="the hook's token (send)")
     hooks.add_argument("payload", nargs="?", help="the payload as JSON, '-' for standard input (send)")
     hooks.add_argument("--limit", type=int, default=100, help="how many to list (default 100)")
+    hooks.add_argument("--key", help="delivery key (send): a second send with the same key stores nothing")
     _connection(hooks, json=True)
 
     worker = commands.add_parser("worker", help="serve workflows from the queue until SIGINT/SIGTERM")

@@ -184,8 +184,10 @@ async def hooks(args: argparse.Namespace) -> int:
             payload = json.loads(text)
         except ValueError as exc:
             raise ConfigurationError(f"the payload for hook {args.token!r} is not valid JSON: {exc}") from None
-        await invoke_hook_async(args.token, payload, settings=settings)
-        print(f"delivered to hook {args.token!r}")
+        if await invoke_hook_async(args.token, payload, key=args.key, settings=settings):
+            print(f"delivered to hook {args.token!r}")
+        else:  # a retry is no error: exit 0, so a sender's retry loop stops
+            print(f"hook {args.token!r} already has the delivery with key {args.key!r}: nothing stored")
         return 0
     found = await pending_hooks_async(limit=args.limit, settings=settings)
     if args.json:

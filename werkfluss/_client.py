@@ -214,7 +214,21 @@ def enqueue(workflow: Workflow[P, R], /, *args: P.args, **kwargs: P.kwargs) -> s
     return _blocking("enqueue", lambda: enqueue_async(workflow, *args, **kwargs))
 
 
-async def invoke_hook_async(token: str, payload: Any = None, *, settings: Settings | None = None) -> None:
+_MAX_DELIVERY_KEY = 256  # characters: webhook event and delivery IDs are far shorter
+
+
+def _check_delivery_key(key: object) -> str:
+    if not isinstance(key, str) or not 1 <= len(key) <= _MAX_DELIVERY_KEY:
+        shown = repr(key) if not isinstance(key, str) or len(key) <= 80 else f"{key[:80]!r}... ({len(key)} characters)"
+        raise ConfigurationError(
+            f"invalid hook delivery key {shown}: use a string of 1 to {_MAX_DELIVERY_KEY} characters"
+        )
+    return key
+
+
+async def invoke_hook_async(
+    token: str, payload: Any = None, *, key: str | None = None, settings: Settings | None = None
+) -> bool:
     """Deliver `payload` to hook `token`, from any process, at any time.
 
     The payload is kept in the token's mailbox until a run takes it, so it
@@ -222,13 +236,27 @@ async def invoke_hook_async(token: str, payload: Any = None, *, settings: Settin
     token is woken. Payloads for a token no run has claimed yet are kept
     (see `pending_hooks` and `discard_hook`).
 
+    Args:
+        key: A delivery key (a webhook's event or delivery ID): the token
+            stores one payload per key, so a sender's retry is a no-op,
+            even after the run took the first payload or completed. The
+            token's keys are forgotten with its mailbox (`expire_hooks`).
+            Without a key every delivery is kept.
+
+    Returns:
+        True if the payload was stored; False if an earlier delivery with
+        the same `key` was (this one stored nothing).
+
     Raises:
         SerializationError: the payload cannot be stored (nothing is delivered).
-        HookClosedError: the token's run has completed or was cancelled (nothing is stored).
-        ConfigurationError: the token is not a valid token.
+        HookClosedError: the token's run has completed or was cancelled (nothing is stored),
+            unless this is a retry of a delivery with the same `key` (then False).
+        ConfigurationError: the token or the key is not valid.
         StorageError: Redis/Valkey is unreachable.
     """
     _check_token(token)
+    if key is not None:
+        _check_delivery_key(key)
     settings = settings or Settings.from_env()
     raw = encode_checked(payload, owner=f"hook {token!r}", where="payload", limit=settings.max_payload)
     store = await open_store(settings)
@@ -238,15 +266,20 @@ async def invoke_hook_async(token: str, payload: Any = None, *, settings: Settin
     if claimed:
         status = await store.status(claimed)
         if status in ("completed", "cancelled"):
+            # A sender retrying a delivery the run already had gets the same answer as before it ended.
+            if key is not None and await store.delivered(token, key):
+                return False
             raise HookClosedError(token, claimed, status)
-    owner = await store.deliver(token, raw)
+    stored, owner = await store.deliver(token, raw, key or "")
     if owner:
+        # A duplicate wakes the run too: the first sender may have died before its wake-up.
         await store.wake(owner)
+    return stored
 
 
-def invoke_hook(token: str, payload: Any = None, *, settings: Settings | None = None) -> None:
-    """Blocking twin of `invoke_hook_async`: deliver `payload` to hook `token`."""
-    _blocking("invoke_hook", lambda: invoke_hook_async(token, payload, settings=settings))
+def invoke_hook(token: str, payload: Any = None, *, key: str | None = None, settings: Settings | None = None) -> bool:
+    """Blocking twin of `invoke_hook_async`: deliver `payload` to hook `token`; False for a repeated `key`."""
+    return _blocking("invoke_hook", lambda: invoke_hook_async(token, payload, key=key, settings=settings))
 
 
 async def cancel_async(run_id: str, reason: str = "", *, settings: Settings | None = None) -> bool:

@@ -3,7 +3,8 @@
 Three families, one per Redis Cluster hash slot they touch:
 
 - run scripts on ``P{R}:state``, ``P{R}:log``, ``P{R}:steps`` (one run);
-- hook scripts on ``P{hook:T}:box``, ``P{hook:T}:meta`` (one token);
+- hook scripts on ``P{hook:T}:box``, ``P{hook:T}:meta``, ``P{hook:T}:keys``
+  (one token);
 - queue scripts on ``P{q}:queue``, ``P{q}:timers``, ``P{q}:dead``,
   ``P{q}:errors`` (the queue is single-slot by design: one stream and one
   timer set that every worker shares).
@@ -209,14 +210,28 @@ return {'cancelled', cur[4] or ''}
 
 # -- hook scripts ---------------------------------------------------------------------
 
-# KEYS: box, meta. ARGV: encoded payload. Returns {entry id, owning run or ''}.
+# KEYS: box, meta, keys. ARGV: encoded payload, delivery key ('' none), the
+# call's nonce. Returns {entry id, owning run or '', 'stored' | 'duplicate'}.
+# A key already in `keys` (kept after its payload was consumed) stores nothing
+# and returns the first delivery's entry; 'stored' again if that delivery was
+# this very call, re-sent by redis-py after a lost reply.
 DELIVER = (
     _NOW
     + """
+local owner = redis.call('HGET', KEYS[2], 'owner') or ''
+if ARGV[2] ~= '' then
+  local seen = redis.call('HGET', KEYS[3], ARGV[2])
+  if seen then
+    local cut = string.find(seen, '/', 1, true)
+    local by = cut and string.sub(seen, cut + 1) or ''
+    return {cut and string.sub(seen, 1, cut - 1) or seen, owner, by == ARGV[3] and 'stored' or 'duplicate'}
+  end
+end
 local id = redis.call('XADD', KEYS[1], '*', 'p', ARGV[1])
+if ARGV[2] ~= '' then redis.call('HSET', KEYS[3], ARGV[2], id .. '/' .. ARGV[3]) end
 redis.call('HSETNX', KEYS[2], 'first', now)
 redis.call('HSET', KEYS[2], 'last', now)
-return {id, redis.call('HGET', KEYS[2], 'owner') or ''}
+return {id, owner, 'stored'}
 """
 )
 

@@ -812,7 +812,7 @@ class RedisStore:
     # -- hooks ------------------------------------------------------------------------
 
     def hook_key(self, token: str, part: str) -> str:
-        """The key of `part` (box, meta) of hook `token`."""
+        """The key of `part` (box, meta, keys) of hook `token`."""
         return f"{self.prefix}{{hook:{token}}}:{part}"
 
     @property
@@ -820,14 +820,25 @@ class RedisStore:
         """Tokens with payloads waiting, by last delivery time."""
         return f"{self.prefix}hooks"
 
-    async def deliver(self, token: str, payload: bytes) -> str:
-        """Store a payload for `token`; returns the run that owns the token, or ``""``."""
-        entry, owner = await self._run(
-            "DELIVER", [self.hook_key(token, "box"), self.hook_key(token, "meta")], [payload]
-        )
+    async def deliver(self, token: str, payload: bytes, key: str = "") -> tuple[bool, str]:
+        """Store a payload for `token`, once per delivery `key` (``""``: always).
+
+        Returns ``(stored, owner)``: False if an earlier delivery had the same
+        key (nothing is stored), and the run that owns the token, or ``""``.
+        """
+        keys = [self.hook_key(token, "box"), self.hook_key(token, "meta"), self.hook_key(token, "keys")]
+        # The nonce tells this call's own write, re-sent after a lost reply, from another's.
+        entry, owner, outcome = await self._run("DELIVER", keys, [payload, key, os.urandom(8).hex() if key else ""])
+        if _text(outcome) != "stored":
+            # A duplicate must not bring a consumed token back into the index.
+            return False, _text(owner)
         ms = int(_text(entry).split("-", 1)[0])
         await self._call(self.client.zadd(self.hooks_key, {token: ms}))
-        return _text(owner)
+        return True, _text(owner)
+
+    async def delivered(self, token: str, key: str) -> bool:
+        """Whether a delivery with `key` was stored for `token` (and not discarded since)."""
+        return bool(await self._call(self.client.hexists(self.hook_key(token, "keys"), key)))
 
     async def take(self, token: str, run_id: str, after: str) -> tuple[str, str, bytes | None]:
         """Claim `token` for `run_id` and peek at its next payload after entry `after`.
@@ -866,8 +877,9 @@ class RedisStore:
         return found
 
     async def discard_hook(self, token: str) -> None:
-        """Delete the payloads waiting for `token` (and its claim)."""
-        await self._call(self.client.delete(self.hook_key(token, "box"), self.hook_key(token, "meta")))
+        """Delete the payloads waiting for `token` (and its claim and delivery keys)."""
+        parts = ("box", "meta", "keys")
+        await self._call(self.client.delete(*(self.hook_key(token, part) for part in parts)))
         await self._call(self.client.zrem(self.hooks_key, token))
 
     # -- timers -----------------------------------------------------------------------

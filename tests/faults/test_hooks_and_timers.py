@@ -1,4 +1,5 @@
-"""R-17, R-18, R-19: hook deliveries early, twice, across a crash and to finished runs.
+"""R-17, R-18, R-19: hook deliveries early, twice (also with one delivery key), across a crash
+and to finished runs.
 R-21: a durable sleep that comes due while every worker is dead.
 
 The hook workflow (`flows.approval`) runs a step, then awaits ``hook("approve:<n>")`` and
@@ -7,6 +8,7 @@ passes the payload to a last step; its result names the payload it got.
 
 from __future__ import annotations
 
+import functools
 import signal
 import time
 from collections import Counter
@@ -14,7 +16,14 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from werkfluss import HookClosedError, WerkflussError, cancel_async, expire_hooks_async, pending_hooks_async
+from werkfluss import (
+    HookClosedError,
+    WerkflussError,
+    cancel_async,
+    expire_hooks_async,
+    invoke_hook_async,
+    pending_hooks_async,
+)
 from werkfluss._events import HookReceived, RunCancelled, RunCompleted, RunResumed, StepCompleted
 
 from . import flows
@@ -95,11 +104,14 @@ def test_r17_payloads_delivered_before_the_run_reaches_its_hook_are_kept(faults:
 # -- R-18 --------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("second", ["same", "distinct"])
+@pytest.mark.parametrize("second", ["same", "distinct", "same-key"])
 def test_r18_a_second_delivery_to_a_single_shot_hook_is_kept_never_overwrites(faults: Faults, second: str) -> None:
     runs = {f"twice-{n}": (n,) for n in range(max(2, TRIALS // 2))}
     first = {r: f"first-{args[0]}" for r, args in runs.items()}
+    # "same-key": the sender retried with its delivery key (and another body): the retry stores nothing.
     again = {r: first[r] if second == "same" else f"second-{args[0]}" for r, args in runs.items()}
+    key = {r: f"evt-{r}" if second == "same-key" else None for r in runs}
+    stored: Counter[bool] = Counter()
     reference = faults.reference(
         flows.approval, runs, hooks={flows.approval_token(args[0]): first[r] for r, args in runs.items()}
     )
@@ -109,8 +121,10 @@ def test_r18_a_second_delivery_to_a_single_shot_hook_is_kept_never_overwrites(fa
     worker.send_signal(signal.SIGTERM)  # no worker while both arrive: the run is still parked for the second
     worker.wait(30)
     for run_id, (n,) in runs.items():
-        faults.invoke_hook(flows.approval_token(n), first[run_id])
-        faults.invoke_hook(flows.approval_token(n), again[run_id])
+        for payload in (first[run_id], again[run_id]):
+            send = functools.partial(invoke_hook_async, flows.approval_token(n), payload, key=key[run_id])
+            stored[faults.call(functools.partial(send, settings=faults.settings))] += 1
+    assert stored == ({True: len(runs), False: len(runs)} if second == "same-key" else {True: 2 * len(runs)})
     faults.workers.start()
     faults.wait_status(runs)
     figures = faults.check(reference.result(DEADLINE))
@@ -118,16 +132,22 @@ def test_r18_a_second_delivery_to_a_single_shot_hook_is_kept_never_overwrites(fa
     assert consumptions == {1: len(runs)}, "each single-shot hook took one payload"
     assert all(faults.result(r).endswith(f":{first[r]}") for r in runs), "the first delivery won"
     left = {r: box_length(faults, flows.approval_token(n)) for r, (n,) in runs.items()}
-    assert set(left.values()) == {1}, "the second payload is kept in the mailbox, untouched"
+    kept = 0 if second == "same-key" else 1
+    assert set(left.values()) == {kept}, "the second payload is kept in the mailbox, untouched (unless a retry)"
     pending = faults.call(lambda: pending_hooks_async(settings=faults.settings))
     assert {(h.token, h.payloads, h.owner) for h in pending} == {
-        (flows.approval_token(n), 1, r) for r, (n,) in runs.items()
+        (flows.approval_token(n), 1, r) for r, (n,) in runs.items() if kept
     }
     report(
         f"R-18 second delivery {second} [{faults.kind}]",
         **figures,
         consumptions_per_hook=dict(consumptions),
-        second_delivery="kept in the mailbox for a later hook() of the run (documented); no delivery-key dedup",
+        second_delivery=(
+            "same delivery key: a no-op, invoke_hook returned False"
+            if second == "same-key"
+            else "kept in the mailbox for a later hook() of the run (documented)"
+        ),
+        deliveries_stored=dict(stored),
         mailbox_left=dict(Counter(left.values())),
     )
 
