@@ -387,12 +387,16 @@ class Faults:
         *,
         statuses: Iterable[str] = ("completed",),
         effectful: Iterable[str] = ("faults:charge",),
+        losers: Iterable[str] = (),
     ) -> dict[str, Any]:
         """Check the invariants over every run under the prefix; assert the must-be-0 figures.
 
+        `losers` are step keys (``<run>:<seq>``) of steps that lost a race: cancelled, they
+        may have execution rows and no completion.
+
         `expected` maps each run the scenario started to its reference result (runs that
         are not completed at the end are compared only if they are). Returns the figures."""
-        allowed, effect_steps = set(statuses), set(effectful)
+        allowed, effect_steps, cancelled = set(statuses), set(effectful), set(losers)
         rows = self.ledger()
         executions = Counter(r.key for r in rows if r.kind == "exec")
         applied = Counter(r.key for r in rows if r.kind == "effect" and r.extra[:1] == ("applied",))
@@ -439,6 +443,8 @@ class Faults:
             if r.kind not in ("exec", "effect"):
                 continue
             run_id = r.key.rsplit(":", 1)[0]
+            if r.key in cancelled:
+                continue
             if run_id not in recorded or (self.status(run_id) == "completed" and r.key not in recorded[run_id]):
                 figures["rows_without_step"] += 1
                 problems.append(f"ledger row {r} has no step invocation in the final history")
