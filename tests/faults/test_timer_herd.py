@@ -1,0 +1,131 @@
+"""R-24: a herd of runs all sleeping until the same instant.
+
+Every run of `more_flows.herd` sleeps until one Unix time, then runs a step. All of them are
+paused (their timers in the timer set, one score) before that instant. When it comes, the
+workers' timer loops move the due timers to the queue with MOVE_DUE, at most 100 per call
+(`RedisStore.move_due`'s limit, the script's ``ZRANGEBYSCORE ... LIMIT``): each call is
+one short script, never a BUSY server. The workers instrumented with
+``WF_FAULT_COUNT_MOVES=1`` write a ledger row per call that moved timers.
+
+Each timer must fire once (one execution of the step after it). Figures: lateness p50/p99
+from the instant to the resume, MOVE_DUE batches, and the server's worst command latency
+(``LATENCY LATEST`` with a 1 ms threshold, and the slowest command in ``SLOWLOG``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections import Counter
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from werkfluss import _scripts
+from werkfluss._events import RunPaused, RunResumed
+
+from . import more_flows
+from .harness import DEADLINE, pct, report
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from .harness import Faults
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+
+RUNS = int(os.environ.get("WF_FAULT_HERD", "2000"))  # RELIABILITY.md: 10,000
+# Seconds from enqueueing to the instant: every run must be paused by then (checked below).
+LEAD = float(os.environ.get("WF_FAULT_HERD_LEAD", str(4 + RUNS / 250)))
+WORKERS = 2
+MOVE_LIMIT = 100  # RedisStore.move_due's default batch
+SCRIPTS = {
+    hashlib.sha1(getattr(_scripts, n).encode()).hexdigest(): n for n in _scripts.__all__
+}  # the names EVALSHA calls go by
+
+
+@pytest.fixture
+def monitored(faults: Faults) -> Iterator[Faults]:
+    """The server records every command over 1 ms (slowlog, latency monitor); restored after."""
+    names = ("slowlog-log-slower-than", "slowlog-max-len", "latency-monitor-threshold")
+    before = {name: faults.client.config_get(name)[name] for name in names}
+    faults.client.config_set("slowlog-log-slower-than", 1000)
+    faults.client.config_set("slowlog-max-len", 4096)
+    faults.client.config_set("latency-monitor-threshold", 1)
+    yield faults
+    for name, value in before.items():
+        faults.client.config_set(name, value)
+
+
+def slowest(faults: Faults) -> tuple[float, list[Any]]:
+    """The slowest command the slowlog kept (ms) and its first arguments."""
+    entries = faults.client.slowlog_get(4096)
+    if not entries:
+        return 0.0, []
+    worst = max(entries, key=lambda e: e["duration"])
+    command = worst.get("command", b"")
+    words = [w.decode(errors="replace") for w in (command.split()[:2] if isinstance(command, bytes) else [])]
+    if words[:1] == ["EVALSHA"]:  # name the script
+        words[1] = SCRIPTS.get(words[1], words[1])
+    return worst["duration"] / 1000, words
+
+
+def test_r24_a_herd_of_timers_due_at_one_instant_fires_each_once(monitored: Faults) -> None:
+    faults = monitored
+    faults.workers.module = "tests.faults.more_flows"
+    faults.workers.concurrency = 100
+    for _ in range(WORKERS):
+        faults.workers.start(env={"WF_FAULT_COUNT_MOVES": "1"})
+    enqueued = time.time()
+    at = enqueued + LEAD
+    calls = {f"herd-{i}": (i, at) for i in range(RUNS)}
+    faults.enqueue(more_flows.herd, calls.items())
+    timers = f"{faults.prefix}{{q}}:timers"
+    faults.wait(lambda: faults.client.zcard(timers) >= RUNS, f"all {RUNS} runs to pause", timeout=2 * LEAD)
+    all_paused = time.time()
+    assert all_paused < at, f"the runs paused only {all_paused - at:.1f} s after the instant: raise WF_FAULT_HERD_LEAD"
+    faults.client.slowlog_reset()
+    faults.client.execute_command("LATENCY", "RESET")
+    faults.wait_status(calls, timeout=DEADLINE + RUNS / 100)
+    done = time.time()
+    latency = faults.client.execute_command("LATENCY", "LATEST")
+    worst_ms, worst_command = slowest(faults)
+
+    executions = Counter(r.key for r in faults.ledger("exec"))
+    fires = Counter(executions[f"{r}:2"] for r in calls)  # seq 2: the step after the sleep
+    late, resumes, paused_before = [], Counter[int](), 0
+    for run_id in calls:
+        events = [e for _, e in faults.events(run_id)]
+        paused_before += any(isinstance(e, RunPaused) and e.time < at for e in events)
+        resumed = [e.time for e in events if isinstance(e, RunResumed)]
+        resumes[len(resumed)] += 1
+        late.append(resumed[-1] - at)
+    moves = [int(r.key) for r in faults.ledger("moved")]
+    busy = sum(faults.workers.log(p).count("BUSY") for p in faults.workers.procs)
+    report(
+        f"R-24 timer herd [{faults.kind}]",
+        runs=RUNS,
+        workers=WORKERS,
+        paused_before_the_instant=paused_before,
+        enqueue_to_all_paused_s=round(all_paused - enqueued, 3),
+        fires_per_timer=dict(fires),
+        lateness_p50_p99_max=[pct(late, 50), pct(late, 99), pct(late, 100)],
+        early_fires=sum(1 for x in late if x < 0),
+        resumes_per_run=dict(resumes),
+        move_due_calls=len(moves),
+        move_due_largest_batch=max(moves, default=0),
+        timers_moved=sum(moves),
+        busy_replies=busy,
+        redis_latency_latest_ms={str(e[0], "utf-8", "replace"): e[2] for e in latency},
+        slowlog_worst_ms=worst_ms,
+        slowlog_worst_command=worst_command,
+        herd_drain_s=round(done - at, 3),
+    )
+    assert paused_before == RUNS, "every run was parked on its timer before the instant"
+    assert fires == {1: RUNS}, f"the step after each timer executed once: {fires}"
+    assert min(late) >= 0, "a timer fired before the instant"
+    assert sum(moves) == RUNS and max(moves) <= MOVE_LIMIT, "MOVE_DUE moves each timer once, in bounded batches"
+    assert busy == 0
+    figures = faults.check({r: args[0] for r, args in calls.items()}, effectful=[])
+    assert figures["duplicate_completions"] == 0
