@@ -30,8 +30,8 @@ import anyio
 import msgspec
 
 import werkfluss._lease
-from werkfluss import RetryPolicy, StepFailedError, hook, sleep, step, step_key, workflow
-from werkfluss._context import current_run
+from werkfluss import RetryPolicy, Settings, StepFailedError, hook, sleep, step, step_key, workflow
+from werkfluss._client import _stores, open_store
 
 from .flows import VERSION, conclude, fault_dir, reserve, row, ship, work
 
@@ -314,30 +314,34 @@ def expected_fan_out(count: int, size: int) -> str:
 
 
 @step(name="faults:canary")
-async def canary(n: int, seconds: float) -> int:
-    """Pairs of SET and GET of a unique key through the worker's store, for `seconds` or until
-    cancelled; a GET answering another request's value is cross-talk (CVE-2023-28858/28859).
-    Ends with a ``canary <key> <pid> <time> <how> <pairs> <wrong>`` ledger row."""
+async def canary(n: int, seconds: float, pace: float) -> int:
+    """Pairs of SET and GET of a unique key through the worker's store, every `pace` s for
+    `seconds` or until cancelled; a GET answering another request's value is cross-talk
+    (CVE-2023-28858/28859). Ends with a ``canary <key> <pid> <time> <how> <pairs> <wrong>``
+    ledger row; `how` is ``finished``, ``cancelled`` or ``cancelled-mid-call`` (inside a SET
+    or GET: the case that left replies on a pooled connection)."""
     key = step_key()
     await work(key)
-    run = current_run()
-    assert run is not None
-    store = run.executor.store
-    pairs, wrong, how = 0, 0, "finished"
+    store = await open_store(Settings.from_env())
+    # The worker's own store (one per event loop and settings): its pool carries the run's writes too.
+    assert list(_stores[asyncio.get_running_loop()].values()) == [store]
+    client, prefix = store.client, store.prefix
+    pairs, wrong, how, in_call = 0, 0, "finished", False
     deadline = time.monotonic() + seconds
     try:
         while time.monotonic() < deadline:
-            name = f"{store.prefix}canary:{key}:{pairs}"
-            value = f"{key}/{pairs}/{os.getpid()}"
-            await store.client.set(name, value, ex=120)
-            got = await store.client.get(name)
+            name, value = f"{prefix}canary:{key}:{pairs}", f"{key}/{pairs}/{os.getpid()}"
+            in_call = True
+            await client.set(name, value, ex=120)
+            got = await client.get(name)
+            in_call = False
             if (got.decode() if isinstance(got, bytes) else got) != value:
                 wrong += 1
-                row("crosstalk", key, str(value), str(got).replace(" ", "_"))
+                row("crosstalk", key, value, str(got).replace(" ", "_"))
             pairs += 1
-            await anyio.sleep(0.01)  # a steady trickle, not a flood: 200 of these share two cores
+            await anyio.sleep(pace)
     except anyio.get_cancelled_exc_class():
-        how = "cancelled"
+        how = "cancelled-mid-call" if in_call else "cancelled"
         raise
     finally:
         row("canary", key, how, str(pairs), str(wrong))
@@ -345,8 +349,8 @@ async def canary(n: int, seconds: float) -> int:
 
 
 @workflow(name="faults:cancellable")
-async def cancellable(n: int, seconds: float) -> str:
-    await canary(n, seconds)
+async def cancellable(n: int, seconds: float, pace: float) -> str:
+    await canary(n, seconds, pace)
     return await ship(f"after-{n}")  # must never start once the run is cancelled
 
 
