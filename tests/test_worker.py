@@ -236,17 +236,21 @@ async def test_a_step_that_calls_sys_exit_fails_its_attempt_and_its_worker_serve
     worker = workers.start()
     caught = await enqueue_async(worker_flows.exits.options(settings=settings, run_id="exit-caught"), 3, True)
     uncaught = await enqueue_async(worker_flows.exits.options(settings=settings, run_id="exit-uncaught"), 4, False)
+    body = await enqueue_async(worker_flows.quits.options(settings=settings, run_id="exit-in-body"), 5)
     healthy = [await enqueue_async(worker_flows.five.options(settings=settings), n) for n in range(5)]
     await until_all(settings, healthy, timeout=60)
-    await until_all(settings, [uncaught], "failed", timeout=60)
+    await until_all(settings, [uncaught, body], "failed", timeout=60)
     await until_all(settings, [caught], timeout=60)
     assert worker.poll() is None, workers.log(worker)
     store = await open_store(settings)
     assert msgspec.msgpack.decode((await store.state(caught))["result"]) == "caught SystemExit: 3"
     error = msgspec.msgpack.decode((await store.state(uncaught))["error"])
     assert "SystemExit" in str(error)
+    assert "SystemExit" in str(msgspec.msgpack.decode((await store.state(body))["error"]))
     executions = Counter(key.rsplit(":", 1)[0] for key, _, _ in ledger(tmp_path / "ledger"))
-    assert executions[caught] == 1 and executions[uncaught] == 1  # one attempt each: not retried, not re-run
+    # One attempt each: not retried, not re-run by a worker that died of it.
+    assert executions[caught] == 1 and executions[uncaught] == 1 and executions[body] == 1
+    assert worker.poll() is None, workers.log(worker)
 
 
 def check_exactly_once(killed: set[int], logs: dict[str, list[Any]], rows: list[tuple[str, int, float]]) -> None:

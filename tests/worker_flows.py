@@ -71,6 +71,12 @@ async def exits(code: int, catch: bool) -> str:
     return "not reached"
 
 
+@workflow
+async def quits(code: int) -> int:
+    """A workflow body that calls sys.exit() after a step: its run fails, never its worker."""
+    sys.exit(await add(0, code))
+
+
 def expected_five(n: int) -> int:
     """What `five(n)` returns."""
     return sum(n + i for i in range(5))

@@ -74,7 +74,7 @@ if TYPE_CHECKING:
     from ._store import RedisStore
     from ._wrappers import Step, Workflow
 
-__all__ = ["HOLD", "Paused", "Released", "RunExecutor", "describe", "wait_for_wake"]
+__all__ = ["HOLD", "Paused", "Released", "RunExecutor", "describe", "fails", "wait_for_wake"]
 
 HOLD = 2.0  # a timer due this soon is waited for in memory instead of pausing the run
 _SETTLE = 0.01  # how long everything must stay waiting before the run pauses
@@ -150,6 +150,14 @@ class RunExecutor:
         self.holding = holding  # the caller's claim in this process's registry: cancel() finds us there
         self._closed = False  # the body has ended: nothing more may start for this execution
         self._tasks: dict[asyncio.Task[Any], int] = {}  # tasks inside busy()/waiting(), and how deep
+        # Called once when this execution first records something (an event, a pause, its
+        # end): a worker trusts a redelivered run again once it got past where it was.
+        self.on_progress: Callable[[], None] | None = None
+
+    def _progressed(self) -> None:
+        if self.on_progress is not None:
+            callback, self.on_progress = self.on_progress, None
+            callback()
 
     # -- bookkeeping of what the body is doing ------------------------------------------
 
@@ -211,6 +219,7 @@ class RunExecutor:
             raise HistoryTooLargeError(self.run_id, self.events, self.settings.max_history)
         with _Busy(self, track=False):  # its caller's task is tracked already, where it matters
             n, cancel = await self.store.append(self.run_id, self.epoch, dedup, encode_event(event), self.lease)
+        self._progressed()
         self.events = max(self.events, n)
         if self.events >= self.settings.history_warning and not self.warned:
             self.warned = True
@@ -336,7 +345,7 @@ class RunExecutor:
             except BaseException as exc:
                 # sys.exit() in a step, say: a failed attempt like any other. Raised on,
                 # it would kill every worker that takes the run, and never fail it.
-                if not _step_failure(exc):
+                if not fails(exc):
                     raise
                 error = exc
             finally:
@@ -459,11 +468,12 @@ class RunExecutor:
         due = self.replay.timers.get(seq)
         if due is None:
             await self._checkpoint()
-            due = time.time() + seconds
+            # On the server's clock, as the timer set is: a skewed worker fires it neither early nor late.
+            due = self.store.now() + seconds
             await self.record(f"t{seq}", TimerStarted(time.time(), seq, due))
             self.replay.timers[seq] = due
         while True:
-            left = due - time.time()
+            left = due - self.store.now()
             if left <= 0:
                 return
             if left <= HOLD:
@@ -598,7 +608,7 @@ class RunExecutor:
     async def _execute_run(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         ok = False
         result: Any = None
-        error: Exception | None = None
+        error: BaseException | None = None
         # Created here and closed below if their tasks never ran: a task cancelled
         # before its first step (a loop shutting down) never awaits what it wraps.
         helpers = (self._keep_lease(), self._watch())
@@ -621,9 +631,18 @@ class RunExecutor:
                     except BaseExceptionGroup as group:
                         # A _Suspend raised in a task group (race(), the user's own) arrives
                         # wrapped; it must not escape as an error nobody can catch.
-                        if group.subgroup(_Suspend) is None or group.split(_UNWINDING)[1] is not None:
+                        if group.subgroup(_Suspend) is not None and group.split(_UNWINDING)[1] is None:
+                            self.lost = True
+                        elif fails(group):
+                            error = group
+                        else:
                             raise
-                        self.lost = True
+                    except BaseException as exc:
+                        # sys.exit() in the body fails the run like an exception: in a worker
+                        # it would otherwise kill the process and every run it executes.
+                        if not fails(exc):
+                            raise
+                        error = exc
                     finally:
                         exit_run(token)
                 self._closed = True
@@ -726,6 +745,7 @@ class RunExecutor:
             failed_seq=seq,
         )  # fmt: skip
         self.ended = True
+        self._progressed()
         if self.replay.paused:  # only a run that paused can have a timer entry left
             await self.store.unschedule(self.run_id)
         if self.parent and not self.inline:
@@ -735,6 +755,7 @@ class RunExecutor:
         """Record that the run waits for `waits`, and arrange to be woken."""
         encoded = _waits_encoder.encode(waits)
         cancel = await self.store.pause(self.run_id, self.epoch, encode_event(RunPaused(time.time(), waits)), encoded)
+        self._progressed()
         if cancel is not None:
             return await self.cancelled(cancel)
         # Whatever arrived between deciding to pause and parking must wake the run.
@@ -824,11 +845,12 @@ class _Busy:
         executor._touch()
 
 
-def _step_failure(exc: BaseException) -> bool:
-    """Whether a step's `BaseException` that is no `Exception` fails its attempt: all do
-    but cancellation, a Ctrl-C, a generator closing, and the engine's own `_Suspend`."""
+def fails(exc: BaseException) -> bool:
+    """Whether a `BaseException` raised by user code (a step, a workflow body) is a failure
+    of that code: all are (``sys.exit()`` too) but cancellation, a Ctrl-C, a generator
+    closing, and the engine's own `_Suspend`."""
     if isinstance(exc, BaseExceptionGroup):
-        return all(_step_failure(inner) for inner in exc.exceptions)
+        return all(fails(inner) for inner in exc.exceptions)
     cancelled = anyio.get_cancelled_exc_class()
     return not isinstance(exc, (cancelled, KeyboardInterrupt, GeneratorExit, _Suspend))
 
@@ -852,7 +874,7 @@ async def wait_for_wake(store: RedisStore, run_id: str, lease: float, *, caller:
     delay = 0.02
     runs = await _wait_tree(store, run_id)
     while await store.status(run_id) == "paused":
-        now = time.time()
+        now = store.now()
         dues = await store.due(runs)
         for run, due in zip(runs, dues, strict=True):
             if due is not None and due <= now and await store.claim_timer(run, lease):

@@ -6,7 +6,7 @@ Three families, one per Redis Cluster hash slot they touch:
 - hook scripts on ``P{hook:T}:box``, ``P{hook:T}:meta``, ``P{hook:T}:keys``
   (one token);
 - queue scripts on ``P{q}:queue``, ``P{q}:timers``, ``P{q}:dead``,
-  ``P{q}:errors`` (the queue is single-slot by design: one stream and one
+  ``P{q}:errors``, ``P{q}:probation`` (the queue is single-slot by design: one stream and one
   timer set that every worker shares).
 
 A script never touches two families, so each is atomic on a Cluster too.
@@ -38,6 +38,7 @@ __all__ = [
     "RESCHEDULE",
     "TAKE",
     "TOUCH",
+    "WAKE",
 ]
 
 _NOW = """
@@ -259,8 +260,35 @@ return redis.call('XLEN', KEYS[1])
 
 # -- queue scripts --------------------------------------------------------------------
 
+# Wake-ups are pushed: a timer entry that is due at once, or sooner than every other,
+# also leaves a nudge in the list KEYS[2] (at most one: LTRIM), for which each
+# worker's timer loop waits with BLPOP. It moves the due entries at once, and
+# otherwise sleeps until the next one is due, without polling.
+_NUDGE = """
+local function nudge(run_ms)
+  local head = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+  if run_ms <= now or not head[2] or run_ms <= tonumber(head[2]) then
+    redis.call('LPUSH', KEYS[2], 1)
+    redis.call('LTRIM', KEYS[2], 0, 0)
+  end
+end
+"""
+
+# KEYS: timers, nudge. ARGV: run, ms from now. Makes the run due then, unless it is due
+# sooner (a delay, not a time: the server's clock, never the caller's).
+WAKE = (
+    _NOW
+    + _NUDGE
+    + """
+local at = now + tonumber(ARGV[2])
+nudge(at)
+redis.call('ZADD', KEYS[1], 'LT', at, ARGV[1])
+return 1
+"""
+)
+
 # KEYS: timers, queue. ARGV: how many at most.
-# Moves due timers to the queue; returns {moved, next due time or ''}.
+# Moves due timers to the queue; returns {moved, ms until the next is due or -1}.
 MOVE_DUE = (
     _NOW
     + """
@@ -270,7 +298,8 @@ for _, run in ipairs(due) do
   redis.call('ZREM', KEYS[1], run)
 end
 local nxt = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-return {#due, nxt[2] or ''}
+if not nxt[2] then return {#due, -1} end
+return {#due, math.max(tonumber(nxt[2]) - now, 0)}
 """
 )
 
@@ -289,51 +318,85 @@ return 0
 """
 )
 
-# KEYS: timers. ARGV: run, due ms ('' removes the entry).
+# KEYS: timers, nudge. ARGV: run, due ms ('' removes the entry).
 # A due entry is a wake-up nobody has handled yet: it is kept. Returns 1 if set.
 RESCHEDULE = (
     _NOW
+    + _NUDGE
     + """
 local s = redis.call('ZSCORE', KEYS[1], ARGV[1])
 if s and tonumber(s) <= now then return 0 end
 if ARGV[2] == '' then redis.call('ZREM', KEYS[1], ARGV[1])
-else redis.call('ZADD', KEYS[1], tonumber(ARGV[2]), ARGV[1]) end
+else
+  nudge(tonumber(ARGV[2]))
+  redis.call('ZADD', KEYS[1], tonumber(ARGV[2]), ARGV[1])
+end
 return 1
 """
 )
 
-# KEYS: queue, dead, errors. ARGV: group, consumer, min idle ms, count, max deliveries, cursor.
-# Claims messages idle past the lease; those delivered too often go to the dead
-# letters with their last error. Returns {next cursor, {id, fields}...}.
+# KEYS: queue, dead, errors, probation. ARGV: group, consumer, min idle ms, how many
+# to look at, max deliveries, cursor ('-' at first), '1' if this consumer may take a
+# suspect, how many others it takes at most.
+# Claims messages idle past the lease (their worker is gone). A worker that died
+# while a message was on probation there (`probation`: consumer -> message) is
+# taken to have been killed by that message: its other messages are claimed with
+# their delivery count unchanged. Any other message of a dead worker is a suspect:
+# claimed one at a time (its count raised, the claimer's probation naming it), so
+# that a run killing every worker it lands on is the only one whose count grows.
+# Deliveries counted before a hand-back come in field 'd'; a message delivered
+# max deliveries times goes to the dead letters with its last error instead.
+# Returns {next cursor or '0-0', {id, fields, 1 if suspect}..., {run, reason}...}.
 RECLAIM = (
     _NOW
     + """
-local got = redis.call('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[6], 'COUNT', ARGV[4])
-local out, dead = {}, {}
-for _, entry in ipairs(got[2]) do
-  -- Redis 6.2 reports an entry deleted while pending as nil; Redis 7 drops it itself.
-  local id, fields = entry and entry[1], entry and entry[2]
-  if id and not fields then
-    redis.call('XACK', KEYS[1], ARGV[1], id)
-  elseif id then
-    local p = redis.call('XPENDING', KEYS[1], ARGV[1], id, id, 1)
-    local times = p[1] and tonumber(p[1][4]) or 1
-    if times > tonumber(ARGV[5]) then
-      local run = ''
-      for i = 1, #fields, 2 do if fields[i] == 'r' then run = fields[i + 1] end end
+local group, me, max = ARGV[1], ARGV[2], tonumber(ARGV[5])
+local may, wanted = ARGV[7] == '1', tonumber(ARGV[8])
+local limit = tonumber(ARGV[4])
+local pending = redis.call('XPENDING', KEYS[1], group, 'IDLE', ARGV[3], ARGV[6], '+', limit)
+local out, dead, last = {}, {}, ''
+for _, p in ipairs(pending) do
+  local id, owner, times = p[1], p[2], tonumber(p[4])
+  last = id
+  local found = redis.call('XRANGE', KEYS[1], id, id)
+  if #found == 0 then
+    redis.call('XACK', KEYS[1], group, id)  -- deleted while pending
+  else
+    local fields, run, before = found[1][2], '', 0
+    for i = 1, #fields, 2 do
+      if fields[i] == 'r' then run = fields[i + 1] end
+      if fields[i] == 'd' then before = tonumber(fields[i + 1]) or 0 end
+    end
+    local blamed = redis.call('HGET', KEYS[4], owner)
+    if blamed and blamed ~= id then
+      if wanted > 0 then
+        wanted = wanted - 1
+        redis.call('XCLAIM', KEYS[1], group, me, 0, id, 'RETRYCOUNT', times)
+        table.insert(out, {id, fields, 0})
+      end
+    elseif times + before >= max then
       local err = redis.call('HGET', KEYS[3], id) or 'no worker finished it'
-      local reason = 'delivered ' .. times .. ' times without finishing; last error: ' .. err
-      redis.call('XADD', KEYS[2], '*', 'r', run, 'message', id, 'deliveries', times, 'at', now, 'reason', reason)
+      local total = times + before + 1
+      local reason = 'delivered ' .. total .. ' times without finishing; last error: ' .. err
+      redis.call('XADD', KEYS[2], '*', 'r', run, 'message', id, 'deliveries', total, 'at', now, 'reason', reason)
       table.insert(dead, {run, reason})
-      redis.call('XACK', KEYS[1], ARGV[1], id)
+      redis.call('XACK', KEYS[1], group, id)
       redis.call('XDEL', KEYS[1], id)
       redis.call('HDEL', KEYS[3], id)
-    else
-      table.insert(out, {id, fields})
+    elseif may then
+      may = false
+      redis.call('XCLAIM', KEYS[1], group, me, 0, id)
+      redis.call('HSET', KEYS[4], me, id)
+      table.insert(out, {id, fields, 1})
+    end
+    if blamed and #redis.call('XPENDING', KEYS[1], group, '-', '+', 1, owner) == 0 then
+      redis.call('HDEL', KEYS[4], owner)
     end
   end
 end
-return {got[1], out, dead}
+local nxt = '0-0'
+if #pending == limit then nxt = '(' .. last end
+return {nxt, out, dead}
 """
 )
 
@@ -362,10 +425,24 @@ end
 return #ARGV - 1
 """
 
-# KEYS: queue. ARGV: group, id, run. A fresh message replaces one handed back
-# (graceful shutdown), so its delivery count starts over.
+# KEYS: queue. ARGV: group, id, run, '1' if it may resume a failed run. A fresh
+# message replaces one handed back (a graceful stop): readable at once by any
+# worker. It carries the deliveries counted so far in 'd', but for this one,
+# which ended cleanly, so that a run that keeps killing workers still reaches
+# the dead letters, and one handed back at every deploy never does.
 REQUEUE = """
-local id = redis.call('XADD', KEYS[1], '*', 'r', ARGV[3])
+local fields = {'r', ARGV[3]}
+if ARGV[4] == '1' then table.insert(fields, 'x'); table.insert(fields, '1') end
+local before = 0
+local found = redis.call('XRANGE', KEYS[1], ARGV[2], ARGV[2])
+if #found > 0 then
+  local old = found[1][2]
+  for i = 1, #old, 2 do if old[i] == 'd' then before = tonumber(old[i + 1]) or 0 end end
+end
+local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1)
+local counted = before + (p[1] and tonumber(p[1][4]) or 1) - 1
+if counted > 0 then table.insert(fields, 'd'); table.insert(fields, counted) end
+local id = redis.call('XADD', KEYS[1], '*', unpack(fields))
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
 redis.call('XDEL', KEYS[1], ARGV[2])
 return id

@@ -447,6 +447,7 @@ class RedisStore:
         self.client = client
         self.prefix = prefix
         self.where = where  # redacted, for error messages
+        self.clock_offset = 0.0  # the server's clock minus this machine's, in seconds (see now())
         # redis-py's script objects run EVALSHA on the node owning the first key
         # and, on NOSCRIPT (a node that restarted or failed over), SCRIPT LOAD on
         # every primary before retrying, so they need nothing extra on a cluster.
@@ -516,6 +517,7 @@ class RedisStore:
                 # client still discovering it can fail (redis/redis-py#3935).
                 await store._call(store.client.initialize())
             await store._check_server(external=url is not None)
+            await store._learn_clock()
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await store.close()
@@ -531,6 +533,21 @@ class RedisStore:
                 raise StorageError(f"{name} runs Redis {version}; werkfluss needs Redis >= 6.2 or Valkey")
         if external:
             await self._warn_if_lossy()
+
+    async def _learn_clock(self) -> None:
+        """Measure how far this machine's clock is from the server's (`now`)."""
+        before = time.time()
+        seconds, micros = await self._call(self.client.time())
+        after = time.time()
+        self.clock_offset = seconds + micros / 1e6 - (before + after) / 2
+
+    def now(self) -> float:
+        """The server's clock, as Unix time: what timers are due by.
+
+        Deadlines a worker computes (a durable sleep's) are taken from it, so a
+        worker whose clock runs ahead does not fire them early, nor one behind late.
+        """
+        return time.time() + self.clock_offset
 
     def _nodes(self) -> list[tuple[str, dict[str, Any]]]:
         """``(name for messages, command keywords)`` addressing each server once.
@@ -885,21 +902,28 @@ class RedisStore:
     # -- timers -----------------------------------------------------------------------
 
     def queue_key(self, part: str) -> str:
-        """The key of `part` (queue, timers, dead, errors) of the shared queue."""
+        """The key of `part` (queue, timers, nudge, dead, errors, probation) of the shared queue."""
         return f"{self.prefix}{{q}}:{part}"
 
     async def wake(self, run_id: str, at: float | None = None) -> None:
-        """Make run `run_id` due at Unix time `at` (default now), unless it is due sooner."""
-        when = int((time.time() if at is None else at) * 1000)
-        await self._call(self.client.zadd(self.queue_key("timers"), {run_id: when}, lt=True))
+        """Make run `run_id` due at Unix time `at` (default now), unless it is due sooner.
+
+        Workers learn of it at once (a nudge), not at their next look. The time
+        counts from the server's clock: `at` is taken as a delay from now here.
+        On the fast lane: every start() run arms a watchdog this way (see _runtime.drive).
+        """
+        delay = 0 if at is None else max(int((at - time.time()) * 1000), 0)
+        await self._run("WAKE", [self.queue_key("timers"), self.queue_key("nudge")], [run_id, delay])
 
     async def reschedule(self, run_id: str, at: float | None) -> None:
         """Set (or with None remove) the run's timer, keeping a wake-up that is already due."""
-        await self._run("RESCHEDULE", [self.queue_key("timers")], [run_id, "" if at is None else int(at * 1000)])
+        keys = [self.queue_key("timers"), self.queue_key("nudge")]
+        await self._run("RESCHEDULE", keys, [run_id, "" if at is None else int(at * 1000)])
 
     async def unschedule(self, run_id: str) -> None:
         """Remove the run's timer entry."""
-        await self._call(self.client.zrem(self.queue_key("timers"), run_id))
+        if await self._fast([b"ZREM", self.queue_key("timers"), run_id]) is _MISS:
+            await self._call(self.client.zrem(self.queue_key("timers"), run_id))
 
     async def due(self, run_ids: list[str]) -> list[float | None]:
         """When each run is due next (Unix time), None for no entry."""
@@ -911,9 +935,19 @@ class RedisStore:
         return bool(await self._run("CLAIM_TIMER", [self.queue_key("timers")], [run_id, int(push * 1000)]))
 
     async def move_due(self, limit: int = 100) -> tuple[int, float | None]:
-        """Move due timers to the queue: ``(moved, next due Unix time)``."""
-        moved, nxt = await self._run("MOVE_DUE", [self.queue_key("timers"), self.queue_key("queue")], [limit])
-        return int(moved), float(_text(nxt)) / 1000 if nxt else None
+        """Move due timers to the queue: ``(moved, seconds until the next is due, or None)``."""
+        moved, wait = await self._run("MOVE_DUE", [self.queue_key("timers"), self.queue_key("queue")], [limit])
+        return int(moved), None if int(wait) < 0 else int(wait) / 1000
+
+    async def wait_for_nudge(self, block: float) -> bool:
+        """Block up to `block` seconds for a nudge (a timer entry due now or sooner than
+        the rest); returns whether one came. One waiting worker takes each nudge."""
+        key = self.queue_key("nudge")
+        seconds = f"{max(block, 0.001):.3f}"
+        reply = await self._fast([b"BLPOP", key, seconds])
+        if reply is _MISS:
+            reply = await self._call(self.client.blpop([key], timeout=float(seconds)))
+        return reply is not None
 
     # -- the queue --------------------------------------------------------------------
 
@@ -946,26 +980,42 @@ class RedisStore:
         return [(_text(i), _fields(f)) for _, entries in reply or [] for i, f in entries]
 
     async def reclaim(
-        self, group: str, consumer: str, min_idle: float, count: int, max_deliveries: int
-    ) -> tuple[list[tuple[str, dict[str, str]]], list[tuple[str, str]]]:
+        self, group: str, consumer: str, min_idle: float, count: int, max_deliveries: int, *, suspect: bool = True
+    ) -> tuple[list[tuple[str, dict[str, str], bool]], list[tuple[str, str]]]:
         """Claim messages idle longer than `min_idle` seconds (their worker is gone),
-        dead-lettering those delivered more than `max_deliveries` times.
+        dead-lettering those delivered `max_deliveries` times.
 
-        Returns the claimed messages, and ``(run ID, reason)`` of each dead letter.
+        A message of a worker that died with nothing on probation is a suspect: at
+        most one is claimed (with `suspect`), and this consumer's probation names
+        it until `end_probation`. Returns ``(id, fields, is suspect)`` of each
+        claimed message, and ``(run ID, reason)`` of each dead letter.
         """
-        keys = [self.queue_key("queue"), self.queue_key("dead"), self.queue_key("errors")]
-        claimed: list[tuple[str, dict[str, str]]] = []
+        keys = [self.queue_key("queue"), self.queue_key("dead"), self.queue_key("errors"), self.queue_key("probation")]
+        claimed: list[tuple[str, dict[str, str], bool]] = []
         buried: list[tuple[str, str]] = []
-        cursor = "0-0"
-        while len(claimed) < count:
-            args: list[_Arg] = [group, consumer, int(min_idle * 1000), count - len(claimed), max_deliveries, cursor]
+        cursor, wanted = "-", count
+        # Only messages idle past the lease come back from the scan: normally none at all.
+        while wanted > 0 or suspect:
+            args: list[_Arg] = [
+                group, consumer, int(min_idle * 1000), max(wanted, 16), max_deliveries, cursor, "1" if suspect else "",
+                wanted,
+            ]  # fmt: skip
             nxt, entries, dead = await self._run("RECLAIM", keys, args)
-            claimed.extend((_text(i), _fields(f)) for i, f in entries)
+            for i, f, flag in entries:
+                claimed.append((_text(i), _fields(f), bool(int(flag))))
+                if int(flag):
+                    suspect = False
+                else:
+                    wanted -= 1
             buried.extend((_text(run), _text(reason)) for run, reason in dead)
             cursor = _text(nxt)
             if cursor == "0-0":
                 break
         return claimed, buried
+
+    async def end_probation(self, consumer: str) -> None:
+        """`consumer`'s suspect proved itself (or ended): a crash there blames nobody in particular."""
+        await self._call(self.client.hdel(self.queue_key("probation"), consumer))
 
     async def touch(self, group: str, consumer: str, ids: list[str]) -> set[str]:
         """Reset the idle time of messages `consumer` still owns; returns those."""
@@ -978,9 +1028,10 @@ class RedisStore:
         """Acknowledge and delete messages whose progress is in the log."""
         await self._run("ACK", [self.queue_key("queue"), self.queue_key("errors")], [group, *ids])
 
-    async def requeue(self, group: str, message: str, run_id: str) -> None:
-        """Hand a message back as a fresh one (its delivery count starts over)."""
-        await self._run("REQUEUE", [self.queue_key("queue")], [group, message, run_id])
+    async def requeue(self, group: str, message: str, run_id: str, *, retry: bool = False) -> None:
+        """Hand a message back as a fresh one, readable at once; the deliveries that
+        failed before this one still count toward the dead letters."""
+        await self._run("REQUEUE", [self.queue_key("queue")], [group, message, run_id, "1" if retry else ""])
 
     async def note_error(self, message: str, error: str) -> None:
         """Remember the last error a worker hit on `message` (for its dead letter)."""

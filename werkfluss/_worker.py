@@ -24,7 +24,7 @@ import msgspec
 from ._client import open_store
 from ._errors import ConfigurationError, SerializationError, StorageError, _Suspend
 from ._events import ErrorInfo, RunFailed, RunResumed, encode_event
-from ._executor import Released, RunExecutor
+from ._executor import Released, RunExecutor, fails
 from ._ids import check_run_id
 from ._lease import Holding, holder_is_dead, holder_prefix, holding, process_holder
 from ._log import log, note
@@ -44,6 +44,7 @@ __all__ = ["GROUP", "Worker"]
 
 
 GROUP = "workers"
+_MOVE_BATCH = 100  # due timers moved per script call: bounded work per call, for a herd too
 
 
 class Worker:
@@ -63,7 +64,8 @@ class Worker:
         concurrency: Runs executed at once (default 32).
         grace: Seconds `stop()` waits for runs to reach a step boundary.
         max_deliveries: Deliveries after which a message is dead-lettered.
-        poll: Seconds between looks at the timer set.
+        poll: Longest wait between looks at the timer set; a wake-up due now
+            reaches a worker at once (pushed), whatever this is.
     """
 
     def __init__(
@@ -73,7 +75,7 @@ class Worker:
         concurrency: int = 32,
         grace: float = 10.0,
         max_deliveries: int = 5,
-        poll: float = 0.1,
+        poll: float = 4.0,
     ) -> None:
         if concurrency < 1:
             raise ConfigurationError(f"concurrency must be >= 1, got {concurrency}")
@@ -97,6 +99,9 @@ class Worker:
         self._grace_scope: anyio.CancelScope | None = None  # the drain's wait, while it waits
         self._stopped = anyio.Event()
         self._empty = anyio.Event()  # set whenever the last held message is done
+        self._suspect: str | None = None  # a redelivered message on probation here (see _reclaim)
+        self._trusted = anyio.Event()  # set when the probation of _suspect ends
+        self._recheck = anyio.Event()  # set to make the reclaim loop look again at once
 
     @property
     def stopping(self) -> bool:
@@ -151,6 +156,7 @@ class Worker:
         if not self._stopping.is_set():
             log.info("worker %s stopping: %d runs in progress", self.name, len(self._held))
             self._stopping.set()
+            self._recheck.set()
         if now and not self._now:
             self._now = True
             log.warning("worker %s stopping now: %d runs are handed back unfinished", self.name, len(self._held))
@@ -187,32 +193,66 @@ class Worker:
             if self._stopping.is_set():
                 # Read while stop() was called: another worker takes them at once.
                 for message, fields in messages:
-                    await self._quietly(self.store.requeue(GROUP, message, fields.get("r", "")))
+                    await self._quietly(self._requeue(message, fields))
                 return
             for message, fields in messages:
                 await self._spawn(message, fields)
 
-    async def _spawn(self, message: str, fields: dict[str, str]) -> None:
-        await self._slots.acquire()
+    async def _spawn(self, message: str, fields: dict[str, str], *, slot: bool = True) -> None:
+        """Handle `message` in a task of its own, in a free slot (waiting for one), or
+        without one (a suspect, in the quarantine)."""
+        # Held (so renewed) while it waits for a slot: a claimed message may have to.
         self._held[message] = None
+        if slot:
+            try:
+                await self._slots.acquire()
+            except BaseException:
+                self._forget(message)  # stopping: it stays pending, for another worker
+                raise
         assert self._tg is not None
-        self._tg.start_soon(self._handle, message, fields)
+        self._tg.start_soon(self._handle, message, fields, slot)
+
+    def _requeue(self, message: str, fields: dict[str, str]) -> Any:
+        return self.store.requeue(GROUP, message, fields.get("r", ""), retry=fields.get("x") == "1")
 
     async def _timers(self) -> None:
+        """Move due timers to the queue, as they come due: a nudge from the server (a
+        hook delivered, a child ended) moves them at once, and between nudges this
+        sleeps in BLPOP until the next is due, at most `poll` seconds."""
         while not self._stopping.is_set():
             try:
-                moved, nxt = await self.store.move_due()
+                moved, wait = await self.store.move_due(_MOVE_BATCH)
             except Exception as exc:
                 log.warning("worker %s: cannot move due timers, retrying: %s", self.name, exc, exc_info=_bug(exc))
-                moved, nxt = 0, None
+                with anyio.move_on_after(1.0):
+                    await self._stopping.wait()
+                continue
             if moved:
                 log.debug("worker %s moved %d due timers to the queue", self.name, moved)
+                if moved >= _MOVE_BATCH:
+                    continue  # a herd: the next batch at once
+            timeout = self.poll if wait is None else min(self.poll, wait)
+            if timeout <= 0:
                 continue
-            wait = self.poll if nxt is None else min(self.poll, max(nxt - time.time(), 0.0))
-            with anyio.move_on_after(wait):
-                await self._stopping.wait()
+            try:
+                await self.store.wait_for_nudge(timeout)
+            except Exception as exc:
+                log.warning("worker %s: cannot wait for timers, retrying: %s", self.name, exc, exc_info=_bug(exc))
+                with anyio.move_on_after(1.0):
+                    await self._stopping.wait()
 
     async def _reclaim(self) -> None:
+        """Resume the runs of workers that stopped renewing their messages (they died).
+
+        Recovery comes before new work: a round claims into the free slots, and one
+        message more when none is free, which takes the next slot that frees up
+        (the reader waits behind it). A message of a worker that died with nothing
+        on probation is a suspect (it may be what killed it): one at a time runs
+        here on probation, in a quarantine slot beside the others, until it records
+        progress. Should this worker die meanwhile, the queue blames that one alone
+        (see the RECLAIM script), so only a run that kills every worker it lands on
+        reaches the dead letters.
+        """
         lease = self.settings.lease
         backlog = False  # the last round claimed all it could take: there may be more
         while not self._stopping.is_set():
@@ -220,26 +260,52 @@ class Worker:
             # again while a herd of abandoned runs waits (a dead worker's whole share).
             delay = 0.05 if backlog else lease / 2 * random.uniform(0.75, 1.25)
             with anyio.move_on_after(delay):
-                await self._stopping.wait()
+                await self._recheck.wait()
+            self._recheck = anyio.Event()
             if self._stopping.is_set():
                 return
-            free = self._slots.value
-            if free == 0:
-                continue
+            count = max(self._slots.value, 1)
+            quarantine = self._suspect is None
             try:
-                claimed, buried = await self.store.reclaim(GROUP, self.name, lease, free, self.max_deliveries)
-                backlog = len(claimed) + len(buried) >= free
+                claimed, buried = await self.store.reclaim(
+                    GROUP, self.name, lease, count, self.max_deliveries, suspect=quarantine
+                )  # fmt: skip
+                backlog = sum(not suspect for _, _, suspect in claimed) + len(buried) >= count
                 for run_id, reason in buried:
                     await self._fail_buried(run_id, reason)
             except Exception as exc:
                 log.warning("worker %s: cannot claim abandoned messages, retrying: %s", self.name, exc,
                             exc_info=_bug(exc))  # fmt: skip
                 continue
-            for message, fields in claimed:
-                if message not in self._held:
-                    log.info("worker %s claimed message %s (run %s) from a worker that stopped",
-                             self.name, message, fields.get("r"))  # fmt: skip
-                    await self._spawn(message, fields)
+            for message, fields, suspect in claimed:
+                if message in self._held:
+                    continue
+                log.info("worker %s claimed message %s (run %s) from a worker that stopped%s", self.name, message,
+                         fields.get("r"), " (on probation)" if suspect else "")  # fmt: skip
+                if suspect:
+                    self._begin_probation(message)
+                await self._spawn(message, fields, slot=not suspect)
+
+    def _begin_probation(self, message: str) -> None:
+        self._suspect = message
+        self._trusted = anyio.Event()
+        assert self._tg is not None
+        self._tg.start_soon(self._probation, message, self._trusted)
+
+    def _end_probation(self, message: str) -> None:
+        if self._suspect == message:
+            self._suspect = None
+            self._trusted.set()
+            self._recheck.set()  # the quarantine is free: the next suspect may wait already
+
+    async def _probation(self, message: str, trusted: anyio.Event) -> None:
+        """Wait for the suspect `message` to prove itself, at most a few leases (a long
+        first step need not keep the worker from new work), then clear its record."""
+        with anyio.move_on_after(3 * self.settings.lease):
+            await trusted.wait()
+        self._end_probation(message)
+        with anyio.CancelScope(shield=True):
+            await self._quietly(self.store.end_probation(self.name))
 
     async def _touch(self) -> None:
         while True:
@@ -256,22 +322,23 @@ class Worker:
 
     # -- one message --------------------------------------------------------------------
 
-    async def _handle(self, message: str, fields: dict[str, str]) -> None:
+    async def _handle(self, message: str, fields: dict[str, str], slot: bool = True) -> None:
         outcome = "keep"  # leave it pending: another delivery will try again
         try:
             outcome = await self._process(message, fields)
         except _Suspend:
             log.info("worker %s: run %s was taken over by another worker; dropping it", self.name, fields.get("r"))
-        except Exception as exc:
-            # A worker survives anything one run does; the message is retried
-            # and, past max_deliveries, dead-lettered with this error.
+        except BaseException as exc:
+            if not fails(exc):
+                outcome = "requeue"  # cancelled: shutting down past the grace period
+                raise
+            # A worker survives anything one run does (sys.exit() too); the message is
+            # retried and, past max_deliveries, dead-lettered with this error.
             error = f"{type(exc).__name__}: {exc}"
             log.warning("worker %s: run %s: %s", self.name, fields.get("r"), error, exc_info=_bug(exc))
             await self._quietly(self.store.note_error(message, error))
-        except BaseException:
-            outcome = "requeue"  # cancelled: shutting down past the grace period
-            raise
         finally:
+            self._end_probation(message)
             with anyio.CancelScope(shield=True):
                 if outcome == "ack":
                     await self._quietly(self.store.ack(GROUP, message))
@@ -282,13 +349,17 @@ class Worker:
                         # says it waits for a worker, not that one runs it. Before the requeue,
                         # so the worker that takes the message finds it so; fenced if one did.
                         await self._quietly(self.store.release(executor.run_id, executor.epoch, pending=True))
-                    await self._quietly(self.store.requeue(GROUP, message, fields.get("r", "")))
-                self._held.pop(message, None)
-                if not self._held:
-                    self._empty.set()
-                    self._empty = anyio.Event()
-                self._slots.release()
+                    await self._quietly(self._requeue(message, fields))
+                self._forget(message)
+                if slot:
+                    self._slots.release()
                 self.processed += 1
+
+    def _forget(self, message: str) -> None:
+        self._held.pop(message, None)
+        if not self._held:
+            self._empty.set()
+            self._empty = anyio.Event()
 
     async def _quietly(self, call: Any) -> None:
         with anyio.move_on_after(5):
@@ -396,12 +467,14 @@ class Worker:
             parent=replay.started.parent or "", holding=held,
         )  # fmt: skip
         self._held[message] = executor
+        if self._suspect == message:
+            executor.on_progress = lambda: self._end_probation(message)
         if self._stopping.is_set():
             executor.stop()
         try:
             outcome = await executor.execute(args, kwargs)
-        except Exception:
-            if executor.ended:
+        except BaseException as exc:
+            if executor.ended and fails(exc):
                 return "ack"  # failed, blocked or cancelled, and recorded so
             raise
         return "requeue" if isinstance(outcome, Released) else "ack"  # ended or paused
