@@ -1,6 +1,6 @@
 """R-14: two processes contend for one run.
 
-(a) Each run is enqueued twice, so both workers get a message for it, while two more
+(a) Each run is enqueued twice, so the two workers get two messages for it, while two more
 processes call `start()` on the same runs: four contenders per run. One `RunCompleted`,
 one completion per step, and every caller gets the reference result.
 
@@ -56,16 +56,26 @@ def test_r14a_four_contenders_for_each_run_one_completion_and_one_result(faults:
     calls = {f"contended-{i}": (i,) for i in range(runs)}
     reference = faults.reference(flows.order, calls)
     faults.env["WF_FAULT_STEP_DELAY"] = "0.1"  # a run takes >= 0.3 s: the contenders overlap
-    faults.workers.start()
-    faults.workers.start()
+    workers = [faults.workers.start(), faults.workers.start()]
     go = faults.root / "go"
     callers = [
         faults.python(CALLER, json.dumps([[r, args[0]] for r, args in calls.items()]), str(go)) for _ in range(2)
     ]
     faults.wait(lambda: all(go.with_name(f"go.{c.pid}").exists() for c in callers), "the callers to be ready")
+    # Only a run still pending is enqueued again, so the workers are stopped while both enqueues run: otherwise a
+    # worker (or, on a loaded machine, a caller) may start a run in between, and it gets one message, not two.
+    queue = f"{faults.prefix}{{q}}:queue"
+    for worker in workers:
+        worker.send_signal(signal.SIGSTOP)
+    try:
+        faults.enqueue(flows.order, calls.items())
+        faults.enqueue(flows.order, calls.items())
+        queued = faults.client.xlen(queue)  # nothing is acknowledged (deleted) while the workers are stopped
+    finally:
+        for worker in workers:
+            worker.send_signal(signal.SIGCONT)
     go.touch()  # all four contenders at once
-    faults.enqueue(flows.order, calls.items())
-    faults.enqueue(flows.order, calls.items())  # pending runs are enqueued again: two messages per run
+    assert queued == 2 * runs, "two queue messages per run"
     outputs = []
     for caller in callers:
         out, err = caller.communicate(timeout=DEADLINE)
@@ -73,7 +83,12 @@ def test_r14a_four_contenders_for_each_run_one_completion_and_one_result(faults:
         outputs.append(json.loads(out))
     expected = reference.result(DEADLINE)
     assert outputs == [expected, expected], "every caller got the reference result"
-    faults.wait(lambda: faults.pending_messages() == 0, "every queue message to be acknowledged")
+    # Acknowledged means deleted; a worker that found a run busy acknowledged its message and set a timer to look
+    # again, whose message comes later: the figures are read once all of that is done.
+    faults.wait(
+        lambda: faults.client.xlen(queue) == 0 and faults.client.zcard(f"{faults.prefix}{{q}}:timers") == 0,
+        "every queue message and timer to be handled",
+    )
     figures = faults.check(expected)
     completions = Counter(sum(isinstance(e, RunCompleted) for _, e in faults.events(r)) for r in calls)
     assert completions == {1: runs}
