@@ -64,7 +64,7 @@ async def test_a_message_handed_back_keeps_the_deliveries_that_failed_before(sto
     await die(store, "worker-1")
     claimed, _ = await reclaim(store, "worker-2", max_deliveries=3)
     assert [(m, suspect) for m, _, suspect in claimed] == [(first, True)]
-    await store.end_probation("worker-2")
+    await store.end_probation("worker-2", first)
     await store.requeue(GROUP, first, "run-a")  # worker-2 stops gracefully
     [second] = await read(store, "worker-3")
     await die(store, "worker-3")
@@ -122,7 +122,9 @@ async def test_a_worker_that_dies_with_a_suspect_on_probation_blames_that_one_on
     assert await deliveries(store, suspect) == 3
     # The dead worker's probation record went with its last message.
     assert await store.client.hget(store.queue_key("probation"), "prober") is None
-    await store.end_probation("rescuer")
+    await store.end_probation("rescuer", bystanders[0])  # not the one on probation there: kept
+    assert await store.client.hget(store.queue_key("probation"), "rescuer") == suspect.encode()
+    await store.end_probation("rescuer", suspect)
     assert await store.client.hget(store.queue_key("probation"), "rescuer") is None
 
 

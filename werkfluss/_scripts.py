@@ -27,6 +27,7 @@ __all__ = [
     "CREATE",
     "DEAD",
     "DELIVER",
+    "END_PROBATION",
     "FINISH",
     "MOVE_DUE",
     "PAUSE",
@@ -399,6 +400,13 @@ if #pending == limit then nxt = '(' .. last end
 return {nxt, out, dead}
 """
 )
+
+# KEYS: probation. ARGV: consumer, message. Ends that message's probation, and only
+# its: the consumer's next suspect may be on probation already.
+END_PROBATION = """
+if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then return redis.call('HDEL', KEYS[1], ARGV[1]) end
+return 0
+"""
 
 # KEYS: queue. ARGV: group, consumer, ids...
 # Resets the idle time of the messages this consumer still owns (never steals

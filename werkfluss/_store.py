@@ -910,7 +910,6 @@ class RedisStore:
 
         Workers learn of it at once (a nudge), not at their next look. The time
         counts from the server's clock: `at` is taken as a delay from now here.
-        On the fast lane: every start() run arms a watchdog this way (see _runtime.drive).
         """
         delay = 0 if at is None else max(int((at - time.time()) * 1000), 0)
         await self._run("WAKE", [self.queue_key("timers"), self.queue_key("nudge")], [run_id, delay])
@@ -922,6 +921,7 @@ class RedisStore:
 
     async def unschedule(self, run_id: str) -> None:
         """Remove the run's timer entry."""
+        # On the fast lane: every start() run that ends removes its watchdog (see _runtime.drive).
         if await self._fast([b"ZREM", self.queue_key("timers"), run_id]) is _MISS:
             await self._call(self.client.zrem(self.queue_key("timers"), run_id))
 
@@ -1013,9 +1013,10 @@ class RedisStore:
                 break
         return claimed, buried
 
-    async def end_probation(self, consumer: str) -> None:
-        """`consumer`'s suspect proved itself (or ended): a crash there blames nobody in particular."""
-        await self._call(self.client.hdel(self.queue_key("probation"), consumer))
+    async def end_probation(self, consumer: str, message: str) -> None:
+        """`consumer`'s suspect `message` proved itself (or ended): a crash there now blames
+        nobody in particular (unless its next suspect is on probation already)."""
+        await self._run("END_PROBATION", [self.queue_key("probation")], [consumer, message])
 
     async def touch(self, group: str, consumer: str, ids: list[str]) -> set[str]:
         """Reset the idle time of messages `consumer` still owns; returns those."""

@@ -305,7 +305,7 @@ class Worker:
             await trusted.wait()
         self._end_probation(message)
         with anyio.CancelScope(shield=True):
-            await self._quietly(self.store.end_probation(self.name))
+            await self._quietly(self.store.end_probation(self.name, message))
 
     async def _touch(self) -> None:
         while True:
