@@ -12,8 +12,8 @@ Process-wide switches, read once at import (like a machine's setup or a deployme
   `true_time` is the machine's clock, for figures.
 - ``WF_FAULT_COUNT_MOVES=1``: a ``moved <count>`` ledger row for each call of the store's
   `move_due` that moved timers to the queue (R-24: the firing script's batches).
-- ``WF_FAULT_PROBE=<seconds>``: a ``probe`` ledger row that often, with the number of runs
-  this process holds in memory (R-36).
+- ``WF_FAULT_PROBE=<seconds>``: ``$WF_FAULT_DIR/probes/<pid>`` rewritten that often with
+  the number of runs this process holds in memory and its thread count (R-36).
 - ``WF_FAULT_VERSION``: the deployment of `evolving` (R-26), as for flows.deployed.
 """
 
@@ -374,8 +374,13 @@ def expected_mixed(n: int, got: Any) -> str:
 
 
 def _probe(every: float) -> None:
+    where = fault_dir()
+    assert where is not None
+    (where / "probes").mkdir(exist_ok=True)
+    probe, tmp = where / "probes" / str(os.getpid()), where / "probes" / f".{os.getpid()}"
     while True:
-        row("probe", "-", str(len(werkfluss._lease._live)), str(threading.active_count()))
+        tmp.write_text(f"{len(werkfluss._lease._live)} {threading.active_count()}\n")
+        os.replace(tmp, probe)
         time.sleep(every)  # a sampling period in a daemon thread, not a synchronisation
 
 

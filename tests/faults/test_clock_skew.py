@@ -82,12 +82,14 @@ def test_r23_skewed_worker_clocks_never_fire_a_timer_early_or_twice(faults: Faul
         after = psutil.Process(pid).cpu_times()
         cpu_s[f"{skew_of[pid]:+g}"] = round(after.user + after.system - before.user - before.system, 2)
     seen = fires()
-    since_deadline, resumes = [], Counter[int]()
+    since_deadline: list[float] = []
+    resumes: Counter[int] = Counter()
     for run_id, firings in seen.items():
         events = [e for _, e in faults.events(run_id)]
-        timer = next(i for i, e in enumerate(events) if isinstance(e, TimerStarted))
-        recorder = next(e for e in reversed(events[:timer]) if isinstance(e, RunResumed)).holder
-        due = events[timer].due - skew_of[int(recorder.split("/")[1])]  # type: ignore[attr-defined]
+        timer = next(e for e in events if isinstance(e, TimerStarted))
+        before = events[: events.index(timer)]
+        recorder = next(e for e in reversed(before) if isinstance(e, RunResumed)).holder
+        due = timer.due - skew_of[int(recorder.split("/")[1])]
         since_deadline.extend(fired - due for fired, _ in firings)
         resumes[sum(isinstance(e, RunResumed) for e in events)] += 1
     early = [d for d in since_deadline if d < 0]

@@ -18,6 +18,7 @@ There is no ``werkfluss`` CLI replay command to check as well (``werkfluss --hel
 
 from __future__ import annotations
 
+import functools
 import json
 import signal
 import subprocess
@@ -100,7 +101,7 @@ def test_r26_compatible_redeploys_resume_old_runs_and_the_checker_tells_them_apa
 
     recorded: list[tuple[str, str, list[bytes]]] = []
     for run_id in [*evolving, *deployed]:
-        events = faults.call(lambda run_id=run_id: get_events_async(run_id, settings=faults.settings))
+        events = faults.call(functools.partial(get_events_async, run_id, settings=faults.settings))
         workflow = "faults:evolving" if run_id in evolving else "faults:deployed"
         recorded.append((run_id, workflow, [encode_event(e) for e in events]))
     export = faults.root / "exported-runs.msgpack"

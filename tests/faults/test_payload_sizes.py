@@ -17,6 +17,7 @@ once, each returning 100 KiB.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import time
@@ -51,7 +52,7 @@ def run_memory(faults: Faults, run_id: str) -> int:
 
 
 def rss_mb(pid: int) -> float:
-    return round(psutil.Process(pid).memory_info().rss / MIB, 1)
+    return round(float(psutil.Process(pid).memory_info().rss) / MIB, 1)
 
 
 def seconds(faults: Faults, run_id: str) -> float:
@@ -93,7 +94,7 @@ def test_r29_payloads_up_to_the_limit_work_and_larger_ones_are_refused_before_an
         outcome["enqueue"] = str(raised.value)[:160]
         token = f"too-large:{size}"
         with pytest.raises(PayloadTooLargeError):
-            faults.call(lambda token=token, blob=blob: invoke_hook_async(token, blob, settings=faults.settings))
+            faults.call(functools.partial(invoke_hook_async, token, blob, settings=faults.settings))
         assert faults.client.keys(f"{faults.prefix}{{hook:{token}}}*") == [], "a delivery over the limit wrote keys"
         outcome["hook"] = "refused, no mailbox"
 

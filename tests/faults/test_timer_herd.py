@@ -49,7 +49,7 @@ SCRIPTS = {
 def monitored(faults: Faults) -> Iterator[Faults]:
     """The server records every command over 1 ms (slowlog, latency monitor); restored after."""
     names = ("slowlog-log-slower-than", "slowlog-max-len", "latency-monitor-threshold")
-    before = {name: faults.client.config_get(name)[name] for name in names}
+    before: dict[str, str] = {name: str(faults.client.config_get(name)[name]) for name in names}
     faults.client.config_set("slowlog-log-slower-than", 1000)
     faults.client.config_set("slowlog-max-len", 4096)
     faults.client.config_set("latency-monitor-threshold", 1)
@@ -86,15 +86,17 @@ def test_r24_a_herd_of_timers_due_at_one_instant_fires_each_once(monitored: Faul
     all_paused = time.time()
     assert all_paused < at, f"the runs paused only {all_paused - at:.1f} s after the instant: raise WF_FAULT_HERD_LEAD"
     faults.client.slowlog_reset()
-    faults.client.execute_command("LATENCY", "RESET")
+    faults.client.execute_command("LATENCY", "RESET")  # type: ignore[no-untyped-call]
     faults.wait_status(calls, timeout=DEADLINE + RUNS / 100)
     done = time.time()
-    latency = faults.client.execute_command("LATENCY", "LATEST")
+    latency = faults.client.execute_command("LATENCY", "LATEST")  # type: ignore[no-untyped-call]
     worst_ms, worst_command = slowest(faults)
 
     executions = Counter(r.key for r in faults.ledger("exec"))
     fires = Counter(executions[f"{r}:2"] for r in calls)  # seq 2: the step after the sleep
-    late, resumes, paused_before = [], Counter[int](), 0
+    late: list[float] = []
+    resumes: Counter[int] = Counter()
+    paused_before = 0
     for run_id in calls:
         events = [e for _, e in faults.events(run_id)]
         paused_before += any(isinstance(e, RunPaused) and e.time < at for e in events)
