@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import msgspec
 
-from ._errors import RunCancelledError, RunConflictError, RunFailedError, _Suspend
+from ._errors import RunCancelledError, RunConflictError, RunFailedError, StorageError, _Suspend
 from ._events import ErrorInfo, RunResumed, RunStarted, decode_value, encode_event
 from ._executor import Paused, RunExecutor, wait_for_wake
 from ._lease import Holding, holder_is_dead, holder_prefix, live_holding
@@ -100,6 +100,12 @@ async def drive(
         if got.kind == "busy":
             take_over = await _wait_for_holder(store, run_id, got)
             continue
+        # A run started here has no queue message: if this process dies, the watchdog
+        # wake-up brings the run to a worker once the lease would have run out. A child
+        # needs none: whoever resumes its parent drives it again.
+        watchdog = not parent
+        if watchdog:
+            await store.wake(run_id, time.time() + lease)
         replay = Replay()
         if got.kind == "resumed":
             replay = await Replay.load(store, run_id, got.retry_seq, got.retry_index)
@@ -116,6 +122,12 @@ async def drive(
         except _Suspend:
             log.info("run %s was taken over by another process; waiting for its result", run_id)
             continue
+        except Exception:
+            if watchdog:
+                await _disarm(store, executor)
+            raise
+        if watchdog:
+            await _disarm(store, executor)
         if not isinstance(outcome, Paused) or not wait:
             return outcome
         await wait_for_wake(store, run_id, lease, caller=True)
@@ -133,6 +145,22 @@ async def drive_child(
 ) -> Any:
     """`drive` a child run for its parent: returns its result, or `Paused` when it pauses."""
     return await drive(store, workflow, child_id, args, kwargs, encoded, settings, parent=parent, wait=False)
+
+
+async def _disarm(store: RedisStore, executor: RunExecutor) -> None:
+    """Remove the watchdog wake-up of a run that ended here.
+
+    A run that paused replaced it with its own wake-up (or removed it), and the
+    end of a run that had paused removes the entry itself. A wake-up left behind
+    would only cost a worker a look at an ended run, but without workers it would
+    stay in the timer set for good.
+    """
+    if not executor.ended or executor.replay.paused:
+        return
+    try:
+        await store.unschedule(executor.run_id)
+    except StorageError as exc:
+        log.info("run %s: could not remove its watchdog wake-up: %s", executor.run_id, exc)
 
 
 def resumed_from(previous: str) -> str:

@@ -949,6 +949,28 @@ class RedisStore:
             reply = await self._call(self.client.blpop([key], timeout=float(seconds)))
         return reply is not None
 
+    async def claim_sweep(self, holder: str, seconds: float) -> bool:
+        """Whether `holder` may sweep the run index for stuck runs now: one sweep per
+        `seconds` among all workers of this prefix (key ``P{q}:sweep``, expiring)."""
+        key = self.queue_key("sweep")
+        return bool(await self._call(self.client.set(key, holder, nx=True, px=max(1, int(seconds * 1000)))))
+
+    async def queued_runs(self, limit: int) -> set[str] | None:
+        """The runs with a message in the queue (waiting, or taken and not yet
+        acknowledged), or None when it holds more than `limit` messages."""
+        key = self.queue_key("queue")
+        if int(await self._call(self.client.xlen(key))) > limit:
+            return None
+        runs: set[str] = set()
+        start = "-"
+        while True:
+            entries = await self._call(self.client.xrange(key, min=start, max="+", count=1000))
+            runs.update(_fields(fields).get("r", "") for _, fields in entries)
+            if len(entries) < 1000:
+                runs.discard("")
+                return runs
+            start = f"({_text(entries[-1][0])}"
+
     # -- the queue --------------------------------------------------------------------
 
     async def ensure_group(self, group: str) -> None:

@@ -29,6 +29,7 @@ from ._ids import check_run_id
 from ._lease import Holding, holder_is_dead, holder_prefix, holding, process_holder
 from ._log import log, note
 from ._options import Settings
+from ._recovery import recover_stuck_runs
 from ._replay import Replay
 from ._runtime import drive_child, resumed_from
 from ._wrappers import registered_workflow
@@ -124,6 +125,7 @@ class Worker:
         self._tg.start_soon(self._timers)
         self._tg.start_soon(self._reclaim)
         self._tg.start_soon(self._touch)
+        self._tg.start_soon(recover_stuck_runs, self)  # runs nobody would ever resume
         log.info("worker %s serving %d concurrent runs", self.name, self.concurrency)
         return self
 

@@ -1,0 +1,165 @@
+"""Find the runs nobody will ever resume, and hand them to the workers.
+
+A run executed by a worker has a queue message until its progress is in
+the log; a paused run has a timer entry or waits for a hook; a run that
+`start()` executes has a watchdog wake-up on the timer set (see
+`_runtime.drive`). A run that has none of these and no live holder is
+stuck: a `start()` script of an older version that died, or a process that
+died in the one round trip between taking a run and arming its watchdog,
+or an `enqueue` that died between creating its run and queueing it.
+
+When a worker starts, `recover_stuck_runs` sweeps the run index in batches
+and wakes each such run, so that a worker resumes it from its log. One
+worker of a prefix sweeps per `SWEEP_EVERY` seconds (a key on the queue's
+slot says who did): a fleet restarting together reads the index once.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import anyio
+
+from ._errors import ConfigurationError, StorageError
+from ._ids import check_run_id
+from ._lease import holder_is_dead
+from ._log import log
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from ._store import RedisStore
+    from ._worker import Worker
+
+__all__ = ["BATCH", "QUEUE_LIMIT", "SWEEP_EVERY", "Sweep", "recover_stuck_runs", "sweep"]
+
+BATCH = 200  # runs read per round trip of the sweep
+QUEUE_LIMIT = 10_000  # a longer queue is a backlog: the sweep waits for a worker start with less
+SWEEP_EVERY = 600.0  # seconds: at most one sweep per prefix this often, whoever starts
+_PAUSE = 0.005  # seconds between batches: a sweep of a large index never crowds out real work
+_FIELDS = ("status", "holder", "lease", "updated")
+
+
+@dataclass(frozen=True, slots=True)
+class Sweep:
+    """What one sweep did: runs read from the index, runs woken, seconds taken."""
+
+    scanned: int
+    woken: int
+    seconds: float
+
+
+async def recover_stuck_runs(worker: Worker) -> None:
+    """Sweep for stuck runs once, as `worker` starts serving (a task of the worker).
+
+    Never raises: a worker serves its queue whatever the sweep runs into.
+    """
+    store = worker.store
+    try:
+        queued = await _queued(store, lambda: worker.stopping)
+        if queued is None:
+            log.info("worker %s: the queue holds more than %d messages; no sweep for stuck runs this time",
+                     worker.name, QUEUE_LIMIT)  # fmt: skip
+            return
+        if not await store.claim_sweep(worker.name, SWEEP_EVERY):
+            return  # another worker swept within SWEEP_EVERY
+        done = await sweep(store, worker.settings.lease, queued, stopping=lambda: worker.stopping)
+    except Exception as exc:
+        log.warning("worker %s: the sweep for stuck runs stopped: %s", worker.name, exc,
+                    exc_info=not isinstance(exc, StorageError))  # fmt: skip
+        return
+    log.info("worker %s: swept %d runs in %.2f s; woke %d that nobody was executing", worker.name, done.scanned,
+             done.seconds, done.woken)  # fmt: skip
+
+
+async def _queued(store: RedisStore, stopping: Callable[[], bool]) -> set[str] | None:
+    while True:
+        try:
+            return await store.queued_runs(QUEUE_LIMIT)
+        except StorageError as exc:
+            if stopping():
+                raise
+            log.warning("cannot read the queue for the sweep for stuck runs, retrying: %s", exc)
+            await anyio.sleep(1.0)
+
+
+async def sweep(store: RedisStore, lease: float, queued: set[str], *, stopping: Callable[[], bool]) -> Sweep:
+    """Wake every run of the index that is stuck; returns the figures.
+
+    Stuck: no message in `queued` (the runs with a queue message), no timer
+    entry, and either ``running`` with a holder that is provably gone or
+    whose lease ran out more than a `lease` ago, or ``pending`` unchanged for
+    a `lease`. The margin leaves a dead worker's runs to the claim of its
+    messages, and a fresh pending run to the message its `enqueue` is
+    writing. A run judged stuck wrongly is harmless: the worker that takes
+    the wake-up finds it busy (and re-arms it for when the lease would run
+    out) or ended, and acknowledges it.
+
+    Storage errors are retried (the batch again, after a second) until
+    `stopping()`.
+    """
+    began = time.monotonic()
+    scanned = woken = 0
+    top, offset = "+inf", 0
+    while not stopping():
+        try:
+            batch = await store.runs_by_time(top, offset, BATCH)
+            if not batch:
+                break
+            ids = [run for run, _ in batch]
+            states = await store.states(ids, _FIELDS)
+            now = store.now()  # leases are the server's times
+            candidates = [
+                run
+                for run, state in zip(ids, states, strict=True)
+                if run not in queued and _stuck(state, lease, now) and _valid(run)
+            ]
+            if candidates:
+                dues = await store.due(candidates)
+                for run, due in zip(candidates, dues, strict=True):
+                    if due is None:
+                        log.debug("run %s: nobody executes it and nothing will wake it; waking it", run)
+                        await store.wake(run)
+                        woken += 1
+        except StorageError as exc:
+            log.warning("the sweep for stuck runs cannot reach the server, retrying: %s", exc)
+            await anyio.sleep(1.0)
+            continue
+        scanned += len(batch)
+        # Runs created in the same millisecond share a score: page on (score, offset).
+        last = batch[-1][1]
+        same = sum(1 for _, score in batch if score == last)
+        offset = offset + same if top == str(last) else same
+        top = str(last)
+        await anyio.sleep(_PAUSE)
+    return Sweep(scanned, woken, time.monotonic() - began)
+
+
+def _stuck(state: dict[str, bytes], lease: float, now: float) -> bool:
+    """Whether a run's state says nobody executes it (see `sweep`)."""
+    status = state.get("status", b"")
+    if status == b"running":
+        holder = state.get("holder", b"").decode(errors="replace")
+        return _seconds(state.get("lease")) + lease <= now or (bool(holder) and holder_is_dead(holder))
+    if status == b"pending":
+        return _seconds(state.get("updated")) + lease <= now
+    return False
+
+
+def _seconds(raw: bytes | None) -> float:
+    """A state field in server milliseconds as Unix seconds; 0 for anything that is not a number."""
+    try:
+        return int(raw or b"0") / 1000
+    except ValueError:
+        return 0.0
+
+
+def _valid(run_id: str) -> bool:
+    """Whether `run_id` is one a worker would take (the index may hold anything)."""
+    try:
+        check_run_id(run_id)
+    except ConfigurationError:
+        return False
+    return True
