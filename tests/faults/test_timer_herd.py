@@ -120,6 +120,7 @@ def test_r24_a_herd_of_timers_due_at_one_instant_fires_each_once(monitored: Faul
         move_due_largest_batch=max(moves, default=0),
         move_due_limit=sorted(limits),
         timers_moved=sum(moves),
+        extra_wake_ups_moved=sum(moves) - RUNS,
         busy_replies=busy,
         redis_latency_latest_ms={str(e[0], "utf-8", "replace"): e[2] for e in latency},
         slowlog_worst_ms=worst_ms,
@@ -129,7 +130,9 @@ def test_r24_a_herd_of_timers_due_at_one_instant_fires_each_once(monitored: Faul
     assert paused_before == RUNS, "every run was parked on its timer before the instant"
     assert fires == {1: RUNS}, f"the step after each timer executed once: {fires}"
     assert min(late) >= 0, "a timer fired before the instant"
-    assert sum(moves) == RUNS, "MOVE_DUE moved each timer once"
+    # More than RUNS when some run got a later wake-up too (a worker found it busy elsewhere and
+    # set one): that is a retry, not a second firing, which the executions above rule out.
+    assert sum(moves) >= RUNS, "MOVE_DUE moved every timer"
     assert max(moves) <= min(limits) <= MOVE_LIMIT, "in bounded batches"
     assert busy == 0
     figures = faults.check({r: args[0] for r, args in calls.items()}, effectful=[])
