@@ -22,11 +22,13 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import anyio
+import msgspec
 import pytest
 import redis
 
 from werkfluss import Settings, enqueue_async
 from werkfluss._client import close_stores, open_store
+from werkfluss._events import AnyEvent, RunResumed, Waiting, decode_event
 from werkfluss._recovery import sweep
 
 from .conftest import ROOT, wait_for
@@ -51,7 +53,7 @@ from pathlib import Path
 
 import anyio
 
-from werkfluss import step, workflow
+from werkfluss import sleep, step, workflow
 
 
 def effect(name: str) -> None:
@@ -90,6 +92,13 @@ async def charge(item: str) -> str:
 @workflow
 async def checkout(order: str) -> str:
     return await charge(await fetch(order))
+
+
+@workflow
+async def nap_checkout(order: str, seconds: float) -> str:
+    item = await fetch(order)
+    await sleep(seconds)
+    return await charge(item)
 """
 
 SCRIPT = """
@@ -100,6 +109,15 @@ from werkfluss import start
 
 print("starting", file=sys.stderr, flush=True)
 print(start(checkout.options(run_id=sys.argv[1]), sys.argv[1]))
+"""
+
+NAP_SCRIPT = """
+import sys
+
+from recovery_flows import nap_checkout
+from werkfluss import start
+
+print(start(nap_checkout.options(run_id=sys.argv[1]), sys.argv[1], float(sys.argv[2])))
 """
 
 Runner = Callable[..., "subprocess.Popen[str]"]
@@ -168,6 +186,10 @@ class Scene:
     def state(self, run_id: str) -> dict[str, str]:
         raw: dict[bytes, bytes] = self.client.hgetall(self.key(run_id))  # type: ignore[assignment]
         return {k.decode(): v.decode(errors="replace") for k, v in raw.items()}
+
+    def events(self, run_id: str) -> list[AnyEvent]:
+        entries: list[tuple[bytes, dict[bytes, bytes]]] = self.client.xrange(f"{self.prefix}{{{run_id}}}:log")  # type: ignore[assignment]
+        return [decode_event(fields[b"e"]) for _, fields in entries]
 
     def status(self, run_id: str) -> str:
         return self.state(run_id).get("status", "")
@@ -312,6 +334,26 @@ def test_runs_stuck_before_the_watchdog_are_recovered_by_a_worker_that_starts_la
         recovered_after_start_s=round(recovered, 2),
         executions=dict(scene.counts()),
     )
+
+
+def test_a_pause_replaces_the_watchdog_and_the_end_removes_the_wake_up(scene: Scene, server: Server) -> None:
+    script = scene.tmp / "nap.py"
+    script.write_text(NAP_SCRIPT)
+    proc = scene.run_script(script, "order-7", str(3 * LEASE), env=scene.env)
+    scene.scripts.append(proc)
+    wait_for(lambda: scene.status("order-7") == "paused" or proc.poll() is not None, 30, "the run to pause")
+    raw = scene.client.hget(scene.key("order-7"), "waiting")
+    assert isinstance(raw, bytes)
+    waits = msgspec.msgpack.decode(raw, type=list[Waiting])
+    due = min(w.due for w in waits if w.due is not None)
+    # The sleep's timer replaces the watchdog's sooner wake-up (one round trip after the pause is
+    # recorded, well before the watchdog would come due): nothing looks at the paused run early.
+    wait_for(lambda: scene.timer("order-7") == int(due * 1000), LEASE / 2, "the sleep's timer")
+    assert scene.finish(proc) == "charged ORDER-7"  # the script resumes its own run when the timer is due
+    assert scene.timer("order-7") is None
+    assert scene.executions() == [("fetch", proc.pid), ("charge", proc.pid)]
+    assert [type(e) for e in scene.events("order-7")].count(RunResumed) == 1  # once, when the timer came due
+    report(f"start() run that pauses: its wake-up is the timer's [{server.kind}]", watchdog_left_after_end=0)
 
 
 async def _enqueue_without_message(settings: Settings, run_id: str) -> None:
