@@ -902,7 +902,7 @@ class RedisStore:
     # -- timers -----------------------------------------------------------------------
 
     def queue_key(self, part: str) -> str:
-        """The key of `part` (queue, timers, nudge, dead, errors, probation) of the shared queue."""
+        """The key of `part` (queue, timers, nudge, dead, errors, probation, sweep) of the shared queue."""
         return f"{self.prefix}{{q}}:{part}"
 
     async def wake(self, run_id: str, at: float | None = None) -> None:
