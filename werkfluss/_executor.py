@@ -250,6 +250,9 @@ class RunExecutor:
         steps already executing in parallel finish and are recorded, and the
         watcher hands the run back once none is left.
         """
+        if self.lost:
+            # Its lease is lost: a step started now could run beside another process's.
+            raise _Suspend(self.run_id, "this process lost the run's lease; it starts nothing more")
         if self.events >= self.settings.max_history:
             raise HistoryTooLargeError(self.run_id, self.events, self.settings.max_history)
         if self._body is None:
@@ -796,26 +799,42 @@ class RunExecutor:
             return
 
     async def _keep_lease(self) -> None:
-        """Renew the lease every third of it; stop the body if the run was taken over."""
-        last_ok = time.monotonic()
+        """Renew the lease every third of it; stop the body once the lease is lost: the
+        run was taken over, or no renewal got through for a whole lease (the store out of
+        reach), after which another process may take it over."""
+        # When the last renewal that got through was sent: the server's lease runs from a
+        # moment after that, so the run never believes it holds longer than it does.
+        renewed = time.monotonic()
         while True:
             await anyio.sleep(self.lease / 3)
-            try:
-                held, cancel = await self.store.renew(self.run_id, self.epoch, self.lease)
-                if held:
-                    last_ok = time.monotonic()
-                    if cancel is not None:
-                        self.request_cancel(cancel)
-                    continue
-            except StorageError as exc:
-                if time.monotonic() - last_ok < self.lease:
-                    log.warning("run %s: could not renew its lease, trying again: %s", self.run_id, exc)
-                    continue
-            log.warning("run %s: lease lost; another process may take it over, stopping here", self.run_id)
-            self.lost = True
-            if self._body is not None:
-                self._body.cancel()
+            sent = time.monotonic()
+            # A renewal still unanswered when the lease runs out is abandoned: the call's
+            # own deadline may come later, and the body must not go on past its lease.
+            with anyio.move_on_after(renewed + self.lease - sent):
+                try:
+                    held, cancel = await self.store.renew(self.run_id, self.epoch, self.lease)
+                except StorageError as exc:
+                    if time.monotonic() - renewed < self.lease:
+                        log.warning("run %s: could not renew its lease, trying again: %s", self.run_id, exc)
+                        continue
+                else:
+                    if held:
+                        renewed = sent
+                        if cancel is not None:
+                            self.request_cancel(cancel)
+                        continue
+                    self._lose("lease lost; another process may take it over, stopping here")
+                    return
+            self._lose(f"lease not renewed for {time.monotonic() - renewed:.1f} s (the store is out of reach); "
+                       "another process may take it over, stopping here")  # fmt: skip
             return
+
+    def _lose(self, why: str) -> None:
+        """The lease is lost: stop the body now; nothing new starts (`_checkpoint`)."""
+        log.warning("run %s: %s", self.run_id, why)
+        self.lost = True
+        if self._body is not None:
+            self._body.cancel()
 
 
 class _Busy:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import os
 import time
@@ -49,7 +50,7 @@ except ImportError:  # pragma: no cover - a dependency, but the code works witho
     hiredis = None  # type: ignore[assignment]
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Sequence
+    from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
     from redis.asyncio.connection import AbstractConnection
     from redis.commands.core import AsyncScript
@@ -137,6 +138,115 @@ def _warn_lossy(message: str, *args: object) -> None:
 _MISS: Any = object()  # the fast lane could not serve a command: send it through redis-py
 _READ_SIZE = 65536
 _LANE_PAUSE = 1.0  # seconds the fast lane stands aside after it could not connect
+
+# How long werkfluss waits for the server. One attempt waits SOCKET_TIMEOUT for a reply: above the
+# longest blocking read werkfluss issues (the worker's BLPOP for timer nudges, up to its `poll`,
+# 4 s; XREADGROUP BLOCK 1 s) plus a healthy server's stall (an fsync, a fork for a rewrite: a
+# second or two). One call, retries included, waits CALL_DEADLINE at most, from its first attempt
+# on the fast lane to its last through redis-py: long enough to ride out a restart (connections
+# refused, then LOADING), short enough that a worker cut off by a partition (no RST, nothing
+# answers) learns it within seconds, not minutes.
+SOCKET_TIMEOUT = 7.0
+CALL_DEADLINE = 10.0
+# The first call of a connection (is the server there at all?) gives up sooner: a wrong URL or
+# a server that is down is reported in seconds, as it was before the deadline (6 retries).
+_FIRST_CALL_DEADLINE = 5.0
+# Seconds after a fast-lane miss during which redis-py's calls in that task keep the lane's deadline:
+# the call goes on through redis-py at once (a pool's connect, then the command, each a retry loop of
+# its own). The task's next lane call drops it; so does this window, for a call that was abandoned.
+_CARRY_FRESH = 1.0
+
+# The deadline of the call this task is making through redis-py (loop time), while it makes it.
+_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("werkfluss_deadline", default=None)
+# ``(deadline, loop time of the miss)`` a fast-lane call hands to redis-py's path when it misses.
+_carried: contextvars.ContextVar[tuple[float, float] | None] = contextvars.ContextVar(
+    "werkfluss_carried_deadline", default=None
+)
+
+
+class _DeadlineRetry(Retry):
+    """redis-py's `Retry`, bounded by a total deadline per call (`budget` seconds) instead of a count.
+
+    redis-py nests its retries: a command's attempt reconnects, and the reconnect's handshake
+    and the health check's PING retry on their own, each with the same count, so the waits
+    multiply (6 retries took 24 s against a server refusing connections, and a blackholed
+    command 7 times socket_timeout and more). Here the outermost retry loop sets a deadline
+    that nested ones share, and cuts the attempt in flight when it passes: the call raises
+    redis-py's `TimeoutError` (``StorageError`` for werkfluss's callers). Until then failures
+    are retried with backoff, however many, so a restart of a few seconds is ridden out.
+    A call the fast lane tried first gets only what is left of the same deadline.
+
+    `retries` stays a count for what reads it as one: redis-py's failure handlers (they
+    only record metrics past it) and a cluster client, which gets a plain `Retry` anyway.
+    """
+
+    def __init__(self, budget: float, *, retries: int = 1000) -> None:
+        super().__init__(ExponentialBackoff(cap=1.0, base=0.05), retries)
+        self.budget = budget
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _DeadlineRetry) and self.budget == other.budget and super().__eq__(other)
+
+    __hash__ = Retry.__hash__
+
+    async def call_with_retry(
+        self,
+        do: Callable[[], Awaitable[Any]],
+        fail: Callable[..., Any],
+        is_retryable: Callable[[Exception], bool] | None = None,
+        with_failure_count: bool = False,
+    ) -> Any:
+        """Call `do` until it succeeds, retrying supported errors with backoff, within the deadline."""
+        deadline = _deadline.get()
+        if deadline is not None:  # inside an attempt of an outer call: its deadline is ours
+            return await self._attempts(do, fail, is_retryable, with_failure_count, deadline)
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        deadline = now + self.budget
+        carried = _carried.get()
+        if carried is not None and now - carried[1] <= _CARRY_FRESH:
+            deadline = min(deadline, carried[0])
+        token = _deadline.set(deadline)
+        try:
+            async with asyncio.timeout_at(deadline):
+                return await self._attempts(do, fail, is_retryable, with_failure_count, deadline)
+        except TimeoutError:
+            # asyncio's, from the deadline (redis-py's own timeouts are its TimeoutError, no builtin one).
+            raise RedisTimeoutError(f"no reply within {self.budget:g} s, retries included") from None
+        finally:
+            _deadline.reset(token)
+
+    async def _attempts(
+        self,
+        do: Callable[[], Awaitable[Any]],
+        fail: Callable[..., Any],
+        is_retryable: Callable[[Exception], bool] | None,
+        with_failure_count: bool,
+        deadline: float,
+    ) -> Any:
+        loop = asyncio.get_running_loop()
+        self._backoff.reset()  # type: ignore[no-untyped-call]
+        failures = 0
+        while True:
+            try:
+                return await do()
+            except self._supported_errors as error:
+                if is_retryable and not is_retryable(error):
+                    raise
+                failures += 1
+                await (fail(error, failures) if with_failure_count else fail(error))
+                backoff = self._backoff.compute(failures)
+                if loop.time() + backoff >= deadline:
+                    raise error
+                if backoff > 0:
+                    await asyncio.sleep(backoff)
+
+
+def _carry(started: float, budget: float | None) -> None:
+    """End the deadline of this task's next redis-py calls at `started` + `budget` (loop time):
+    what is left of a fast-lane call's deadline, or a shorter one for a first call."""
+    if budget is not None:
+        _carried.set((started + budget, asyncio.get_running_loop().time()))
 
 
 class _Incomplete(Exception):
@@ -240,7 +350,8 @@ class _FastLane:
     connection, a connection error, a reply later than ``socket_timeout``,
     NOSCRIPT, a reply redis-py would treat as a connection error) it drops
     the connection and returns `_MISS`, and the caller sends the same
-    command through redis-py, whose retries and script loading apply.
+    command through redis-py, whose retries and script loading apply,
+    within what is left of the call's deadline (`CALL_DEADLINE`).
     Sending it again is safe, as it is for redis-py's own retries: every
     write script is idempotent. A call cancelled (or failing) between
     sending and reading its reply closes its connection, so no connection
@@ -253,6 +364,8 @@ class _FastLane:
         kwargs = pool.connection_kwargs
         timeout = kwargs.get("socket_timeout")
         self._timeout = float(timeout) if timeout else None
+        # A miss hands redis-py's path what is left of the call's deadline, not a new one.
+        self._budget: float | None = getattr(kwargs.get("retry"), "budget", None)
         # redis-py checks a connection idle this long with a PING; the lane opens a new one instead.
         self._max_idle = float(kwargs.get("health_check_interval") or 0) or float("inf")
         self._paused_until = 0.0
@@ -292,7 +405,9 @@ class _FastLane:
         conn.retry = Retry(NoBackoff(), 0)  # one attempt: redis-py's own path does the retrying
         self._open.add(conn)
         try:
-            await conn.connect()  # type: ignore[no-untyped-call]
+            # A handshake is a reply like any other: an unanswered one takes no longer than one.
+            async with asyncio.timeout(self._timeout):
+                await conn.connect()  # type: ignore[no-untyped-call]
         except Exception:
             self._drop(conn)
             self._paused_until = time.monotonic() + _LANE_PAUSE
@@ -353,12 +468,15 @@ class _FastLane:
         """
         if self.closed or not self.enabled:
             return _MISS
+        if _carried.get() is not None:  # a new call: the deadline of the last one is no longer ours
+            _carried.set(None)
         command = pack_command(parts)  # before taking a connection: an argument may not encode
         loop = asyncio.get_running_loop()
         now = loop.time()  # one clock read per call: idle times and the reply's deadline
         conn = self._reuse(now) or await self._connect()
         if conn is None:
             self.misses += 1
+            _carry(now, self._budget)
             return _MISS
         reader, writer = conn._reader, conn._writer
         assert reader is not None and writer is not None
@@ -374,6 +492,7 @@ class _FastLane:
             done = True
         except (OSError, ValueError, EOFError):
             self.misses += 1
+            _carry(now, self._budget)
             return _MISS
         finally:
             if done and not self.closed:
@@ -387,6 +506,7 @@ class _FastLane:
             )
             if isinstance(error, (NoScriptError, RedisConnectionError)):
                 self.misses += not isinstance(error, NoScriptError)
+                _carry(now, self._budget)
                 return _MISS
             raise error
         return reply
@@ -468,12 +588,12 @@ class RedisStore:
         (``INFO cluster``) and, if it is one, a cluster client takes over.
         """
         options: dict[str, Any] = {
-            "socket_timeout": 30.0,  # above any blocking read we issue
+            "socket_timeout": SOCKET_TIMEOUT,  # above any blocking read we issue
             "socket_connect_timeout": 5.0,
             "health_check_interval": 15,
             # Retries re-send commands whose reply was lost: safe, because
-            # every write script is idempotent.
-            "retry": Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=6),
+            # every write script is idempotent. Bounded by a deadline per call.
+            "retry": _DeadlineRetry(CALL_DEADLINE),
             "retry_on_error": [RedisConnectionError, RedisTimeoutError],
             # redis-py 8 caps a pool at 100 connections and then fails commands with "Too many
             # connections" (it does not wait): a worker running hundreds of runs at once, all
@@ -493,6 +613,7 @@ class RedisStore:
             client = aioredis.Redis(unix_socket_path=unix_socket, password=password, **options)
         store = cls(client, prefix=prefix, where=where)
         try:
+            _carry(asyncio.get_running_loop().time(), _FIRST_CALL_DEADLINE)
             # The embedded server is never a cluster; a URL may name any cluster node.
             is_cluster = url is not None and bool((await store._call(client.info("cluster"))).get("cluster_enabled"))
         except BaseException:
@@ -507,7 +628,10 @@ class RedisStore:
                 # The cluster client takes the same options, but uses `retry` only
                 # for its count: it retries at once, after asking the cluster for
                 # its current slot layout (a failover moves slots to another node).
-                cluster = RedisCluster.from_url(url, **options)
+                # Its nodes' connections do not retry, so each attempt waits one
+                # socket_timeout at most: 7 of them for a node that never answers.
+                retry = Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=6)
+                cluster = RedisCluster.from_url(url, **{**options, "retry": retry})
             except (ValueError, RedisClusterException) as exc:  # e.g. a database other than 0
                 raise StorageError(f"invalid Redis Cluster URL {where}: {exc}") from None
             store = cls(cluster, prefix=prefix, where=where)
@@ -522,6 +646,8 @@ class RedisStore:
             with anyio.CancelScope(shield=True):
                 await store.close()
             raise
+        finally:
+            _carried.set(None)  # the caller's next calls have deadlines of their own
         return store
 
     async def _check_server(self, *, external: bool) -> None:

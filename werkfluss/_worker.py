@@ -310,17 +310,38 @@ class Worker:
             await self._quietly(self.store.end_probation(self.name, message))
 
     async def _touch(self) -> None:
+        lease = self.settings.lease
+        touched = time.monotonic()  # when the last touch that got through was sent
+        cut_off = False  # reported as cut off from the store, and not back since
         while True:
-            await anyio.sleep(self.settings.lease / 3)
+            await anyio.sleep(lease / 3)
             held = list(self._held)
+            sent = time.monotonic()
             try:
                 owned = await self.store.touch(GROUP, self.name, held)
             except Exception as exc:
                 log.warning("worker %s: cannot renew its messages: %s", self.name, exc, exc_info=_bug(exc))
+                if not cut_off and time.monotonic() - touched >= lease:
+                    cut_off = True
+                    self._cut_off(time.monotonic() - touched)
                 continue
+            if cut_off:
+                cut_off = False
+                log.warning("worker %s reaches the store again after %.1f s", self.name, sent - touched)
+            touched = sent
             for message in set(held) - owned:
                 if message in self._held:
                     log.warning("worker %s: message %s was claimed by another worker", self.name, message)
+
+    def _cut_off(self, seconds: float) -> None:
+        """Report that the store has been out of reach for a whole lease.
+
+        Every run this worker executes stops by itself by now (its executor could not
+        renew its lease either: no new step starts, and its slot is freed); other
+        workers claim the messages and resume the runs from their logs.
+        """
+        log.error("worker %s has not reached the store for %.1f s (lease %g s): its runs stop and go to other "
+                  "workers (%d messages held)", self.name, seconds, self.settings.lease, len(self._held))  # fmt: skip
 
     # -- one message --------------------------------------------------------------------
 
