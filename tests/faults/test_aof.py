@@ -133,7 +133,7 @@ def test_r09_aof_rolled_back_re_executes_only_the_lost_tail(
         try:
             # Kill once a good part of the work is done, with runs still in flight.
             faults.wait(lambda: len(faults.ledger("exec")) >= RUNS * STEPS // 3, "a third of the steps")
-            faults.wait(lambda: copier.copies and copier.copies[0][0] < time.time() - ROLLBACK - 0.2,
+            faults.wait(lambda: bool(copier.copies) and copier.copies[0][0] < time.time() - ROLLBACK - 0.2,
                         "a copy older than the rollback")  # fmt: skip
         finally:
             copier.stop()
@@ -156,8 +156,8 @@ def test_r09_aof_rolled_back_re_executes_only_the_lost_tail(
         except AssertionError as exc:
             # Tolerated here only to report them below: the known holes (see holed_runs) and stuck runs.
             lines = str(exc).splitlines()[1:]
-            known = tuple(f"run {r} is 'running'" for r in stuck)
-            if not (holes or stuck) or not all(line.startswith(("ledger row", *known)) for line in lines):
+            tolerated = tuple(f"run {r} is 'running'" for r in stuck)
+            if not (holes or stuck) or not all(line.startswith(("ledger row", *tolerated)) for line in lines):
                 raise
             figures = {"invariants": f"{len(lines)} violations: ledger rows without a step, runs stuck"}
         executions = Counter(r.key for r in faults.ledger("exec"))
@@ -188,7 +188,7 @@ def test_r09_aof_rolled_back_re_executes_only_the_lost_tail(
             worker_crashes=0,
         )
         assert lost > 0, "the rollback lost acknowledged events (else it tested nothing)"
-        known = []
+        known: list[str] = []
         if holes:
             known.append(f"{len(holes)} runs whose holder outlived the rollback went on appending above the "
                          f"lost tail, leaving holes in their logs (completed steps {holes})")  # fmt: skip
@@ -297,9 +297,9 @@ def test_r10b_corrupted_aof_refuses_to_start_and_deletes_nothing(
         before = fingerprint(where)
         if server.redis is not None:
             # werkfluss does not start an external server: redis-server's own refusal is the outcome.
-            with pytest.raises(RedisStartError) as refused:
+            with pytest.raises(RedisStartError) as refused_here:
                 server.restart()
-            message = str(refused.value)
+            message = str(refused_here.value)
             assert f"Bad file format reading the append only file {bad.name}" in message
         else:
             assert server.directory is not None

@@ -35,7 +35,7 @@ def delivery_counts(faults: Faults) -> dict[str, int]:
         pending = faults.client.xpending_range(f"{faults.prefix}{{q}}:queue", "workers", "-", "+", 100)
     except Exception:  # no group yet
         return {}
-    return {p["message_id"].decode(): int(p["times_delivered"]) for p in pending}
+    return {str(p["message_id"]): int(p["times_delivered"]) for p in pending}
 
 
 def watch_until_completed(faults: Faults, run_id: str) -> int:
