@@ -9,7 +9,9 @@ Process-wide switches, read once at import (like a machine's setup or a deployme
 - ``WF_FAULT_CLOCK_SKEW=<seconds>``: this process's wall clock (`time.time`) runs that far
   ahead (or behind, if negative) of the machine's: a worker on a skewed host (R-23). The
   monotonic clocks (event loop, timeouts) are untouched, as a skewed host's would be.
-  `true_time` is the machine's clock, for figures.
+  `true_time` is the machine's clock, for figures. With ``WF_FAULT_CLOCK_STEP_FILE=<path>``
+  the clock steps by the skew only once that file exists (as NTP steps a clock), and the
+  process writes a ``clock-stepped`` ledger row when it notices.
 - ``WF_FAULT_COUNT_MOVES=1``: a ``moved <count>`` ledger row for each call of the store's
   `move_due` that moved timers to the queue (R-24: the firing script's batches).
 - ``WF_FAULT_PROBE=<seconds>``: ``$WF_FAULT_DIR/probes/<pid>`` rewritten that often with
@@ -38,18 +40,28 @@ from .flows import VERSION, conclude, fault_dir, reserve, row, ship, work
 true_time = time.time  # the machine's clock, whatever this process's clock says
 
 SKEW = float(os.environ.get("WF_FAULT_CLOCK_SKEW", "0"))
+_step_file = os.environ.get("WF_FAULT_CLOCK_STEP_FILE")  # the skew starts once this file exists
+_stepped = not _step_file
+
+
+def _skewed() -> float:
+    return true_time() + SKEW if _stepped else true_time()
+
+
+def _watch_step(path: str) -> None:
+    global _stepped
+    while not os.path.exists(path):
+        true_sleep(0.02)  # a daemon thread polling for the test's signal
+    _stepped = True
+    row("clock-stepped", str(os.getpid()), str(SKEW))
+
+
+true_sleep = time.sleep
 if SKEW:
-
-    def _skewed() -> float:
-        return true_time() + SKEW
-
     # Module attribute, so that every ``time.time()`` in the process (werkfluss's included) sees it.
     time.time = _skewed
-
-
-def true_row(kind: str, key: str, *extra: str) -> None:
-    """A ledger row whose first extra field is the machine's time (rows carry the process's own)."""
-    row(kind, key, f"{true_time():.6f}", *extra)
+    if _step_file:
+        threading.Thread(target=_watch_step, args=(_step_file,), daemon=True).start()
 
 
 # -- R-23: a sleep whose deadline is checked against the machine's clock -------------------------------------------
@@ -58,6 +70,7 @@ def true_row(kind: str, key: str, *extra: str) -> None:
 @step(name="faults:stamp")
 async def stamp() -> float:
     """The machine's time just before the sleep: a lower bound of when the sleep was reached."""
+    await work(step_key())
     now = true_time()
     row("stamp", step_key(), f"{now:.6f}")
     return now
