@@ -67,6 +67,7 @@ class FaultProxy:
         self._stopping = False
         self._links: set[_Link] = set()
         self._total = 0
+        self._late_upstream = 0
         # Created here, used only on the proxy loop: asyncio primitives bind to a loop on first use, not creation.
         self._flowing = asyncio.Event()
         self._flowing.set()
@@ -187,6 +188,16 @@ class FaultProxy:
         """Number of client connections accepted since the proxy started, including refused ones."""
         return self._total
 
+    @property
+    def late_bytes_upstream(self) -> int:
+        """Bytes clients sent while a blackhole was on that reached the upstream once it was off.
+
+        Held bytes arrive even from a client that gave up and closed its connection meanwhile
+        (its FIN is held behind them), as packets still in flight when a real partition heals:
+        the late writes a fence has to refuse.
+        """
+        return self._late_upstream
+
     # -- proxy thread ----------------------------------------------------------------------------------------------
 
     def _control(self, apply: Callable[[], Coroutine[Any, Any, None]]) -> None:
@@ -253,7 +264,7 @@ class FaultProxy:
             upstream_reader, upstream_writer = await asyncio.open_connection(self.upstream_host, self.upstream_port)
             link.upstream = upstream_writer
             async with asyncio.TaskGroup() as group:
-                group.create_task(self._forward(link, client_reader, upstream_writer))
+                group.create_task(self._forward(link, client_reader, upstream_writer, upstream=True))
                 group.create_task(self._forward(link, upstream_reader, link.client))
             link.client.close()
             upstream_writer.close()
@@ -268,16 +279,18 @@ class FaultProxy:
             finally:
                 self._links.discard(link)
 
-    async def _forward(self, link: _Link, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _forward(
+        self, link: _Link, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, upstream: bool = False
+    ) -> None:
         # One reader and one writer task per direction, so that delays overlap (latency, not lower bandwidth) while
         # the single writer keeps the order.
-        queue: asyncio.Queue[tuple[float, bytes] | None] = asyncio.Queue(maxsize=_QUEUE_CHUNKS)
+        queue: asyncio.Queue[tuple[float, bytes, bool] | None] = asyncio.Queue(maxsize=_QUEUE_CHUNKS)
         loop = asyncio.get_running_loop()
 
         async def receive() -> None:
             try:
                 while chunk := await reader.read(_CHUNK_SIZE):
-                    await queue.put((loop.time() + self._latency, chunk))
+                    await queue.put((loop.time() + self._latency, chunk, not self._flowing.is_set()))
             except OSError:
                 link.abort()  # pass a reset on from one side to the other
                 return
@@ -286,12 +299,15 @@ class FaultProxy:
         receiver = asyncio.create_task(receive())
         try:
             while (item := await queue.get()) is not None:
-                deadline, chunk = item
+                deadline, chunk, held = item
                 if (remaining := deadline - loop.time()) > 0:
                     await asyncio.sleep(remaining)
+                held = held or not self._flowing.is_set()
                 await self._flowing.wait()
                 writer.write(chunk)
                 await writer.drain()
+                if held and upstream:
+                    self._late_upstream += len(chunk)
             # Pass a half-close on: the peer may still answer after its input ended.
             if writer.can_write_eof() and not writer.is_closing():
                 writer.write_eof()

@@ -13,8 +13,9 @@ with Z's connections reset first, so that redis-py re-sends the append on a new 
 Z gives its write up by itself, without the heal: no renewal of its lease gets through, and
 once the lease has run out (before H can claim the run) Z abandons the write and stops the
 run (``RunExecutor._keep_lease``); a write waits ``CALL_DEADLINE`` (10 s) at most anyway. So a
-late write is one whose bytes were already on their way and arrive with the heal: the fence
-must refuse it.
+late write is one whose bytes were already on their way: with "heal" they were held in the
+partition and reach the server after H's completion even though Z closed its connection
+(``FaultProxy.late_bytes_upstream`` counts them), and the fence must refuse them.
 
 ``WF_FAULT_PARTITION=60`` keeps the partition up that many seconds (RELIABILITY.md's 60 s);
 by default it heals as soon as H is done. `test_r12_a_blackholed_worker_notices_within_its_bound`
@@ -109,6 +110,10 @@ def test_r12_a_partitioned_worker_is_fenced_out_after_healing(tmp_path: Path, pr
                 return all(w.outcome is not None for w in faults.writes(target) if w.pid == zombie.pid)
 
             faults.wait(zombie_answered, "Z's late write to be answered")
+            if heal == "heal":
+                # Z closed its connections when it gave up, but what it sent into the partition was held there
+                # and reaches the server now, behind H's completion: the fence (and first writer wins) refuse it.
+                faults.wait(lambda: proxy.late_bytes_upstream > 0, "Z's held bytes to reach the server")
             zombie_writes = [
                 w for w in faults.writes() if w.pid == zombie.pid and w.target.split("@")[1].startswith(run_id)
             ]
@@ -138,6 +143,7 @@ def test_r12_a_partitioned_worker_is_fenced_out_after_healing(tmp_path: Path, pr
                 zombie_writes_rejected=len(late) - len(landed),
                 zombie_write_outcomes=dict(Counter(w.outcome for w in late)),
                 heal_to_refusal_s=max(0.0, round(max(w.done for w in late if w.done) - healed_at, 3)) if late else None,
+                late_bytes_reaching_server=proxy.late_bytes_upstream,
                 completions_of_step_2=sum(
                     1
                     for _, e in faults.events(run_id)
