@@ -14,7 +14,9 @@ drain, both go back to 0. The real soak also wants the FD peak of its second hal
 a few of the first half's.
 
 ``WF_FAULT_SOAK=<seconds>`` runs the real soak (RELIABILITY.md: 2 h in CI, 24 h before a
-release) and also bounds the RSS slope (``WF_FAULT_SOAK_RSS_SLOPE`` MB/h, default 5). By
+release) and also bounds the RSS slope (``WF_FAULT_SOAK_RSS_SLOPE`` MB/h, default 5) after
+the warm-up; give it 20 minutes at least: a worker's RSS climbs for its first 3-4 minutes
+(35.8 to 38.0 MB), then stays flat (8 minutes, 26,815 runs: 0.1 and 1.1 MB/h after). By
 default a ``WF_FAULT_SOAK_CI`` (15) second version runs, which reports the slope only:
 a few seconds of allocator warm-up say nothing about an hourly trend.
 """
@@ -27,6 +29,7 @@ import time
 from collections import defaultdict
 from typing import TYPE_CHECKING, Any
 
+import msgspec
 import psutil
 import pytest
 
@@ -184,9 +187,23 @@ def test_r36_steady_mixed_load_leaks_no_fds_and_keeps_the_pel_bounded(faults: Fa
             "other_fds_first_max": [files[0], max(files)],
             "live_runs_max": max(s["live"].get(pid, 0) for s in steady),
             "fds_series": [sum(s["fds"][pid]) for s in samples[:: max(1, len(samples) // 20)]],
+            "rss_mb_series": [round(s["rss"][pid], 1) for s in samples[:: max(1, len(samples) // 20)]],
         }
     pel = [s["pel"] for s in steady]
-    figures = faults.check(expected) if len(expected) <= 5000 else {"runs": len(expected), "invariants": "not checked"}
+    if len(expected) <= 5000:
+        figures = faults.check(expected)
+    else:  # the full checker reads every log: for a long soak, compare the results only
+        ids = list(expected)
+        got = [
+            v
+            for i in range(0, len(ids), 1000)
+            for v in pipelined(faults, [faults.key(r, "state") for r in ids[i : i + 1000]], "result")
+        ]
+        wrong = [
+            r for r, raw in zip(ids, got, strict=True) if raw is None or msgspec.msgpack.decode(raw) != expected[r]
+        ]
+        figures = {"runs": len(ids), "wrong_results": len(wrong), "invariants": "results only"}
+        assert wrong == [], wrong[:10]
     report(
         f"R-36 soak {DURATION:g} s [{faults.kind}]",
         **figures,
