@@ -567,7 +567,8 @@ class RedisStore:
         self.client = client
         self.prefix = prefix
         self.where = where  # redacted, for error messages
-        self.clock_offset = 0.0  # the server's clock minus this machine's, in seconds (see now())
+        # The server's clock at a moment of this process's monotonic clock (see now()).
+        self._clock: tuple[float, float] | None = None
         # redis-py's script objects run EVALSHA on the node owning the first key
         # and, on NOSCRIPT (a node that restarted or failed over), SCRIPT LOAD on
         # every primary before retrying, so they need nothing extra on a cluster.
@@ -661,19 +662,25 @@ class RedisStore:
             await self._warn_if_lossy()
 
     async def _learn_clock(self) -> None:
-        """Measure how far this machine's clock is from the server's (`now`)."""
-        before = time.time()
+        """Read the server's clock once, against this process's monotonic clock (`now`)."""
+        before = time.monotonic()
         seconds, micros = await self._call(self.client.time())
-        after = time.time()
-        self.clock_offset = seconds + micros / 1e6 - (before + after) / 2
+        after = time.monotonic()
+        self._clock = (seconds + micros / 1e6, (before + after) / 2)
 
     def now(self) -> float:
         """The server's clock, as Unix time: what timers are due by.
 
         Deadlines a worker computes (a durable sleep's) are taken from it, so a
-        worker whose clock runs ahead does not fire them early, nor one behind late.
+        worker whose clock runs ahead does not fire them early, nor one behind late,
+        nor one whose clock is stepped while it runs.
         """
-        return time.time() + self.clock_offset
+        if self._clock is None:
+            return time.time()
+        # Counted on the monotonic clock from one reading of the server's: a wall clock set
+        # off or stepped (NTP) after the connection does not move it.
+        server, at = self._clock
+        return server + time.monotonic() - at
 
     def _nodes(self) -> list[tuple[str, dict[str, Any]]]:
         """``(name for messages, command keywords)`` addressing each server once.
@@ -1069,7 +1076,8 @@ class RedisStore:
         """Block up to `block` seconds for a nudge (a timer entry due now or sooner than
         the rest); returns whether one came. One waiting worker takes each nudge."""
         key = self.queue_key("nudge")
-        seconds = f"{max(block, 0.001):.3f}"
+        # Within the socket timeout, which a longer BLPOP would run into.
+        seconds = f"{min(max(block, 0.001), SOCKET_TIMEOUT - 2):.3f}"
         reply = await self._fast([b"BLPOP", key, seconds])
         if reply is _MISS:
             reply = await self._call(self.client.blpop([key], timeout=float(seconds)))

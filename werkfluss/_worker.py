@@ -65,8 +65,9 @@ class Worker:
         concurrency: Runs executed at once (default 32).
         grace: Seconds `stop()` waits for runs to reach a step boundary.
         max_deliveries: Deliveries after which a message is dead-lettered.
-        poll: Longest wait between looks at the timer set; a wake-up due now
-            reaches a worker at once (pushed), whatever this is.
+        poll: Longest wait between looks at the timer set (at most 5 s, the
+            socket timeout's margin); a wake-up due now reaches a worker at
+            once (pushed), whatever this is.
     """
 
     def __init__(
@@ -359,7 +360,8 @@ class Worker:
             # retried and, past max_deliveries, dead-lettered with this error.
             error = f"{type(exc).__name__}: {exc}"
             log.warning("worker %s: run %s: %s", self.name, fields.get("r"), error, exc_info=_bug(exc))
-            await self._quietly(self.store.note_error(message, error))
+            if not isinstance(exc, StorageError):  # unreachable: the note would wait in vain, holding the slot
+                await self._quietly(self.store.note_error(message, error))
         finally:
             self._end_probation(message)
             with anyio.CancelScope(shield=True):
