@@ -51,7 +51,7 @@ RUNS = int(os.environ.get("WF_FAULT_AOF_RUNS", "120"))
 STEPS = 10
 ROLLBACK = 1.0  # seconds of log the restored copy lacks
 COPY_EVERY = 0.1
-STUCK_AFTER = 30.0  # seconds after the restart by which every run must be done
+STUCK_AFTER = 15.0  # seconds after the restart by which every run must be done (they take ~5)
 
 
 @pytest.fixture(params=["redis", "valkey"])
