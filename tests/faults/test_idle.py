@@ -1,4 +1,4 @@
-"""R-13: a worker with no work, with werkfluss's defaults (10 s lease, 0.1 s timer poll).
+"""R-13: a worker with no work, with werkfluss's defaults (10 s lease, default poll).
 
 Over `WINDOW` seconds of idleness (``WF_FAULT_IDLE_SECONDS``, default 10; RELIABILITY.md:
 600) the test counts the commands the server processed (``INFO commandstats`` before and
@@ -7,9 +7,9 @@ the worker's CPU time, and the warnings, errors and tracebacks it logged.
 
 "Commands" are those the worker sends: the calls by name of ``INFO commandstats`` less
 those werkfluss's scripts make inside (the timer poll's script makes three; the servers
-count them in ``total_commands_processed`` too, reported as well). The bound asserted is
-today's (at most `MAX_RATE` commands/s): the blocking queue read is one command a second,
-the timer poll ten. A quieter idle worker lowers the figure.
+count them in ``total_commands_processed`` too, reported as well). The bound asserted, at
+most `MAX_RATE` commands/s, has a margin over today's figure (2-3/s: the blocking queue read
+once a second and a slower timer poll; 11/s before the idle rate was lowered).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from .harness import Faults
 
 WINDOW = float(os.environ.get("WF_FAULT_IDLE_SECONDS", "10"))
-MAX_RATE = 30.0  # commands/s
+MAX_RATE = 10.0  # commands/s
 MAX_CPU = 5.0  # % of one core
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120 + WINDOW)]
@@ -53,12 +53,13 @@ def scripted() -> set[str]:
     return {name.lower() for name in re.findall(r"redis\.p?call\(\s*['\"](\w+)['\"]", inspect.getsource(_scripts))}
 
 
-def command_counts(faults: Faults) -> tuple[int, dict[str, int]]:
-    """Commands clients sent (``total_commands_processed``, this INFO included), and calls by
-    command name, those that scripts make included."""
-    processed = int(faults.client.info("stats")["total_commands_processed"])
-    stats = faults.client.info("commandstats")
-    return processed, {name.removeprefix("cmdstat_"): int(value["calls"]) for name, value in stats.items()}
+def command_counts(faults: Faults) -> tuple[int, int, dict[str, int]]:
+    """Commands clients sent (``total_commands_processed``, this INFO included), connections
+    accepted, and calls by command name, those that scripts make included."""
+    stats = faults.client.info("stats")
+    processed, connections = int(stats["total_commands_processed"]), int(stats["total_connections_received"])
+    calls = faults.client.info("commandstats")
+    return processed, connections, {name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in calls.items()}
 
 
 def test_r13_an_idle_worker_is_quiet(world: Faults) -> None:
@@ -66,9 +67,11 @@ def test_r13_an_idle_worker_is_quiet(world: Faults) -> None:
     worker = faults.workers.start()
     process = psutil.Process(worker.pid)
     log_before = len(faults.workers.log(worker).splitlines())
-    (sent_before, before), cpu_before, began = command_counts(faults), process.cpu_times(), time.monotonic()
+    (sent_before, conns_before, before), cpu_before = command_counts(faults), process.cpu_times()
+    began = time.monotonic()
     time.sleep(WINDOW)  # the scenario itself: nothing happens for this long
-    (sent_after, after), cpu_after, elapsed = command_counts(faults), process.cpu_times(), time.monotonic() - began
+    (sent_after, conns_after, after), cpu_after = command_counts(faults), process.cpu_times()
+    elapsed = time.monotonic() - began
     assert worker.poll() is None, faults.workers.log(worker)
     delta = {name: after[name] - before.get(name, 0) for name in after if after[name] != before.get(name, 0)}
     delta.pop("info", None)  # the test's own
@@ -84,6 +87,7 @@ def test_r13_an_idle_worker_is_quiet(world: Faults) -> None:
         commands_sent_per_s=round(sent, 2),
         commands_with_script_calls_per_s=round(total, 2),
         by_name_per_s={name: round(n / elapsed, 2) for name, n in sorted(delta.items(), key=lambda i: -i[1])},
+        connections_opened_per_s=round((conns_after - conns_before) / elapsed, 2),
         worker_cpu_percent=round(cpu, 2),
         errors_logged=len(troubles),
     )
