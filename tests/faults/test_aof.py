@@ -193,7 +193,10 @@ def test_r09_aof_rolled_back_re_executes_only_the_lost_tail(
             known.append(f"{len(holes)} runs whose holder outlived the rollback went on appending above the "
                          f"lost tail, leaving holes in their logs (completed steps {holes})")  # fmt: skip
         if stuck:
-            known.append(f"{len(stuck)} runs never completed after the rollback ({stuck}: no queue message)")
+            known.append(
+                f"{len(stuck)} runs never completed after the rollback ({stuck}: the ack sent as the server died, "
+                "retried after the restart, deleted the message the rolled-back run still needed)"
+            )
         if known:
             pytest.xfail(f"known bugs: {'; '.join(known)}; the rest holds")
     finally:
