@@ -561,6 +561,23 @@ class RunExecutor:
                 if i != index and isinstance(awaitable, Coroutine):
                     awaitable.close()
             return index, await awaitables[index]
+        ready = next((i for i, awaitable in enumerate(awaitables) if self._ends_from_log(awaitable)), None)
+        if ready is not None:
+            # The log has a racer's outcome but not the winner (the process died in between):
+            # that racer wins, and no other starts, since a step would execute again only to lose.
+            for i, awaitable in enumerate(awaitables):
+                if i != ready and isinstance(awaitable, Coroutine):
+                    awaitable.close()
+            error: BaseException | None = None
+            try:
+                value = await awaitables[ready]
+            except Exception as exc:
+                value, error = None, exc
+            await self.record(f"r{seq}", RaceWon(time.time(), seq, ready))
+            self.replay.races[seq] = ready
+            if error is not None:
+                raise error
+            return ready, value
         won: list[tuple[int, Any, BaseException | None]] = []
 
         async def run(i: int, awaitable: Awaitable[Any], scope: anyio.CancelScope) -> None:
@@ -586,6 +603,24 @@ class RunExecutor:
         if error is not None:
             raise error
         return index, value
+
+    def _ends_from_log(self, awaitable: Awaitable[Any]) -> bool:
+        """Whether racer `awaitable` (a step, child, sleep or hook of this run, not started
+        yet) ends from the log alone: its outcome is recorded, or its timer is due."""
+        code = getattr(awaitable, "cr_code", None)
+        frame = getattr(awaitable, "cr_frame", None)
+        if code is None or frame is None:
+            return False
+        local = frame.f_locals
+        if code is RunExecutor.run_step.__code__ or code is RunExecutor.run_child.__code__:
+            return local["seq"] in self.replay.completed or local["seq"] in self.replay.failed
+        if code is RunExecutor.sleep.__code__:
+            due = self.replay.timers.get(local["seq"])
+            return due is not None and due <= self.store.now()
+        hook = local.get("self")
+        if code.co_qualname == "Hook._next" and hook is not None:
+            return (hook.seq, hook._received + 1) in self.replay.hooks
+        return False
 
     # -- the whole run ------------------------------------------------------------------
 

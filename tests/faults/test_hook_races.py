@@ -12,9 +12,9 @@ Each is run twice: once delivered mid-step with two workers serving (the deliver
 the run; the worker that reads the wake-up finds the run held and must leave it), and
 once with the worker SIGKILLed right after it recorded the payload (``HookReceived``),
 before the run goes on; a second worker resumes it. Either way the step executes once
-and the hook is consumed once (one ``HookReceived``, an empty mailbox); except, today,
-the race killed between ``HookReceived`` and ``RaceWon``: its replay starts the losing step
-again before the replayed hook wins (strict xfail, so a fix shows up).
+and the hook is consumed once (one ``HookReceived``, an empty mailbox), the race killed
+between ``HookReceived`` and ``RaceWon`` too: its replay lets the recorded hook win without
+starting the step.
 """
 
 from __future__ import annotations
@@ -58,15 +58,9 @@ def deliver_mid_step(faults: Faults, flow: Workflow[..., str], run_id: str, n: i
         ("faults:hook-then-step", False),
         ("faults:hook-then-step", True),
         ("faults:hook-races-step", False),
-        pytest.param(
-            "faults:hook-races-step",
-            True,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="known bug: killed between HookReceived and RaceWon, the replayed race starts "
-                "the losing step again before the replayed hook wins (the race is not decided from the log)",
-            ),
-        ),
+        # Was a strict xfail: killed between HookReceived and RaceWon, the replayed race started the
+        # losing step again before the replayed hook won. Now a racer the log has the outcome of wins.
+        ("faults:hook-races-step", True),
     ],
     ids=["hook-then-step-live", "hook-then-step-crash", "hook-races-step-live", "hook-races-step-crash"],
 )
