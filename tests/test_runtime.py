@@ -491,6 +491,42 @@ async def test_store_refuses_stale_epochs_and_duplicate_completions(wf: Settings
     assert bodies == [b"s", b"first", b"r"]
 
 
+async def test_a_holder_whose_log_was_rolled_back_under_it_is_refused_instead_of_leaving_a_hole(
+    wf: Settings,
+) -> None:
+    # A server restarted from an older append-only file (or a lagging replica promoted)
+    # forgets the newest events while the holder's epoch stays valid. Writing on would put
+    # step 10 after step 2, with the lost steps missing: a replay would run them again
+    # beneath a recorded later step. The holder says how far it has seen the log.
+    store = await open_store(wf)
+    got = await store.acquire(
+        "rb", workflow="w", holder="h1/1/a", lease=10, started=b"s", resumed=b"r", take_over="", args_digest="d"
+    )
+    assert got.kind == "new"
+    assert await store.append("rb", 1, "c1", b"one", 10, seen=1) == (2, None)
+    assert await store.append("rb", 1, "c2", b"two", 10, seen=2) == (3, None)
+    # The rollback: the newest event and the counter go back, as an older file has them.
+    log = store.key("rb", "log")
+    kept = (await store.client.xrange(log))[:2]
+    await store.client.delete(log)
+    for entry_id, fields in kept:
+        await store.client.xadd(log, fields, id=entry_id)
+    await store.client.hset(store.key("rb", "state"), "n", 2)
+    await store.client.hdel(store.key("rb", "steps"), "c2")
+    from werkfluss._errors import _Suspend
+
+    for write in (
+        store.append("rb", 1, "c3", b"three", 10, seen=3),
+        store.pause("rb", 1, b"paused", b"", seen=3),
+        store.finish("rb", 1, status="completed", event=b"end", field="result", value=b"", failed_seq=None, seen=3),
+    ):
+        with pytest.raises(_Suspend, match="shorter than this process saw"):
+            await write
+    bodies = [body async for batch in store.read_log("rb") for _, body in batch]
+    assert bodies == [b"s", b"one"]  # no hole: a resume replays from here and executes step 2 again
+    assert await store.append("rb", 1, "c2", b"two again", 10, seen=2) == (3, None)  # a holder that saw no more
+
+
 async def test_a_live_step_costs_one_round_trip_and_resume_reads_in_batches(wf: Settings, server: Any) -> None:
     raw = aioredis.Redis.from_url(server.url)
     n = 50

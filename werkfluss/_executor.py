@@ -218,7 +218,9 @@ class RunExecutor:
         if self.events >= self.settings.max_history:
             raise HistoryTooLargeError(self.run_id, self.events, self.settings.max_history)
         with _Busy(self, track=False):  # its caller's task is tracked already, where it matters
-            n, cancel = await self.store.append(self.run_id, self.epoch, dedup, encode_event(event), self.lease)
+            n, cancel = await self.store.append(
+                self.run_id, self.epoch, dedup, encode_event(event), self.lease, seen=self.events
+            )  # fmt: skip
         self._progressed()
         self.events = max(self.events, n)
         if self.events >= self.settings.history_warning and not self.warned:
@@ -780,7 +782,7 @@ class RunExecutor:
             await self.store.wake(self.parent, time.time() + self.lease)
         await self.store.finish(
             self.run_id, self.epoch, status=status, event=encode_event(event), field=field, value=value,
-            failed_seq=seq,
+            failed_seq=seq, seen=self.events,
         )  # fmt: skip
         self.ended = True
         self._progressed()
@@ -792,7 +794,8 @@ class RunExecutor:
     async def _park(self, waits: list[Waiting]) -> Any:
         """Record that the run waits for `waits`, and arrange to be woken."""
         encoded = _waits_encoder.encode(waits)
-        cancel = await self.store.pause(self.run_id, self.epoch, encode_event(RunPaused(time.time(), waits)), encoded)
+        paused = encode_event(RunPaused(time.time(), waits))
+        cancel = await self.store.pause(self.run_id, self.epoch, paused, encoded, seen=self.events)
         self._progressed()
         if cancel is not None:
             return await self.cancelled(cancel)

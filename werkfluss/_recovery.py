@@ -8,14 +8,17 @@ stuck: a `start()` script of an older version that died, or a process that
 died in the one round trip between taking a run and arming its watchdog,
 or an `enqueue` that died between creating its run and queueing it.
 
-When a worker starts, `recover_stuck_runs` sweeps the run index in batches
-and wakes each such run, so that a worker resumes it from its log. One
-worker of a prefix sweeps per `SWEEP_EVERY` seconds (a key on the queue's
-slot says who did): a fleet restarting together reads the index once.
+When a worker starts, and every `SWEEP_EVERY` seconds while it serves,
+`recover_stuck_runs` sweeps the run index in batches and wakes each such
+run, so that a worker resumes it from its log. One worker of a prefix
+sweeps per `SWEEP_EVERY` seconds (a key on the queue's slot says who did):
+a fleet restarting together reads the index once.
 """
 
 from __future__ import annotations
 
+import math
+import random
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -33,11 +36,11 @@ if TYPE_CHECKING:
     from ._store import RedisStore
     from ._worker import Worker
 
-__all__ = ["BATCH", "QUEUE_LIMIT", "SWEEP_EVERY", "Sweep", "recover_stuck_runs", "sweep"]
+__all__ = ["BATCH", "QUEUE_LIMIT", "SWEEP_EVERY", "Sweep", "recover_stuck_runs", "sweep", "sweep_after_outage"]
 
 BATCH = 200  # runs read per round trip of the sweep
-QUEUE_LIMIT = 10_000  # a longer queue is a backlog: the sweep waits for a worker start with less
-SWEEP_EVERY = 600.0  # seconds: at most one sweep per prefix this often, whoever starts
+QUEUE_LIMIT = 10_000  # a longer queue is a backlog: the sweep waits for a round with less
+SWEEP_EVERY = 600.0  # seconds: at most one sweep per prefix this often, by whichever worker
 _PAUSE = 0.005  # seconds between batches: a sweep of a large index never crowds out real work
 _FIELDS = ("status", "holder", "lease", "updated")
 
@@ -52,20 +55,41 @@ class Sweep:
 
 
 async def recover_stuck_runs(worker: Worker) -> None:
-    """Sweep for stuck runs once, as `worker` starts serving (a task of the worker).
+    """Sweep for stuck runs as `worker` starts serving, and again every `SWEEP_EVERY`
+    seconds or so while it serves (a task of the worker): a run can also get stuck
+    later, when a server rolled back by a failover keeps a run the queue has
+    forgotten. Among the workers of a prefix, one sweeps per `SWEEP_EVERY`.
 
     Never raises: a worker serves its queue whatever the sweep runs into.
     """
+    while not worker.stopping:
+        await _sweep_once(worker)
+        with anyio.move_on_after(SWEEP_EVERY * random.uniform(1.0, 1.25)):
+            await worker.wait()
+
+
+async def sweep_after_outage(worker: Worker) -> None:
+    """Sweep once the server answers again after an outage (a task of `worker`).
+
+    A server that restarted from an older append-only file, or a replica
+    promoted by a failover, may hold a run as unfinished whose queue message
+    is gone (acknowledged just before): nobody would resume it. One worker of
+    the prefix sweeps per lease, waking every run with no message and no timer.
+    """
+    await _sweep_once(worker, "sweep:outage", worker.settings.lease, margin=-math.inf)
+
+
+async def _sweep_once(worker: Worker, key: str = "sweep", every: float = SWEEP_EVERY, **options: float) -> None:
     store = worker.store
     try:
+        if not await store.claim_sweep(worker.name, every, key=key):
+            return  # another worker swept within `every`
         queued = await _queued(store, lambda: worker.stopping)
         if queued is None:
             log.info("worker %s: the queue holds more than %d messages; no sweep for stuck runs this time",
                      worker.name, QUEUE_LIMIT)  # fmt: skip
             return
-        if not await store.claim_sweep(worker.name, SWEEP_EVERY):
-            return  # another worker swept within SWEEP_EVERY
-        done = await sweep(store, worker.settings.lease, queued, stopping=lambda: worker.stopping)
+        done = await sweep(store, worker.settings.lease, queued, stopping=lambda: worker.stopping, **options)
     except Exception as exc:
         log.warning("worker %s: the sweep for stuck runs stopped: %s", worker.name, exc,
                     exc_info=not isinstance(exc, StorageError))  # fmt: skip
@@ -85,7 +109,9 @@ async def _queued(store: RedisStore, stopping: Callable[[], bool]) -> set[str] |
             await anyio.sleep(1.0)
 
 
-async def sweep(store: RedisStore, lease: float, queued: set[str], *, stopping: Callable[[], bool]) -> Sweep:
+async def sweep(
+    store: RedisStore, lease: float, queued: set[str], *, stopping: Callable[[], bool], margin: float | None = None
+) -> Sweep:
     """Wake every run of the index that is stuck; returns the figures.
 
     Stuck: no message in `queued` (the runs with a queue message), no timer
@@ -97,9 +123,14 @@ async def sweep(store: RedisStore, lease: float, queued: set[str], *, stopping: 
     the wake-up finds it busy (and re-arms it for when the lease would run
     out) or ended, and acknowledges it.
 
+    `margin` (default: `lease`) replaces that margin: after the server came
+    back from an outage, a run may look held by a lease the server rolled
+    back, so every run with no message and no timer is woken then.
+
     Storage errors are retried (the batch again, after a second) until
     `stopping()`.
     """
+    margin = lease if margin is None else margin
     began = time.monotonic()
     scanned = woken = 0
     top, offset = "+inf", 0
@@ -114,7 +145,7 @@ async def sweep(store: RedisStore, lease: float, queued: set[str], *, stopping: 
             candidates = [
                 run
                 for run, state in zip(ids, states, strict=True)
-                if run not in queued and _stuck(state, lease, now) and _valid(run)
+                if run not in queued and _stuck(state, margin, now) and _valid(run)
             ]
             if candidates:
                 dues = await store.due(candidates)
@@ -137,14 +168,14 @@ async def sweep(store: RedisStore, lease: float, queued: set[str], *, stopping: 
     return Sweep(scanned, woken, time.monotonic() - began)
 
 
-def _stuck(state: dict[str, bytes], lease: float, now: float) -> bool:
+def _stuck(state: dict[str, bytes], margin: float, now: float) -> bool:
     """Whether a run's state says nobody executes it (see `sweep`)."""
     status = state.get("status", b"")
     if status == b"running":
         holder = state.get("holder", b"").decode(errors="replace")
-        return _seconds(state.get("lease")) + lease <= now or (bool(holder) and holder_is_dead(holder))
+        return _seconds(state.get("lease")) + margin <= now or (bool(holder) and holder_is_dead(holder))
     if status == b"pending":
-        return _seconds(state.get("updated")) + lease <= now
+        return _seconds(state.get("updated")) + margin <= now
     return False
 
 

@@ -121,14 +121,28 @@ return {1, redis.call('HGET', KEYS[1], 'cancel') or ''}
 """
 )
 
-# KEYS: state, log, steps. ARGV: epoch, dedup field, event, lease_ms.
+# A holder also says how long it has seen the log (the 'seen' argument, '' for no
+# check): a log shorter than that was rolled back under it (a server restarted from an
+# older append-only file, a failover to a replica that lagged). Writing on would leave a
+# hole where the lost events were, so the holder is refused (-2) and the run resumes
+# from what the log still has.
+_ROLLED_BACK = """
+local function rolled_back(seen)
+  return seen ~= '' and tonumber(redis.call('HGET', KEYS[1], 'n') or 0) < tonumber(seen)
+end
+"""
+
+# KEYS: state, log, steps. ARGV: epoch, dedup field, event, lease_ms, seen.
 # Returns {index, cancel reason}; index 0 if this dedup field was recorded
-# before (a re-sent command or a competing writer: first writer wins), -1 if fenced.
+# before (a re-sent command or a competing writer: first writer wins), -1 if
+# fenced, -2 if the log was rolled back.
 APPEND = (
     _NOW
+    + _ROLLED_BACK
     + """
 local cur = redis.call('HMGET', KEYS[1], 'epoch', 'cancel')
 if cur[1] ~= ARGV[1] then return {-1, ''} end
+if rolled_back(ARGV[5]) then return {-2, ''} end
 local cancel = cur[2] or ''
 if redis.call('HEXISTS', KEYS[3], ARGV[2]) == 1 then return {0, cancel} end
 local n = redis.call('HINCRBY', KEYS[1], 'n', 1)
@@ -139,12 +153,15 @@ return {n, cancel}
 """
 )
 
-# KEYS: state, log. ARGV: epoch, run-paused event, encoded waits.
-# Returns {index, ''}, {0, cancel reason} when a cancel is pending, {-1} if fenced.
+# KEYS: state, log. ARGV: epoch, run-paused event, encoded waits, seen.
+# Returns {index, ''}, {0, cancel reason} when a cancel is pending, {-1} if fenced,
+# {-2} if the log was rolled back.
 PAUSE = (
     _NOW
+    + _ROLLED_BACK
     + """
 if redis.call('HGET', KEYS[1], 'epoch') ~= ARGV[1] then return {-1, ''} end
+if rolled_back(ARGV[4]) then return {-2, ''} end
 local cancel = redis.call('HGET', KEYS[1], 'cancel')
 if cancel then return {0, cancel} end
 local n = redis.call('HINCRBY', KEYS[1], 'n', 1)
@@ -155,11 +172,14 @@ return {n, ''}
 )
 
 # KEYS: state, log. ARGV: epoch, status, event, result-or-error field, its value,
-# failed_seq. Returns {index, parent run}; index -1 if fenced, 0 if already completed.
+# failed_seq, seen. Returns {index, parent run}; index -1 if fenced, -2 if the log
+# was rolled back, 0 if already completed.
 FINISH = (
     _NOW
+    + _ROLLED_BACK
     + """
 if redis.call('HGET', KEYS[1], 'epoch') ~= ARGV[1] then return {-1, ''} end
+if rolled_back(ARGV[7]) then return {-2, ''} end
 local parent = redis.call('HGET', KEYS[1], 'parent') or ''
 if redis.call('HGET', KEYS[1], 'status') == 'completed' then return {0, parent} end
 local n = redis.call('HINCRBY', KEYS[1], 'n', 1)

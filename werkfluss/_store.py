@@ -842,42 +842,50 @@ class RedisStore:
             return False, None
         return True, _text(reply[1]) or None
 
-    async def append(self, run_id: str, epoch: int, dedup: str, event: bytes, lease: float) -> tuple[int, str | None]:
+    async def append(
+        self, run_id: str, epoch: int, dedup: str, event: bytes, lease: float, *, seen: int | None = None
+    ) -> tuple[int, str | None]:
         """Append an event once per `dedup` field: ``(index or 0 if recorded before, cancel reason)``.
 
+        `seen` is the highest log index the caller has seen, if it checks that the
+        log was not rolled back under it.
+
         Raises:
-            _Suspend: the run was taken over (fenced).
+            _Suspend: the run was taken over (fenced), or its log rolled back.
         """
         keys = self._run_keys(run_id, "state", "log", "steps")
-        reply = await self._run("APPEND", keys, [epoch, dedup, event, int(lease * 1000)])
+        reply = await self._run("APPEND", keys, [epoch, dedup, event, int(lease * 1000), _seen(seen)])
         n = int(reply[0])
         if n < 0:
-            raise _Suspend(run_id, "another process took this run over; this one stops writing")
+            raise _refused(run_id, n)
         return n, _text(reply[1]) or None
 
-    async def pause(self, run_id: str, epoch: int, event: bytes, waiting: bytes) -> str | None:
+    async def pause(
+        self, run_id: str, epoch: int, event: bytes, waiting: bytes, *, seen: int | None = None
+    ) -> str | None:
         """Park the run; returns a pending cancel's reason instead of parking, if there is one.
 
         Raises:
-            _Suspend: the run was taken over (fenced).
+            _Suspend: the run was taken over (fenced), or its log rolled back (see `append`).
         """
-        reply = await self._run("PAUSE", self._run_keys(run_id, "state", "log"), [epoch, event, waiting])
+        reply = await self._run("PAUSE", self._run_keys(run_id, "state", "log"), [epoch, event, waiting, _seen(seen)])
         if int(reply[0]) < 0:
-            raise _Suspend(run_id, "another process took this run over; this one stops writing")
+            raise _refused(run_id, int(reply[0]))
         return _text(reply[1]) or None
 
     async def finish(
-        self, run_id: str, epoch: int, *, status: str, event: bytes, field: str, value: bytes, failed_seq: int | None
-    ) -> str:
+        self, run_id: str, epoch: int, *, status: str, event: bytes, field: str, value: bytes, failed_seq: int | None,
+        seen: int | None = None,
+    ) -> str:  # fmt: skip
         """Record the run's end (completed, failed, blocked or cancelled); returns its parent run or ``""``.
 
         Raises:
-            _Suspend: the run was taken over (fenced).
+            _Suspend: the run was taken over (fenced), or its log rolled back (see `append`).
         """
-        args: list[_Arg] = [epoch, status, event, field, value, "" if failed_seq is None else failed_seq]
+        args: list[_Arg] = [epoch, status, event, field, value, "" if failed_seq is None else failed_seq, _seen(seen)]
         reply = await self._run("FINISH", self._run_keys(run_id, "state", "log"), args)
         if int(reply[0]) < 0:
-            raise _Suspend(run_id, "another process took this run over; this one stops writing")
+            raise _refused(run_id, int(reply[0]))
         return _text(reply[1])
 
     async def release(self, run_id: str, epoch: int, *, pending: bool = False) -> None:
@@ -1083,10 +1091,10 @@ class RedisStore:
             reply = await self._call(self.client.blpop([key], timeout=float(seconds)))
         return reply is not None
 
-    async def claim_sweep(self, holder: str, seconds: float) -> bool:
+    async def claim_sweep(self, holder: str, seconds: float, *, key: str = "sweep") -> bool:
         """Whether `holder` may sweep the run index for stuck runs now: one sweep per
-        `seconds` among all workers of this prefix (key ``P{q}:sweep``, expiring)."""
-        key = self.queue_key("sweep")
+        `seconds` among all workers of this prefix (the queue's `key`, expiring)."""
+        key = self.queue_key(key)
         return bool(await self._call(self.client.set(key, holder, nx=True, px=max(1, int(seconds * 1000)))))
 
     async def queued_runs(self, limit: int) -> set[str] | None:
@@ -1223,6 +1231,18 @@ class RedisStore:
                 lag = info.get("lag")
                 return int(lag or 0), int(info.get("pending", 0))
         return 0, 0
+
+
+def _seen(seen: int | None) -> _Arg:
+    return "" if seen is None else seen
+
+
+def _refused(run_id: str, code: int) -> _Suspend:
+    """What a run write refused with `code` (-1 fenced, -2 rolled back) raises."""
+    if code == -2:
+        return _Suspend(run_id, "the server's log of this run is shorter than this process saw (the server came "
+                        "back from an older state); this one stops, and the run resumes from the log")  # fmt: skip
+    return _Suspend(run_id, "another process took this run over; this one stops writing")
 
 
 def _entry_index(entry_id: bytes | str) -> int:

@@ -29,7 +29,7 @@ from ._ids import check_run_id
 from ._lease import Holding, holder_is_dead, holder_prefix, holding, process_holder
 from ._log import log, note
 from ._options import Settings
-from ._recovery import recover_stuck_runs
+from ._recovery import recover_stuck_runs, sweep_after_outage
 from ._replay import Replay
 from ._runtime import drive_child, resumed_from
 from ._wrappers import registered_workflow
@@ -104,6 +104,7 @@ class Worker:
         self._suspect: str | None = None  # a redelivered message on probation here (see _reclaim)
         self._trusted = anyio.Event()  # set when the probation of _suspect ends
         self._recheck = anyio.Event()  # set to make the reclaim loop look again at once
+        self._outage = False  # the server did not answer: sweep for stuck runs when it does
 
     @property
     def stopping(self) -> bool:
@@ -191,8 +192,10 @@ class Worker:
                 messages = await self.store.read_queue(GROUP, self.name, free, block=1.0)
             except Exception as exc:  # a worker outlives storage trouble: it retries
                 log.warning("worker %s: cannot read the queue, retrying: %s", self.name, exc, exc_info=_bug(exc))
+                self._outage = self._outage or isinstance(exc, StorageError)
                 await anyio.sleep(1.0)
                 continue
+            self._answered()
             if self._stopping.is_set():
                 # Read while stop() was called: another worker takes them at once.
                 for message, fields in messages:
@@ -274,11 +277,13 @@ class Worker:
                     GROUP, self.name, lease, count, self.max_deliveries, suspect=quarantine
                 )  # fmt: skip
                 backlog = sum(not suspect for _, _, suspect in claimed) + len(buried) >= count
+                self._answered()
                 for run_id, reason in buried:
                     await self._fail_buried(run_id, reason)
             except Exception as exc:
                 log.warning("worker %s: cannot claim abandoned messages, retrying: %s", self.name, exc,
                             exc_info=_bug(exc))  # fmt: skip
+                self._outage = self._outage or isinstance(exc, StorageError)
                 continue
             for message, fields, suspect in claimed:
                 if message in self._held:
@@ -288,6 +293,15 @@ class Worker:
                 if suspect:
                     self._begin_probation(message)
                 await self._spawn(message, fields, slot=not suspect)
+
+    def _answered(self) -> None:
+        """The server answers again after an outage: it may have come back from an older
+        state (a restart from its append-only file, a failover), holding runs whose queue
+        messages are gone. Sweep for them."""
+        if self._outage:
+            self._outage = False
+            assert self._tg is not None
+            self._tg.start_soon(sweep_after_outage, self)
 
     def _begin_probation(self, message: str) -> None:
         self._suspect = message
