@@ -68,6 +68,7 @@ class FaultProxy:
         self._links: set[_Link] = set()
         self._total = 0
         self._late_upstream = 0
+        self._held_upstream = 0
         # Created here, used only on the proxy loop: asyncio primitives bind to a loop on first use, not creation.
         self._flowing = asyncio.Event()
         self._flowing.set()
@@ -189,6 +190,15 @@ class FaultProxy:
         return self._total
 
     @property
+    def held_bytes_upstream(self) -> int:
+        """Bytes clients sent on connected links while a blackhole was on (held, not yet or since delivered).
+
+        What a client sends on a connection opened during the blackhole is not among them: the
+        proxy reads it only once the connection reaches the upstream, after the heal.
+        """
+        return self._held_upstream
+
+    @property
     def late_bytes_upstream(self) -> int:
         """Bytes clients sent while a blackhole was on that reached the upstream once it was off.
 
@@ -290,7 +300,10 @@ class FaultProxy:
         async def receive() -> None:
             try:
                 while chunk := await reader.read(_CHUNK_SIZE):
-                    await queue.put((loop.time() + self._latency, chunk, not self._flowing.is_set()))
+                    held = not self._flowing.is_set()
+                    if held and upstream:
+                        self._held_upstream += len(chunk)
+                    await queue.put((loop.time() + self._latency, chunk, held))
             except OSError:
                 link.abort()  # pass a reset on from one side to the other
                 return
