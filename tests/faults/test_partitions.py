@@ -38,6 +38,7 @@ import math
 import os
 import shutil
 import signal
+import subprocess
 import tempfile
 import time
 from collections import Counter
@@ -71,6 +72,26 @@ NOTICE_WITHIN = min(LEASE, CALL_DEADLINE)
 SLACK = 1.5
 
 
+def cut_off_after_the_effect(
+    faults: Faults, proxy: FaultProxy, run_id: str, args: tuple[int]
+) -> tuple[subprocess.Popen[bytes], subprocess.Popen[bytes], float]:
+    """Worker Z (through `proxy`) stops inside step 2 of run `run_id` after the step's effect; a
+    worker H on a healthy path starts; the proxy starts dropping everything; Z goes on, cut off.
+
+    Returns Z, H and when the partition began.
+    """
+    step_2 = f"{run_id}:2"
+    zombie = faults.workers.start(env={"WERKFLUSS_REDIS_URL": proxy.url()})
+    faults.arm("after-effect", step_2)
+    faults.enqueue(flows.order, [(run_id, args)])
+    assert faults.wait_reached("after-effect", step_2) == zombie.pid
+    healthy = faults.workers.start()
+    proxy.blackhole()
+    cut_at = time.time()
+    faults.release("after-effect", step_2)
+    return zombie, healthy, cut_at
+
+
 @pytest.mark.parametrize("heal", ["heal", "reset"])
 def test_r12_a_partitioned_worker_is_fenced_out_after_healing(tmp_path: Path, prefix: str, heal: str) -> None:
     require_binary("redis-server")
@@ -86,17 +107,9 @@ def test_r12_a_partitioned_worker_is_fenced_out_after_healing(tmp_path: Path, pr
             run_id, step_2 = "partitioned", "partitioned:2"
             calls = {run_id: (7,), "after": (8,)}
             reference = faults.reference(flows.order, calls)
-            zombie = faults.workers.start(env={"WERKFLUSS_REDIS_URL": proxy.url()})
-            faults.arm("after-effect", step_2)
-            faults.enqueue(flows.order, [(run_id, calls[run_id])])
-            assert faults.wait_reached("after-effect", step_2) == zombie.pid
-            healthy = faults.workers.start()
-
-            proxy.blackhole()
-            cut_at = time.time()
-            faults.release("after-effect", step_2)
+            zombie, healthy, cut_at = cut_off_after_the_effect(faults, proxy, run_id, calls[run_id])
             target = f"append@{run_id}#c2"
-            faults.wait(lambda: [w for w in faults.writes(target) if w.pid == zombie.pid], "Z to send its completion")
+            faults.wait(lambda: any(w.pid == zombie.pid for w in faults.writes(target)), "Z to send its completion")
             faults.wait_status([run_id])  # H took over and finished while Z's write hangs in the partition
             taken_over = next(e.time for e in faults.resumes(run_id) if f"/{healthy.pid}/" in e.holder)
             if PARTITION:
@@ -265,18 +278,10 @@ def test_r12_a_blackholed_worker_notices_within_its_bound(tmp_path: Path, prefix
         faults = Faults(tmp_path / "faults", env, server.url, settings, kind="redis")
         bound = min(lease, CALL_DEADLINE)
         try:
-            run_id, step_2 = "cut-off", "cut-off:2"
+            run_id = "cut-off"
             calls = {run_id: (9,)}
             reference = faults.reference(flows.order, calls)
-            zombie = faults.workers.start(env={"WERKFLUSS_REDIS_URL": proxy.url()})
-            faults.arm("after-effect", step_2)
-            faults.enqueue(flows.order, [(run_id, calls[run_id])])
-            assert faults.wait_reached("after-effect", step_2) == zombie.pid
-            healthy = faults.workers.start()
-
-            proxy.blackhole()
-            cut_at = time.time()
-            faults.release("after-effect", step_2)
+            zombie, healthy, cut_at = cut_off_after_the_effect(faults, proxy, run_id, calls[run_id])
             target = f"append@{run_id}#c2"
 
             def given_up() -> list[Write]:
