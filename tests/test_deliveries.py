@@ -48,11 +48,12 @@ async def die(store: RedisStore, consumer: str) -> None:
 
 
 async def reclaim(
-    store: RedisStore, consumer: str, **options: int | bool
+    store: RedisStore, consumer: str, held: tuple[str, ...] = (), **options: int | bool
 ) -> tuple[list[tuple[str, dict[str, str], bool]], list[tuple[str, str]]]:
     """What `consumer` claims with a one-minute lease: only the messages of workers that died."""
     max_deliveries = int(options.pop("max_deliveries", 5))
-    return await store.reclaim(GROUP, consumer, 60, 10, max_deliveries, suspect=bool(options.pop("suspect", True)))
+    suspect = bool(options.pop("suspect", True))
+    return await store.reclaim(GROUP, consumer, 60, 10, max_deliveries, suspect=suspect, held=held)
 
 
 async def test_a_message_handed_back_keeps_the_deliveries_that_failed_before(store: RedisStore) -> None:
@@ -141,3 +142,18 @@ async def test_a_suspect_that_keeps_killing_its_workers_is_dead_lettered_alone(s
     claimed, buried = await reclaim(store, "survivor", max_deliveries=3)
     assert buried == [("poison", "delivered 4 times without finishing; last error: no worker finished it")]
     assert sorted(f["r"] for _, f, s in claimed if not s) == ["healthy-1", "healthy-2"]
+
+
+async def test_a_worker_whose_renewals_stall_does_not_count_a_delivery_of_what_it_holds(store: RedisStore) -> None:
+    # Its own message looks abandoned (idle past the lease) when its renewals stall; its
+    # reclaim loop claimed it back every round, raising the count toward the dead letters.
+    await store.enqueue("run-stalled")
+    [message] = await read(store, "stalled")
+    await die(store, "stalled")
+    for _ in range(3):
+        claimed, buried = await reclaim(store, "stalled", held=(message,))
+        assert claimed == [] and buried == []
+    assert await deliveries(store, message) == 1
+    claimed, _ = await reclaim(store, "another")  # another worker does take it over
+    assert [(m, suspect) for m, _, suspect in claimed] == [(message, True)]
+    assert await deliveries(store, message) == 2

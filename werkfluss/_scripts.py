@@ -358,7 +358,9 @@ return 1
 
 # KEYS: queue, dead, errors, probation. ARGV: group, consumer, min idle ms, how many
 # to look at, max deliveries, cursor ('-' at first), '1' if this consumer may take a
-# suspect, how many others it takes at most.
+# suspect, how many others it takes at most, then the IDs of the messages it holds
+# (idle past the lease only while its renewals stall: claiming them would count a
+# delivery that never happened).
 # Claims messages idle past the lease (their worker is gone). A worker that died
 # while a message was on probation there (`probation`: consumer -> message) is
 # taken to have been killed by that message: its other messages are claimed with
@@ -374,6 +376,8 @@ RECLAIM = (
 local group, me, max = ARGV[1], ARGV[2], tonumber(ARGV[5])
 local may, wanted = ARGV[7] == '1', tonumber(ARGV[8])
 local limit = tonumber(ARGV[4])
+local held = {}
+for i = 9, #ARGV do held[ARGV[i]] = true end
 local pending = redis.call('XPENDING', KEYS[1], group, 'IDLE', ARGV[3], ARGV[6], '+', limit)
 local out, dead, last = {}, {}, ''
 for _, p in ipairs(pending) do
@@ -382,7 +386,7 @@ for _, p in ipairs(pending) do
   local found = redis.call('XRANGE', KEYS[1], id, id)
   if #found == 0 then
     redis.call('XACK', KEYS[1], group, id)  -- deleted while pending
-  else
+  elseif not (owner == me and held[id]) then
     local fields, run, before = found[1][2], '', 0
     for i = 1, #fields, 2 do
       if fields[i] == 'r' then run = fields[i + 1] end

@@ -1144,14 +1144,16 @@ class RedisStore:
         return [(_text(i), _fields(f)) for _, entries in reply or [] for i, f in entries]
 
     async def reclaim(
-        self, group: str, consumer: str, min_idle: float, count: int, max_deliveries: int, *, suspect: bool = True
-    ) -> tuple[list[tuple[str, dict[str, str], bool]], list[tuple[str, str]]]:
+        self, group: str, consumer: str, min_idle: float, count: int, max_deliveries: int, *, suspect: bool = True,
+        held: Sequence[str] = (),
+    ) -> tuple[list[tuple[str, dict[str, str], bool]], list[tuple[str, str]]]:  # fmt: skip
         """Claim messages idle longer than `min_idle` seconds (their worker is gone),
         dead-lettering those delivered `max_deliveries` times.
 
         A message of a worker that died with nothing on probation is a suspect: at
         most one is claimed (with `suspect`), and this consumer's probation names
-        it until `end_probation`. Returns ``(id, fields, is suspect)`` of each
+        it until `end_probation`. Messages in `held` (this consumer's own, in
+        progress) are left alone. Returns ``(id, fields, is suspect)`` of each
         claimed message, and ``(run ID, reason)`` of each dead letter.
         """
         keys = [self.queue_key("queue"), self.queue_key("dead"), self.queue_key("errors"), self.queue_key("probation")]
@@ -1162,7 +1164,7 @@ class RedisStore:
         while wanted > 0 or suspect:
             args: list[_Arg] = [
                 group, consumer, int(min_idle * 1000), max(wanted, 16), max_deliveries, cursor, "1" if suspect else "",
-                wanted,
+                wanted, *held,
             ]  # fmt: skip
             nxt, entries, dead = await self._run("RECLAIM", keys, args)
             for i, f, flag in entries:

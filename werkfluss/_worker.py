@@ -274,7 +274,7 @@ class Worker:
             quarantine = self._suspect is None
             try:
                 claimed, buried = await self.store.reclaim(
-                    GROUP, self.name, lease, count, self.max_deliveries, suspect=quarantine
+                    GROUP, self.name, lease, count, self.max_deliveries, suspect=quarantine, held=list(self._held)
                 )  # fmt: skip
                 backlog = sum(not suspect for _, _, suspect in claimed) + len(buried) >= count
                 self._answered()
