@@ -16,7 +16,7 @@ import werkfluss
 PACKAGE = Path(werkfluss.__file__).resolve().parent
 PURE = ("_errors", "_ids", "_options", "_events", "_context", "_lease", "_log")
 IMPURE = (
-    "_store", "_scripts", "_replay", "_executor", "_runtime", "_waits", "_client", "_wrappers", "_worker",
+    "_store", "_scripts", "_replay", "_executor", "_runtime", "_waits", "_client", "_wrappers", "_worker", "_recovery",
     "_embedded", "_cli", "_cli_runs", "_queries", "_timeline",
 )  # fmt: skip
 # msgspec Structs keep their module: msgspec resolves their annotations through it.

@@ -301,7 +301,9 @@ async def test_three_workers_300_runs_two_kills_every_step_completed_exactly_onc
     rows = ledger(tmp_path / "ledger")
     check_exactly_once(workers.killed, logs, rows)
     extra = len(rows) - 1500
-    assert extra <= 2 * workers.concurrency, extra  # at most what two killed workers had in flight
+    # At most what two killed workers had in flight: their slots, and the runs they took over from
+    # the first victim (suspects run beside the slots, and go on there once trusted).
+    assert extra <= 4 * workers.concurrency, extra
     await close_stores()
 
 
