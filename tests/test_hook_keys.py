@@ -139,6 +139,30 @@ async def test_the_same_key_after_the_run_took_the_first_payload_is_not_a_second
     assert set(keys_before) == {b"evt-1", b"evt-2"}
 
 
+async def test_a_retried_key_whose_payload_the_run_took_wakes_nothing(wf: Settings) -> None:
+    # Each retry used to wake the parked run too: a resume and a pause in its log per retry,
+    # counting toward max_history, for a payload it had already.
+    token = "order-paid:retried"
+    task = asyncio.create_task(start_async(gather.options(settings=wf, run_id="retried"), token, 2))
+    await until_status(wf, "retried", "paused")
+    assert await invoke_hook_async(token, "first", key="evt-1", settings=wf) is True
+
+    async def parked_again() -> bool:
+        store = await open_store(wf)
+        return len(await taken(wf, "retried")) == 1 and await store.status("retried") == "paused"
+
+    await until("the run to take the payload and park again", parked_again)
+    before = len(await events(wf, "retried"))
+    for _ in range(3):
+        assert await invoke_hook_async(token, "again", key="evt-1", settings=wf) is False
+    store = await open_store(wf)
+    assert await store.due(["retried"]) == [None]  # nothing woke it
+    assert len(await events(wf, "retried")) == before
+    assert await invoke_hook_async(token, "second", key="evt-2", settings=wf) is True
+    with anyio.fail_after(20):
+        assert await task == ["first", "second"]
+
+
 async def test_a_single_shot_hook_parked_on_a_repeated_key_takes_it_once(wf: Settings) -> None:
     token = "order-paid:3"
     task = asyncio.create_task(start_async(single.options(settings=wf, run_id="parked"), token))
@@ -267,7 +291,8 @@ async def test_a_delivery_re_sent_after_a_lost_reply_reports_stored_not_duplicat
     first = await store._run("DELIVER", keys, [b"\xa1x", "evt-7", "nonce-a"])
     again = await store._run("DELIVER", keys, [b"\xa1x", "evt-7", "nonce-a"])
     other = await store._run("DELIVER", keys, [b"\xa1x", "evt-7", "nonce-b"])
-    assert [r[2] for r in (first, again, other)] == [b"stored", b"stored", b"duplicate"]
+    # Another call's: nothing stored; "waiting" while the first payload is still in the mailbox.
+    assert [r[2] for r in (first, again, other)] == [b"stored", b"stored", b"waiting"]
     assert first[0] == again[0] == other[0] and await box(wf, token) == 1
 
 

@@ -272,7 +272,8 @@ async def invoke_hook_async(
             raise HookClosedError(token, claimed, status)
     stored, owner = await store.deliver(token, raw, key or "")
     if owner:
-        # A duplicate wakes the run too: the first sender may have died before its wake-up.
+        # A duplicate whose payload still waits wakes the run too: the first sender may
+        # have died before its wake-up.
         await store.wake(owner)
     return stored
 

@@ -233,10 +233,12 @@ return {'cancelled', cur[4] or ''}
 # -- hook scripts ---------------------------------------------------------------------
 
 # KEYS: box, meta, keys. ARGV: encoded payload, delivery key ('' none), the
-# call's nonce. Returns {entry id, owning run or '', 'stored' | 'duplicate'}.
-# A key already in `keys` (kept after its payload was consumed) stores nothing
-# and returns the first delivery's entry; 'stored' again if that delivery was
-# this very call, re-sent by redis-py after a lost reply.
+# call's nonce. Returns {entry id, owning run or '', 'stored' | 'waiting' |
+# 'duplicate'}. A key already in `keys` (kept after its payload was consumed)
+# stores nothing and returns the first delivery's entry: 'waiting' while that
+# payload is still in the mailbox (its sender may have died before waking the
+# run), 'duplicate' once taken; 'stored' again if that delivery was this very
+# call, re-sent by redis-py after a lost reply.
 DELIVER = (
     _NOW
     + """
@@ -246,7 +248,10 @@ if ARGV[2] ~= '' then
   if seen then
     local cut = string.find(seen, '/', 1, true)
     local by = cut and string.sub(seen, cut + 1) or ''
-    return {cut and string.sub(seen, 1, cut - 1) or seen, owner, by == ARGV[3] and 'stored' or 'duplicate'}
+    local entry = cut and string.sub(seen, 1, cut - 1) or seen
+    if by == ARGV[3] then return {entry, owner, 'stored'} end
+    local waiting = #redis.call('XRANGE', KEYS[1], entry, entry) > 0
+    return {entry, owner, waiting and 'waiting' or 'duplicate'}
   end
 end
 local id = redis.call('XADD', KEYS[1], '*', 'p', ARGV[1])

@@ -982,14 +982,16 @@ class RedisStore:
         """Store a payload for `token`, once per delivery `key` (``""``: always).
 
         Returns ``(stored, owner)``: False if an earlier delivery had the same
-        key (nothing is stored), and the run that owns the token, or ``""``.
+        key (nothing is stored), and the run to wake: the one that owns the
+        token, or ``""`` (also for a duplicate whose payload the run has taken
+        already: waking it would only replay and pause it again).
         """
         keys = [self.hook_key(token, "box"), self.hook_key(token, "meta"), self.hook_key(token, "keys")]
         # The nonce tells this call's own write, re-sent after a lost reply, from another's.
         entry, owner, outcome = await self._run("DELIVER", keys, [payload, key, os.urandom(8).hex() if key else ""])
         if _text(outcome) != "stored":
             # A duplicate must not bring a consumed token back into the index.
-            return False, _text(owner)
+            return False, _text(owner) if _text(outcome) == "waiting" else ""
         ms = int(_text(entry).split("-", 1)[0])
         await self._call(self.client.zadd(self.hooks_key, {token: ms}))
         return True, _text(owner)
