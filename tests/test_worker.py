@@ -253,6 +253,29 @@ async def test_a_step_that_calls_sys_exit_fails_its_attempt_and_its_worker_serve
     assert worker.poll() is None, workers.log(worker)
 
 
+async def test_a_worker_that_does_not_define_a_workflow_leaves_its_runs_to_one_that_does(
+    workers: Workers, settings: Settings
+) -> None:
+    # The one without it took its share of the messages, left them pending, and claimed
+    # them back itself once idle past the lease, each time counting a delivery: with a
+    # worker that defines the workflow idle beside it, runs went to the dead letters.
+    from . import shop_flows
+
+    args = ("--max-deliveries", "2")
+    without = workers.start(*args)  # serves tests.worker_flows: no shop.checkout
+    workers.module = "tests.shop_flows"
+    defining = workers.start(*args)
+    ids = [await enqueue_async(shop_flows.checkout.options(settings=settings, run_id=f"left-{n}"), f"o{n}")
+           for n in range(8)]  # fmt: skip
+    await until_all(settings, ids, "paused", timeout=60)  # each ran up to its hook, on the worker that defines it
+    store = await open_store(settings)
+    assert await store.dead_letters(10) == []
+    assert without.poll() is None and defining.poll() is None
+    for run_id in ids:
+        resumed = [e.holder for e in await log_of(settings, run_id) if isinstance(e, RunResumed)]
+        assert f"/{defining.pid}/" in resumed[-1], resumed
+
+
 def check_exactly_once(killed: set[int], logs: dict[str, list[Any]], rows: list[tuple[str, int, float]]) -> None:
     """Every step completed once; every extra execution was in flight in a killed worker."""
     completed: dict[str, float] = {}

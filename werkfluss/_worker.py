@@ -46,6 +46,7 @@ __all__ = ["GROUP", "Worker"]
 
 GROUP = "workers"
 _MOVE_BATCH = 100  # due timers moved per script call: bounded work per call, for a herd too
+_DECLINED_FOR = 3  # leases a worker leaves a message of a workflow it does not define to the others
 
 
 class Worker:
@@ -105,6 +106,9 @@ class Worker:
         self._trusted = anyio.Event()  # set when the probation of _suspect ends
         self._recheck = anyio.Event()  # set to make the reclaim loop look again at once
         self._outage = False  # the server did not answer: sweep for stuck runs when it does
+        # Messages left for a worker that defines their workflow -> until when (monotonic) this one
+        # does not claim them back, so that such a worker gets them first.
+        self._declined: dict[str, float] = {}
 
     @property
     def stopping(self) -> bool:
@@ -272,9 +276,12 @@ class Worker:
                 return
             count = max(self._slots.value, 1)
             quarantine = self._suspect is None
+            now = time.monotonic()
+            self._declined = {m: until for m, until in self._declined.items() if until > now}
             try:
                 claimed, buried = await self.store.reclaim(
-                    GROUP, self.name, lease, count, self.max_deliveries, suspect=quarantine, held=list(self._held)
+                    GROUP, self.name, lease, count, self.max_deliveries, suspect=quarantine,
+                    held=[*self._held, *self._declined],
                 )  # fmt: skip
                 backlog = sum(not suspect for _, _, suspect in claimed) + len(buried) >= count
                 self._answered()
@@ -288,8 +295,8 @@ class Worker:
             for message, fields, suspect in claimed:
                 if message in self._held:
                     continue
-                log.info("worker %s claimed message %s (run %s) from a worker that stopped%s", self.name, message,
-                         fields.get("r"), " (on probation)" if suspect else "")  # fmt: skip
+                log.info("worker %s claimed message %s (run %s), left unfinished past the lease%s", self.name,
+                         message, fields.get("r"), " (on probation)" if suspect else "")  # fmt: skip
                 if suspect:
                     self._begin_probation(message)
                 await self._spawn(message, fields, slot=not suspect)
@@ -483,6 +490,9 @@ class Worker:
         if workflow is None:
             await store.release(run_id, got.epoch, pending=True)  # for a worker that defines it
             await store.note_error(message, f"workflow {got.workflow!r} is not defined in worker {self.name}")
+            # Other workers claim it once it is idle past the lease; this one waits a while longer,
+            # so that one that defines the workflow gets it (each claim counts a delivery).
+            self._declined[message] = time.monotonic() + _DECLINED_FOR * self.settings.lease
             log.warning("worker %s: run %s needs workflow %r, which this worker does not define; leaving it",
                         self.name, run_id, got.workflow)  # fmt: skip
             return "keep"
