@@ -11,10 +11,11 @@ from ..workers import server_env
 from .harness import BATCH, LEASE, Faults, report
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Callable, Iterator
     from pathlib import Path
 
     from ..conftest import Server
+    from .test_store_restarts import Target
 
 
 @pytest.fixture
@@ -31,6 +32,23 @@ def faults(server: Server, prefix: str, tmp_path: Path) -> Iterator[Faults]:
     )
     yield world
     world.close()
+
+
+@pytest.fixture(params=["redis", "valkey"])
+def target(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[[str], Target]]:
+    """Servers of each kind that a scenario kills, rolls back or corrupts: ``target(fsync)``
+    starts one of its own (`test_store_restarts.Target`); all are closed afterwards."""
+    from .test_store_restarts import Target
+
+    made: list[Target] = []
+
+    def make(fsync: str) -> Target:
+        made.append(Target(request.param, fsync, tmp_path))
+        return made[-1]
+
+    yield make
+    for one in made:
+        one.close()
 
 
 _durations: dict[str, float] = {}

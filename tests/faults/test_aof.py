@@ -42,7 +42,7 @@ from .harness import Faults, report
 from .test_store_restarts import Target, worker_troubles
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable, Iterator
+    from collections.abc import Callable, Iterable
     from pathlib import Path
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
@@ -52,19 +52,6 @@ STEPS = 10
 ROLLBACK = 1.0  # seconds of log the restored copy lacks
 COPY_EVERY = 0.1
 STUCK_AFTER = 15.0  # seconds after the restart by which every run must be done (they take ~5)
-
-
-@pytest.fixture(params=["redis", "valkey"])
-def target(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[[str], Target]]:
-    made: list[Target] = []
-
-    def make(fsync: str) -> Target:
-        made.append(Target(request.param, fsync, tmp_path))
-        return made[-1]
-
-    yield make
-    for one in made:
-        one.close()
 
 
 def aof_dir(server: Target) -> Path:

@@ -35,7 +35,7 @@ from . import flows
 from .harness import DEADLINE, LEASE, Faults, pct, report
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
+    from collections.abc import Callable
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
@@ -102,19 +102,6 @@ class Target:
         elif self.directory is not None:
             stop_server(self.directory)
             shutil.rmtree(self.directory, ignore_errors=True)
-
-
-@pytest.fixture(params=["redis", "valkey"])
-def target(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[[str], Target]]:
-    made: list[Target] = []
-
-    def make(fsync: str) -> Target:
-        made.append(Target(request.param, fsync, tmp_path))
-        return made[-1]
-
-    yield make
-    for one in made:
-        one.close()
 
 
 def worker_troubles(faults: Faults) -> tuple[Counter[str], int]:
