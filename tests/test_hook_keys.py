@@ -114,13 +114,19 @@ async def test_the_same_key_after_the_run_took_the_first_payload_is_not_a_second
     await until_status(wf, "iterating", "paused")
     assert await invoke_hook_async(token, "first", key="evt-1", settings=wf) is True
 
+    store = await open_store(wf)
+
     async def first_taken() -> bool:
-        return len(await taken(wf, "iterating")) == 1 and await box(wf, token) == 0
+        # Taken: recorded, out of the mailbox, and (the run's next write) out of the index.
+        return (
+            len(await taken(wf, "iterating")) == 1
+            and await box(wf, token) == 0
+            and await store.client.zscore(store.hooks_key, token) is None
+        )
 
     await until("the first payload to be taken", first_taken)
     assert await invoke_hook_async(token, "again", key="evt-1", settings=wf) is False  # the sender retried
     assert await box(wf, token) == 0 and await pending_hooks_async(settings=wf) == []
-    store = await open_store(wf)
     assert await store.client.zscore(store.hooks_key, token) is None  # not listed again, so never expired for it
     assert await invoke_hook_async(token, "next", key="evt-2", settings=wf) is True
     with anyio.fail_after(20):
