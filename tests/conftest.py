@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from werkfluss import Settings
-from werkfluss._embedded import ensure_server, stop_server
+from werkfluss._store._embedded import ensure_server, stop_server
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator

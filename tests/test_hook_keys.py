@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import pytest
 
-import werkfluss._executor
+import werkfluss._engine._executor
 from werkfluss import (
     ConfigurationError,
     HookClosedError,
@@ -45,7 +45,7 @@ SENDERS = 10
 
 @pytest.fixture
 async def wf(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Settings]:
-    monkeypatch.setattr(werkfluss._executor, "HOLD", 0.05)
+    monkeypatch.setattr(werkfluss._engine._executor, "HOLD", 0.05)
     yield settings
     await close_stores()
 

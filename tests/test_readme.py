@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from werkfluss import Settings, list_runs, pending_hooks
-from werkfluss._embedded import ensure_server, stop_server
+from werkfluss._store._embedded import ensure_server, stop_server
 
 from .conftest import ROOT
 

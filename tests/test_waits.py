@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import pytest
 
-import werkfluss._executor
+import werkfluss._engine._executor
 from werkfluss import (
     HookConflictError,
     RunCancelledError,
@@ -49,7 +49,7 @@ async def wf(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> AsyncIterat
     calls.clear()
     flags.clear()
     # Timers this far off pause the run instead of waiting in memory; tests keep them short.
-    monkeypatch.setattr(werkfluss._executor, "HOLD", 0.05)
+    monkeypatch.setattr(werkfluss._engine._executor, "HOLD", 0.05)
     yield settings
     await close_stores()
 

@@ -26,7 +26,7 @@ from werkfluss._context import RunContext, StepContext, enter_run, enter_step, e
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Iterator
 
-    from werkfluss._executor import RunExecutor
+    from werkfluss._engine._executor import RunExecutor
 
 
 @dataclasses.dataclass

@@ -19,14 +19,14 @@ import anyio
 import anyio.to_thread
 import msgspec
 
-from ._embedded import ensure_server
+from ._engine._drive import args_digest, drive
 from ._errors import ConfigurationError, HookClosedError, RunConflictError, RunNotFoundError
 from ._events import RunCancelled, RunStarted, Waiting, encode_checked, encode_event, encode_run_call
+from ._holder import Holding, live_holding
 from ._ids import check_run_id, derive_run_id
-from ._lease import Holding, live_holding
 from ._options import Settings, parse_duration
-from ._runtime import args_digest, drive
 from ._store import RedisStore
+from ._store._embedded import ensure_server
 from ._waits import _check_token
 from ._wrappers import Step, Workflow
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from ._errors import NotInWorkflowError
 
 if TYPE_CHECKING:
-    from ._executor import RunExecutor
+    from ._engine._executor import RunExecutor
 
 __all__ = ["RunContext", "StepContext", "current_run", "current_step", "step_key"]
 

@@ -16,6 +16,7 @@ from typing import Any
 import msgspec
 
 from ._client import _blocking, open_store
+from ._engine._drive import error_info
 from ._errors import RunConflictError, RunNotFoundError, StorageError
 from ._events import (
     AnyEvent,
@@ -28,7 +29,6 @@ from ._events import (
 )
 from ._ids import check_run_id
 from ._options import Settings
-from ._runtime import error_info
 
 __all__ = [
     "ErrorRecord",

@@ -26,9 +26,9 @@ from typing import TYPE_CHECKING
 import anyio
 
 from ._errors import ConfigurationError, StorageError
+from ._holder import holder_is_dead
 from ._ids import check_run_id
-from ._lease import holder_is_dead
-from ._log import log
+from ._logging import log
 
 if TYPE_CHECKING:
     from collections.abc import Callable

@@ -22,16 +22,16 @@ import anyio
 import msgspec
 
 from ._client import open_store
+from ._engine._drive import drive_child, resumed_from
+from ._engine._executor import Released, RunExecutor, fails
+from ._engine._replay import Replay
 from ._errors import ConfigurationError, SerializationError, StorageError, _Suspend
 from ._events import ErrorInfo, RunFailed, RunResumed, encode_event
-from ._executor import Released, RunExecutor, fails
+from ._holder import Holding, holder_is_dead, holder_prefix, holding, process_holder
 from ._ids import check_run_id
-from ._lease import Holding, holder_is_dead, holder_prefix, holding, process_holder
-from ._log import log, note
+from ._logging import log, note
 from ._options import Settings
 from ._recovery import recover_stuck_runs, sweep_after_outage
-from ._replay import Replay
-from ._runtime import drive_child, resumed_from
 from ._wrappers import registered_workflow
 
 if TYPE_CHECKING:

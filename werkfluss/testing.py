@@ -38,13 +38,13 @@ import anyio
 
 from ._client import _blocking
 from ._context import RunContext, enter_run, exit_run
-from ._embedded import ensure_server, stop_server
+from ._engine._executor import RunExecutor
+from ._engine._replay import Replay
 from ._errors import ConfigurationError
 from ._events import ErrorInfo, RunFailed, RunStarted
-from ._executor import RunExecutor
 from ._options import Settings
 from ._queries import get_events_async
-from ._replay import Replay
+from ._store._embedded import ensure_server, stop_server
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Iterator

@@ -39,7 +39,7 @@ from typing import Any
 
 import anyio
 
-import werkfluss._executor
+import werkfluss._engine._executor
 from werkfluss import hook, race, sleep, step, step_key, workflow
 from werkfluss._context import current_run
 
@@ -225,7 +225,7 @@ async def approval(n: int) -> str:
 # -- R-21, R-03 (pause): a step, a durable sleep, a step -------------------------------------------------------------
 
 if os.environ.get("WF_FAULT_HOLD"):  # worker processes: pause for any sleep longer than this
-    werkfluss._executor.HOLD = float(os.environ["WF_FAULT_HOLD"])
+    werkfluss._engine._executor.HOLD = float(os.environ["WF_FAULT_HOLD"])
 
 
 @workflow(name="faults:nap")
@@ -465,7 +465,7 @@ if os.environ.get("WF_FAULT_NO_RENEW") == "1":  # R-16's negative control, test 
     async def _never(self: Any) -> None:
         await anyio.sleep_forever()
 
-    werkfluss._executor.RunExecutor._keep_lease = _never  # type: ignore[method-assign]
+    werkfluss._engine._executor.RunExecutor._keep_lease = _never  # type: ignore[method-assign]
     werkfluss._worker.Worker._touch = _never  # type: ignore[method-assign]
 
 

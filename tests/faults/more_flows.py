@@ -31,7 +31,7 @@ from typing import Any
 import anyio
 import msgspec
 
-import werkfluss._lease
+import werkfluss._holder
 from werkfluss import RetryPolicy, Settings, StepFailedError, hook, sleep, step, step_key, workflow
 from werkfluss._client import _stores, open_store
 
@@ -392,7 +392,7 @@ def _probe(every: float) -> None:
     (where / "probes").mkdir(exist_ok=True)
     probe, tmp = where / "probes" / str(os.getpid()), where / "probes" / f".{os.getpid()}"
     while True:
-        tmp.write_text(f"{len(werkfluss._lease._live)} {threading.active_count()}\n")
+        tmp.write_text(f"{len(werkfluss._holder._live)} {threading.active_count()}\n")
         os.replace(tmp, probe)
         time.sleep(every)  # a sampling period in a daemon thread, not a synchronisation
 

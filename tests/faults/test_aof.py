@@ -32,8 +32,8 @@ from typing import TYPE_CHECKING
 import pytest
 
 from werkfluss import StorageError
-from werkfluss._embedded import ensure_server
 from werkfluss._events import StepCompleted
+from werkfluss._store._embedded import ensure_server
 
 from ..conftest import ROOT
 from ..servers import RedisStartError

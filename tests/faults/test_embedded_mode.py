@@ -19,7 +19,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from werkfluss._embedded import ensure_server, stop_server
+from werkfluss._store._embedded import ensure_server, stop_server
 
 from .harness import report
 

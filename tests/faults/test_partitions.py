@@ -50,9 +50,9 @@ import msgspec
 import pytest
 
 from werkfluss import Settings
-from werkfluss._embedded import ensure_server, stop_server
 from werkfluss._errors import StorageError
 from werkfluss._store import CALL_DEADLINE, SOCKET_TIMEOUT, RedisStore
+from werkfluss._store._embedded import ensure_server, stop_server
 
 from ..conftest import ROOT
 from ..servers import RedisProcess, require_binary

@@ -6,7 +6,7 @@ in the mailbox), half once they are parked on the hook (the delivery wakes them)
 
 Every second the test samples each worker's RSS and open file descriptors (psutil), the
 queue's pending entries list (PEL) and the runs each worker holds in memory (its probe
-files: ``werkfluss._lease._live``). After a warm-up (the first fifth), descriptors other than sockets
+files: ``werkfluss._holder._live``). After a warm-up (the first fifth), descriptors other than sockets
 must stay flat, sockets stay below what the worker's concurrency can use at once (the
 connection pool keeps the connections of its busiest moment for a while), and the PEL
 and live runs stay bounded by the workers' concurrency; once the load stops and the runs

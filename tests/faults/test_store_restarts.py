@@ -27,7 +27,7 @@ import psutil
 import pytest
 
 from werkfluss import Settings
-from werkfluss._embedded import ensure_server, stop_server
+from werkfluss._store._embedded import ensure_server, stop_server
 
 from ..conftest import ROOT
 from ..servers import RedisProcess, require_binary

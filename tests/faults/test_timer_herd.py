@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from werkfluss import _scripts
 from werkfluss._events import RunPaused, RunResumed
+from werkfluss._store import _scripts
 
 from . import more_flows
 from .harness import DEADLINE, pct, report

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import pytest
 from hypothesis.configuration import set_hypothesis_home_dir
 
-import werkfluss._executor
+import werkfluss._engine._executor
 
 from ..conftest import Server
 from ..servers import RedisProcess
@@ -50,4 +50,4 @@ def fuzz_server(request: pytest.FixtureRequest) -> tuple[Server, RedisProcess | 
 @pytest.fixture(autouse=True)
 def short_hold(monkeypatch: pytest.MonkeyPatch) -> None:
     """Sleeps longer than `HOLD` pause the run in this process too (worker processes get WF_FAULT_HOLD)."""
-    monkeypatch.setattr(werkfluss._executor, "HOLD", HOLD)
+    monkeypatch.setattr(werkfluss._engine._executor, "HOLD", HOLD)

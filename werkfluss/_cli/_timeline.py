@@ -16,7 +16,8 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from ._events import (
+from .._engine._executor import describe
+from .._events import (
     AnyEvent,
     HookReceived,
     RaceWon,
@@ -31,10 +32,9 @@ from ._events import (
     StepFailed,
     TimerStarted,
 )
-from ._executor import describe
 
 if TYPE_CHECKING:
-    from ._queries import RunInfo, Wait
+    from .._queries import RunInfo, Wait
 
 __all__ = ["WIDTH", "Row", "duration", "render", "rows"]
 

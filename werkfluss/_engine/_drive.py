@@ -14,18 +14,18 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import msgspec
 
-from ._errors import RunCancelledError, RunConflictError, RunFailedError, StorageError, _Suspend
-from ._events import ErrorInfo, RunResumed, RunStarted, decode_value, encode_event
+from .._errors import RunCancelledError, RunConflictError, RunFailedError, StorageError, _Suspend
+from .._events import ErrorInfo, RunResumed, RunStarted, decode_value, encode_event
+from .._holder import Holding, holder_is_dead, holder_prefix, live_holding
+from .._holder import holding as new_holding
+from .._logging import log, note
 from ._executor import Paused, RunExecutor, wait_for_wake
-from ._lease import Holding, holder_is_dead, holder_prefix, live_holding
-from ._lease import holding as new_holding
-from ._log import log, note
 from ._replay import Replay
 
 if TYPE_CHECKING:
-    from ._options import Settings
-    from ._store import AcquireResult, RedisStore
-    from ._wrappers import Workflow
+    from .._options import Settings
+    from .._store import AcquireResult, RedisStore
+    from .._wrappers import Workflow
 
 __all__ = ["args_digest", "drive", "drive_child", "error_info", "resumed_from"]
 

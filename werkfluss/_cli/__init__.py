@@ -25,14 +25,14 @@ from typing import TYPE_CHECKING
 
 import anyio
 
-from ._cli_runs import dead, hooks, print_json, runs
-from ._client import close_stores
-from ._embedded import ensure_server, server_status, stop_server
-from ._errors import ConfigurationError, WerkflussError
-from ._options import Settings
-from ._queries import STATUSES
-from ._worker import Worker
-from ._wrappers import registered_workflows
+from .._client import close_stores
+from .._errors import ConfigurationError, WerkflussError
+from .._options import Settings
+from .._queries import STATUSES
+from .._store._embedded import ensure_server, server_status, stop_server
+from .._worker import Worker
+from .._wrappers import registered_workflows
+from ._commands import dead, hooks, print_json, runs
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable

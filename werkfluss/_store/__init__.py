@@ -41,8 +41,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisClusterException, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from .._errors import LossyServerWarning, StorageError, _Suspend
 from . import _scripts
-from ._errors import LossyServerWarning, StorageError, _Suspend
 
 try:  # redis-py parses replies in C with it when it is installed; so does the fast lane
     import hiredis

@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
-from ._errors import SerializationError
-from ._events import (
+from .._errors import SerializationError
+from .._events import (
     AnyEvent,
     HookReceived,
     RaceWon,
@@ -24,7 +24,7 @@ from ._events import (
 )
 
 if TYPE_CHECKING:
-    from ._store import RedisStore
+    from .._store import RedisStore
 
 __all__ = ["Replay", "entry_key"]
 

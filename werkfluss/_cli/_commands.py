@@ -22,12 +22,12 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from ._client import cancel_async, invoke_hook_async, open_store, pending_hooks_async
-from ._errors import ConfigurationError, RunNotFoundError, WerkflussError
-from ._events import AnyEvent, ErrorInfo, Waiting
-from ._options import Settings
-from ._queries import get_events_async, get_run_async, list_runs_async, resume_async
-from ._store import redact
+from .._client import cancel_async, invoke_hook_async, open_store, pending_hooks_async
+from .._errors import ConfigurationError, RunNotFoundError, WerkflussError
+from .._events import AnyEvent, ErrorInfo, Waiting
+from .._options import Settings
+from .._queries import get_events_async, get_run_async, list_runs_async, resume_async
+from .._store import redact
 from ._timeline import duration, render
 
 if TYPE_CHECKING:

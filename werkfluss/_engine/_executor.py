@@ -29,8 +29,8 @@ import anyio
 import anyio.lowlevel
 import msgspec
 
-from ._context import RunContext, StepContext, enter_run, enter_step, exit_run, exit_step
-from ._errors import (
+from .._context import RunContext, StepContext, enter_run, enter_step, exit_run, exit_step
+from .._errors import (
     HistoryTooLargeError,
     HookConflictError,
     NonDeterminismError,
@@ -40,7 +40,7 @@ from ._errors import (
     StorageError,
     _Suspend,
 )
-from ._events import (
+from .._events import (
     AnyEvent,
     ErrorInfo,
     HookReceived,
@@ -63,16 +63,16 @@ from ._events import (
     encode_run_call,
     first_difference,
 )
-from ._log import log, note
+from .._logging import log, note
 
 DEBUG, INFO, WARNING = logging.DEBUG, logging.INFO, logging.WARNING
 
 if TYPE_CHECKING:
-    from ._lease import Holding
-    from ._options import Settings
+    from .._holder import Holding
+    from .._options import Settings
+    from .._store import RedisStore
+    from .._wrappers import Step, Workflow
     from ._replay import Replay
-    from ._store import RedisStore
-    from ._wrappers import Step, Workflow
 
 __all__ = ["HOLD", "Paused", "Released", "RunExecutor", "describe", "fails", "wait_for_wake"]
 
