@@ -51,7 +51,8 @@ import redis
 import redis.asyncio as aioredis
 from tables import fmt, print_table
 
-from werkfluss import Settings, _scripts, _store, start_async, step, workflow
+from werkfluss import Settings, _store, start_async, step, workflow
+from werkfluss._store import _scripts
 from werkfluss._client import close_stores, open_store
 from werkfluss._context import StepContext, current_run, enter_step, exit_step
 from werkfluss._events import StepCompleted, call_digest, convert_value, encode_call, encode_checked, encode_event

@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING
 import psutil
 import pytest
 
-from werkfluss import Settings, _scripts
+from werkfluss import Settings
+from werkfluss._store import _scripts
 
 from .harness import make_faults, report
 
