@@ -26,17 +26,11 @@ it. Without pytest, `throwaway_server()` is the same as a context manager.
 
 from __future__ import annotations
 
-import contextlib
-import shutil
-import tempfile
-import uuid
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 import anyio
 
-from ._client import _blocking
 from ._context import RunContext, enter_run, exit_run
 from ._engine._executor import RunExecutor
 from ._engine._replay import Replay
@@ -44,10 +38,11 @@ from ._errors import ConfigurationError
 from ._events import ErrorInfo, RunFailed, RunStarted
 from ._options import Settings
 from ._queries import get_events_async
-from ._store._embedded import ensure_server, stop_server
+from ._store._embedded import throwaway_server
+from ._sync import blocking
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Iterator
+    from collections.abc import Awaitable
 
     from ._events import AnyEvent
     from ._wrappers import Step, Workflow
@@ -146,7 +141,7 @@ def check_replay(
     settings: Settings | None = None,
 ) -> ReplayCheck:
     """Blocking twin of `check_replay_async`."""
-    return _blocking("check_replay", lambda: check_replay_async(workflow, run_id, events=events, settings=settings))
+    return blocking("check_replay", lambda: check_replay_async(workflow, run_id, events=events, settings=settings))
 
 
 def assert_replays(
@@ -272,46 +267,10 @@ async def _no_children(*_: Any) -> Any:  # pragma: no cover - _Checker.run_child
     raise AssertionError("a replay check drives no child run")
 
 
-# -- a throwaway server ----------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def throwaway_server() -> Iterator[Settings]:
-    """An embedded Valkey server in a temporary directory, stopped and deleted afterwards.
-
-    Yields `Settings` pointing at it, with a fresh key prefix.
-    """
-    directory = Path(tempfile.mkdtemp(prefix="werkfluss-test-"))
-    try:
-        ensure_server(directory)
-        yield Settings(directory=str(directory), prefix=f"test-{uuid.uuid4().hex[:12]}:")
-    finally:
-        stop_server(directory)
-        shutil.rmtree(directory, ignore_errors=True)
-
-
 try:
-    import pytest
+    # Still importable from here, and `-p werkfluss.testing` / ``pytest_plugins`` still register
+    # them; the entry point loads the light `_pytest_plugin` itself.
+    from ._pytest_plugin import werkfluss_server as werkfluss_server
+    from ._pytest_plugin import werkfluss_settings as werkfluss_settings
 except ImportError:  # pragma: no cover - pytest is only needed for the fixtures
     pass
-else:
-
-    @pytest.fixture(scope="session")
-    def werkfluss_server() -> Iterator[Settings]:
-        """An embedded Valkey server in a temporary directory, for the test session."""
-        with throwaway_server() as settings:
-            yield settings
-
-    @pytest.fixture
-    def werkfluss_settings(werkfluss_server: Settings, monkeypatch: pytest.MonkeyPatch) -> Settings:
-        """`Settings` for one test: the session's server, a key prefix of the test's own.
-
-        Also set as ``WERKFLUSS_DIR`` / ``WERKFLUSS_PREFIX`` (and
-        ``WERKFLUSS_REDIS_URL`` removed) for the test, so calls without
-        explicit settings use them.
-        """
-        settings = Settings(directory=werkfluss_server.directory, prefix=f"test-{uuid.uuid4().hex[:12]}:")
-        monkeypatch.delenv("WERKFLUSS_REDIS_URL", raising=False)
-        monkeypatch.setenv("WERKFLUSS_DIR", settings.directory)
-        monkeypatch.setenv("WERKFLUSS_PREFIX", settings.prefix)
-        return settings

@@ -16,24 +16,28 @@ import hashlib
 import os
 import re
 import secrets
+import shutil
 import signal
 import socket
 import stat
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 from urllib.parse import quote
 
 from werkfluss._errors import StorageError
+from werkfluss._options import Settings
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
-__all__ = ["EmbeddedServer", "ensure_server", "server_status", "stop_server"]
+__all__ = ["EmbeddedServer", "ensure_server", "server_status", "stop_server", "throwaway_server"]
 
 _FSYNC_POLICIES = ("everysec", "always")
 # sun_path holds 108 bytes on Linux and 104 on macOS, including the final NUL.
@@ -427,3 +431,18 @@ def _read_reply(reader: BinaryIO) -> str | None:
         size = int(body)
         return None if size < 0 else reader.read(size + 2)[:-2].decode(errors="replace")
     raise ValueError(f"unexpected reply {line!r}")
+
+
+@contextlib.contextmanager
+def throwaway_server() -> Iterator[Settings]:
+    """An embedded Valkey server in a temporary directory, stopped and deleted afterwards.
+
+    Yields `Settings` pointing at it, with a fresh key prefix.
+    """
+    directory = Path(tempfile.mkdtemp(prefix="werkfluss-test-"))
+    try:
+        ensure_server(directory)
+        yield Settings(directory=str(directory), prefix=f"test-{uuid.uuid4().hex[:12]}:")
+    finally:
+        stop_server(directory)
+        shutil.rmtree(directory, ignore_errors=True)
