@@ -26,7 +26,7 @@ from werkfluss._context import RunContext, StepContext, enter_run, enter_step, e
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Iterator
 
-    from werkfluss._engine._executor import RunExecutor
+    from werkfluss._context import Runner
 
 
 @dataclasses.dataclass
@@ -112,7 +112,7 @@ class FakeExecutor:
 @pytest.fixture
 def in_run() -> Iterator[FakeExecutor]:
     executor = FakeExecutor()
-    token = enter_run(RunContext("run-1", cast("RunExecutor", executor)))
+    token = enter_run(RunContext("run-1", cast("Runner", executor)))
     yield executor
     exit_run(token)
 

@@ -1,22 +1,99 @@
-"""The current run and the current step, carried in ContextVars.
+"""The current run and the current step, carried in ContextVars, and what a run is to its body.
 
 A step's sequence number is taken from the run's counter *when the step is
 called*, not when it first runs, so `asyncio.gather`, task groups and loops
 number their steps identically on every replay.
+
+`Runner` is what the public calls (`Step.__call__`, a child `Workflow`
+call, `hook()`, `sleep()`, `race()`) ask of the run they are in;
+`StepLike` and `WorkflowLike` are what the runner reads of a step or a
+workflow. The engine's executor implements `Runner` and is typed against
+the other two, so neither the API nor the engine imports the other's
+classes (the way Temporal's workflow API talks to its ``_Runtime``).
 """
 
 from __future__ import annotations
 
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ._errors import NotInWorkflowError
 
 if TYPE_CHECKING:
-    from ._engine._executor import RunExecutor
+    from collections.abc import Awaitable, Callable
 
-__all__ = ["RunContext", "StepContext", "current_run", "current_step", "step_key"]
+    from ._options import StepOptions
+
+__all__ = [
+    "RunContext",
+    "Runner",
+    "StepContext",
+    "StepLike",
+    "WorkflowLike",
+    "current_run",
+    "current_step",
+    "step_key",
+]
+
+
+class StepLike(Protocol):
+    """What a runner reads of a step (`werkfluss.Step`)."""
+
+    @property
+    def id(self) -> str:
+        """The step ID, recorded with each of its results."""
+
+    @property
+    def fn(self) -> Callable[..., Awaitable[Any]]:
+        """The body."""
+
+    @property
+    def options(self) -> StepOptions:
+        """Its retry policy, timeout and argument check."""
+
+    def return_type(self) -> Any:
+        """The annotated return type: recorded results decode to it."""
+
+
+class WorkflowLike(Protocol):
+    """What a runner reads of a workflow (`werkfluss.Workflow`)."""
+
+    @property
+    def id(self) -> str:
+        """The workflow ID, recorded with each of its runs."""
+
+    @property
+    def fn(self) -> Callable[..., Awaitable[Any]]:
+        """The body."""
+
+    def return_type(self) -> Any:
+        """The annotated return type: a recorded result decodes to it."""
+
+    def decode_call(self, raw: bytes) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """Recorded ``[args, kwargs]``, decoded to the body's parameter types."""
+
+
+class Runner(Protocol):
+    """What the calls in a workflow body ask of the run they are in: each takes the
+    call's sequence number, and returns what the log recorded for it or does it."""
+
+    async def run_step(self, step: StepLike, seq: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """Step `seq`'s result."""
+
+    async def run_child(
+        self, workflow: WorkflowLike, seq: int, child_id: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        """Child run `child_id`'s result."""
+
+    async def sleep(self, seq: int, seconds: float) -> None:
+        """Durable sleep `seq`."""
+
+    async def receive(self, seq: int, token: str, n: int, type_: Any) -> Any:
+        """Payload `n` of hook `seq` (`token`), decoded to `type_`."""
+
+    async def race(self, seq: int, awaitables: list[Awaitable[Any]]) -> tuple[int, Any]:
+        """The index and value of the first of `awaitables` to finish."""
 
 
 @dataclass(eq=False, slots=True)
@@ -24,7 +101,7 @@ class RunContext:
     """The run a workflow body is executing for."""
 
     run_id: str
-    executor: RunExecutor
+    runner: Runner
     _seq: int = field(default=0)
 
     def next_seq(self) -> int:

@@ -84,7 +84,7 @@ class Hook(Generic[T]):
         # The count moves only once a payload is handed to the workflow: a wait
         # that lost a race (cancelled, or its payload taken but not returned)
         # leaves that payload for the next await, live and on replay alike.
-        value: T = await self._run.executor.receive(self.seq, self.token, self._received + 1, self.type)
+        value: T = await self._run.runner.receive(self.seq, self.token, self._received + 1, self.type)
         if advance:
             self._received += 1
         return value
@@ -160,7 +160,7 @@ def sleep(duration: float | timedelta | str) -> Awaitable[None]:
     run = current_run()
     if run is None or current_step() is not None:
         return anyio.sleep(seconds)
-    return run.executor.sleep(run.next_seq(), seconds)
+    return run.runner.sleep(run.next_seq(), seconds)
 
 
 def race(*awaitables: Awaitable[Any]) -> Coroutine[Any, Any, tuple[int, Any]]:
@@ -185,7 +185,7 @@ def race(*awaitables: Awaitable[Any]) -> Coroutine[Any, Any, tuple[int, Any]]:
 
 
 async def _race(run: RunContext, seq: int, racers: list[tuple[Awaitable[Any], Hook[Any] | None]]) -> tuple[int, Any]:
-    index, value = await run.executor.race(seq, [awaitable for awaitable, _ in racers])
+    index, value = await run.runner.race(seq, [awaitable for awaitable, _ in racers])
     hook = racers[index][1]
     if hook is not None:
         hook._advance()

@@ -110,7 +110,7 @@ class Step(_Wrapper, Generic[P, R]):
         run = current_run()
         if run is None:
             return self._plain(*args, **kwargs)
-        return run.executor.run_step(self, run.next_seq(), args, kwargs)
+        return run.runner.run_step(self, run.next_seq(), args, kwargs)
 
     async def _plain(self, *args: P.args, **kwargs: P.kwargs) -> R:
         return await self.fn(*args, **kwargs)
@@ -176,7 +176,7 @@ class Workflow(_Wrapper, Generic[P, R]):
         if run is not None:
             seq = run.next_seq()
             child_id = self.run_options.run_id or child_run_id(run.run_id, seq)
-            return run.executor.run_child(self, seq, child_id, args, kwargs)
+            return run.runner.run_child(self, seq, child_id, args, kwargs)
         if current_step() is not None:
             raise NotInWorkflowError(
                 f"workflow {self.id!r} was called inside a step; call it from the workflow body "

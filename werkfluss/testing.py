@@ -44,8 +44,9 @@ from ._sync import blocking
 if TYPE_CHECKING:
     from collections.abc import Awaitable
 
+    from ._context import StepLike, WorkflowLike
     from ._events import AnyEvent
-    from ._wrappers import Step, Workflow
+    from ._wrappers import Workflow
 
 __all__ = [
     "Divergence",
@@ -229,13 +230,13 @@ class _Checker(RunExecutor):
             self._body.cancel()
         await anyio.sleep_forever()
 
-    async def run_step(self, step: Step[Any, Any], seq: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    async def run_step(self, step: StepLike, seq: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if self._reached(seq, step.id) and (seq in self.replay.completed or seq in self.replay.failed):
             return await super().run_step(step, seq, args, kwargs)
         return await self._history_ends(seq)
 
     async def run_child(
-        self, workflow: Workflow[Any, Any], seq: int, child_id: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+        self, workflow: WorkflowLike, seq: int, child_id: str, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Any:
         if self._reached(seq, workflow.id) and (seq in self.replay.completed or seq in self.replay.failed):
             return await super().run_child(workflow, seq, child_id, args, kwargs)

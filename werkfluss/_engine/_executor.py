@@ -29,7 +29,7 @@ import anyio
 import anyio.lowlevel
 import msgspec
 
-from .._context import RunContext, StepContext, enter_run, enter_step, exit_run, exit_step
+from .._context import RunContext, StepContext, StepLike, WorkflowLike, enter_run, enter_step, exit_run, exit_step
 from .._errors import (
     HistoryTooLargeError,
     HookConflictError,
@@ -64,6 +64,7 @@ from .._events import (
     first_difference,
 )
 from .._logging import log, note
+from ._call import RunCall
 
 DEBUG, INFO, WARNING = logging.DEBUG, logging.INFO, logging.WARNING
 
@@ -71,7 +72,7 @@ if TYPE_CHECKING:
     from .._holder import Holding
     from .._options import Settings
     from .._store import RedisStore
-    from .._wrappers import Step, Workflow
+    from ._call import ChildDriver
     from ._replay import Replay
 
 __all__ = ["HOLD", "Paused", "Released", "RunExecutor", "describe", "fails", "wait_for_wake"]
@@ -93,12 +94,6 @@ class Released:
     """The run was handed back unfinished (a worker shutting down)."""
 
 
-# drive_child(store, workflow, child run ID, args, kwargs, (args as given, canonical), settings, parent run ID)
-ChildDriver = Callable[
-    ["RedisStore", "Workflow[Any, Any]", str, tuple[Any, ...], dict[str, Any], tuple[bytes, bytes], "Settings", str],
-    Awaitable[Any],
-]
-
 _waits_encoder = msgspec.msgpack.Encoder()
 
 
@@ -108,7 +103,7 @@ class RunExecutor:
     def __init__(
         self,
         store: RedisStore,
-        workflow: Workflow[Any, Any],
+        workflow: WorkflowLike,
         run_id: str,
         epoch: int,
         replay: Replay,
@@ -274,7 +269,7 @@ class RunExecutor:
 
     # -- steps --------------------------------------------------------------------------
 
-    async def run_step(self, step: Step[Any, Any], seq: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    async def run_step(self, step: StepLike, seq: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """Return step `seq`'s recorded outcome, or execute it and record it."""
         self.check(seq, step.id)
         done = self.replay.completed.get(seq)
@@ -322,7 +317,7 @@ class RunExecutor:
         self.diverged = NonDeterminismError(self.run_id, seq, label, label, arguments=detail)
         raise self.diverged
 
-    async def _execute(self, step: Step[Any, Any], seq: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    async def _execute(self, step: StepLike, seq: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         # Before any side effect: arguments that cannot be stored fail the call here.
         args_raw = msgspec.Raw(encode_call(step.id, args, kwargs, limit=self.settings.max_payload))
         digest = call_digest(args, kwargs) if step.options.check_args else None
@@ -419,7 +414,7 @@ class RunExecutor:
     # -- child workflows ----------------------------------------------------------------
 
     async def run_child(
-        self, workflow: Workflow[Any, Any], seq: int, child_id: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+        self, workflow: WorkflowLike, seq: int, child_id: str, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Any:
         """Return child run `child_id`'s recorded result, or drive the child to its end.
 
@@ -442,9 +437,17 @@ class RunExecutor:
         while True:
             try:
                 with self.busy():
-                    outcome = await self.drive_child(
-                        self.store, workflow, child_id, args, kwargs, encoded, self.settings, self.run_id
+                    call = RunCall(
+                        store=self.store,
+                        workflow=workflow,
+                        run_id=child_id,
+                        args=args,
+                        kwargs=kwargs,
+                        encoded=encoded,
+                        settings=self.settings,
+                        parent=self.run_id,
                     )
+                    outcome = await self.drive_child(call)
             except (_Suspend, NonDeterminismError):
                 raise
             except Exception as exc:
