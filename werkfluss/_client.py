@@ -19,6 +19,7 @@ import anyio
 import anyio.to_thread
 import msgspec
 
+from ._engine._call import RunCall
 from ._engine._drive import args_digest, drive
 from ._errors import ConfigurationError, HookClosedError, RunConflictError, RunNotFoundError
 from ._events import RunCancelled, RunStarted, Waiting, encode_checked, encode_event, encode_run_call
@@ -143,7 +144,10 @@ async def start_async(workflow: Workflow[P, R], /, *args: P.args, **kwargs: P.kw
     store = await open_store(settings)
     # Another caller of this run in this process (a task, a thread, a worker) is
     # told apart by its holder name: drive waits for it and returns its result.
-    result: R = await drive(store, workflow, run_id, args, kwargs, encoded, settings)
+    call = RunCall(
+        store=store, workflow=workflow, run_id=run_id, args=args, kwargs=kwargs, encoded=encoded, settings=settings
+    )
+    result: R = await drive(call)
     return result
 
 

@@ -6,49 +6,30 @@ a child run. A worker takes runs from the queue instead (`_worker`).
 
 from __future__ import annotations
 
-import hashlib
 import time
-from logging import INFO
 from typing import TYPE_CHECKING, Any
 
 import anyio
 import msgspec
 
 from .._errors import RunCancelledError, RunConflictError, RunFailedError, StorageError, _Suspend
-from .._events import ErrorInfo, RunResumed, RunStarted, decode_value, encode_event
-from .._holder import Holding, holder_is_dead, holder_prefix, live_holding
+from .._events import ErrorInfo, decode_value
+from .._holder import holder_is_dead, live_holding
 from .._holder import holding as new_holding
-from .._logging import log, note
+from .._logging import log
+from ._attach import Attached, args_digest, attach, resumed_from
 from ._executor import Paused, RunExecutor, wait_for_wake
-from ._replay import Replay
 
 if TYPE_CHECKING:
-    from .._options import Settings
+    from .._holder import Holding
     from .._store import AcquireResult, RedisStore
-    from .._wrappers import Workflow
+    from ._call import RunCall
 
 __all__ = ["args_digest", "drive", "drive_child", "error_info", "resumed_from"]
 
 
-def args_digest(args_raw: bytes) -> str:
-    """What a run remembers of its arguments, to refuse another call under its ID."""
-    return hashlib.sha256(args_raw).hexdigest()[:32]
-
-
-async def drive(
-    store: RedisStore,
-    workflow: Workflow[Any, Any],
-    run_id: str,
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-    encoded: tuple[bytes, bytes],
-    settings: Settings,
-    *,
-    parent: str = "",
-    wait: bool = True,
-    holding: Holding | None = None,
-) -> Any:
-    """Attach to run `run_id` of `workflow` and bring it to its end.
+async def drive(call: RunCall, *, wait: bool = True, holding: Holding | None = None) -> Any:
+    """Attach to the run `call` names and bring it to its end.
 
     Starts the run if it does not exist; a completed run returns its
     recorded result; an interrupted, paused, failed or blocked one resumes.
@@ -60,91 +41,68 @@ async def drive(
         RunConflictError: the run ID names another workflow's run or other arguments.
         RunCancelledError: the run was cancelled.
         RunFailedError: the run failed in another process while this one waited.
+        SerializationError: the run's log does not decode.
         Exception: what the workflow raised (the run is recorded failed).
     """
     if holding is None:
         # A holder name of this call's own: another caller in this process (a task, a
         # thread, a worker) then finds the run busy and waits, instead of taking it over.
-        with new_holding(run_id) as held:
-            return await drive(
-                store, workflow, run_id, args, kwargs, encoded, settings, parent=parent, wait=wait, holding=held
-            )
-    holder = holding.holder
-    lease = settings.lease
-    # Stored as given (the body sees a dict's keys in the caller's order); compared canonically.
-    args_raw, canonical = encoded
-    digest = args_digest(canonical)
-    started = encode_event(RunStarted(time.time(), workflow.id, msgspec.Raw(args_raw), parent or None))
+        with new_holding(call.run_id) as held:
+            return await drive(call, wait=wait, holding=held)
+    store, run_id = call.store, call.run_id
     take_over = ""
     while True:
-        got = await store.acquire(
-            run_id, workflow=workflow.id, holder=holder, lease=lease, started=started,
-            resumed=encode_event(RunResumed(time.time(), holder)), take_over=take_over, args_digest=digest,
-            parent=parent, process=holder_prefix(),
-        )  # fmt: skip
+        attached = await attach(store, run_id, holding, call.settings, drive_child, call=call, take_over=take_over)
         take_over = ""
-        if got.kind == "completed":
-            log.info("run %s (%s) is complete: returning its recorded result", run_id, workflow.id)
-            return decode_value(got.result, workflow.return_type(), owner=workflow.id, where="result")
-        if got.kind == "cancelled":
-            raise RunCancelledError(run_id, got.cancel or "")
-        if got.kind == "conflict":
-            raise RunConflictError(
-                f"run {run_id!r} belongs to workflow {got.workflow!r}, not {workflow.id!r}; choose another run_id"
-            )
-        if got.kind == "other-arguments":
-            raise RunConflictError(
-                f"run {run_id!r} was started with other arguments; a run ID names one call, so use "
-                f"another run_id for these arguments"
-            )
-        if got.kind == "busy":
-            take_over = await _wait_for_holder(store, run_id, got)
+        if attached.kind == "busy":
+            take_over = await _wait_for_holder(store, run_id, attached.got)
             continue
-        # A run started here has no queue message: if this process dies, the watchdog
-        # wake-up brings the run to a worker once the lease would have run out. A child
-        # needs none: whoever resumes its parent drives it again.
-        watchdog = not parent
-        if watchdog:
-            await store.wake(run_id, time.time() + lease)
-        replay = Replay()
-        if got.kind == "resumed":
-            replay = await Replay.load(store, run_id, got.retry_seq, got.retry_index)
-            note(INFO, "run.resumed", run_id, "run %s (%s) resumed %s: %d events in the log", run_id, workflow.id,
-                 resumed_from(got.previous), replay.count)  # fmt: skip
-        else:
-            note(INFO, "run.started", run_id, "run %s (%s) started", run_id, workflow.id)
-        executor = RunExecutor(
-            store, workflow, run_id, got.epoch, replay, settings, drive_child, cancel=got.cancel, parent=parent,
-            inline=bool(parent), holding=holding,
-        )  # fmt: skip
+        if attached.kind == "completed":
+            workflow = call.workflow
+            log.info("run %s (%s) is complete: returning its recorded result", run_id, workflow.id)
+            return decode_value(attached.got.result, workflow.return_type(), owner=workflow.id, where="result")
+        executor = attached.executor
+        if executor is None:
+            raise _refusal(call, attached)
         try:
-            outcome = await executor.execute(args, kwargs)
+            outcome = await executor.execute(attached.args, attached.kwargs)
         except _Suspend:
             log.info("run %s was taken over by another process; waiting for its result", run_id)
             continue
         except Exception:
-            if watchdog:
+            if attached.watchdog:
                 await _disarm(store, executor)
             raise
-        if watchdog:
+        if attached.watchdog:
             await _disarm(store, executor)
         if not isinstance(outcome, Paused) or not wait:
             return outcome
-        await wait_for_wake(store, run_id, lease, caller=True)
+        await wait_for_wake(store, run_id, call.settings.lease, caller=True)
 
 
-async def drive_child(
-    store: RedisStore,
-    workflow: Workflow[Any, Any],
-    child_id: str,
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-    encoded: tuple[bytes, bytes],
-    settings: Settings,
-    parent: str,
-) -> Any:
+def _refusal(call: RunCall, attached: Attached) -> Exception:
+    """Why the run `call` attached to is not this call's to execute."""
+    got, run_id, workflow = attached.got, call.run_id, call.workflow
+    if attached.error is not None:
+        return attached.error
+    if got.kind == "cancelled":
+        return RunCancelledError(run_id, got.cancel or "")
+    if got.kind == "conflict":
+        return RunConflictError(
+            f"run {run_id!r} belongs to workflow {got.workflow!r}, not {workflow.id!r}; choose another run_id"
+        )
+    if got.kind == "other-arguments":
+        return RunConflictError(
+            f"run {run_id!r} was started with other arguments; a run ID names one call, so use "
+            f"another run_id for these arguments"
+        )
+    # Missing and ended: a call creates a missing run and resumes a failed one (retry).
+    return StorageError(f"run {run_id!r}: the store answered {got.kind!r} to a start")
+
+
+async def drive_child(call: RunCall) -> Any:
     """`drive` a child run for its parent: returns its result, or `Paused` when it pauses."""
-    return await drive(store, workflow, child_id, args, kwargs, encoded, settings, parent=parent, wait=False)
+    return await drive(call, wait=False)
 
 
 async def _disarm(store: RedisStore, executor: RunExecutor) -> None:
@@ -161,17 +119,6 @@ async def _disarm(store: RedisStore, executor: RunExecutor) -> None:
         await store.unschedule(executor.run_id)
     except StorageError as exc:
         log.info("run %s: could not remove its watchdog wake-up: %s", executor.run_id, exc)
-
-
-def resumed_from(previous: str) -> str:
-    """How a resume is described in the log, by the status it resumed from."""
-    return {
-        "running": "after an interruption",
-        "failed": "after a failure",
-        "blocked": "after a code change",
-        "paused": "after a pause",
-        "pending": "from the queue",
-    }.get(previous, f"from {previous}")
 
 
 async def _wait_for_holder(store: RedisStore, run_id: str, busy: AcquireResult) -> str:

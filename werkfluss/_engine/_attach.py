@@ -1,0 +1,232 @@
+"""Attach to a run: acquire it, classify the store's answer, read its log, build its executor.
+
+Every path that takes a run over comes through here, so each of those is
+done one way: `drive` (the run of a `start()` call, or a child run its
+parent drives) and a worker (the run a queue message names; `acquire`
+alone for a run whose message went to the dead letters). What a caller
+then does with each answer differs: `drive` returns a completed run's
+result and raises on a conflict, a worker acknowledges or dead-letters
+the message.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass, field
+from logging import INFO
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from .._errors import SerializationError
+from .._events import RunResumed, RunStarted, decode_event, encode_event
+from .._holder import holder_is_dead, holder_prefix
+from .._logging import note
+from ._executor import RunExecutor
+from ._replay import Replay
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from .._context import WorkflowLike
+    from .._holder import Holding
+    from .._options import Settings
+    from .._store import AcquireResult, RedisStore
+    from ._call import ChildDriver, RunCall
+
+__all__ = ["Attached", "acquire", "args_digest", "attach", "read_replay", "resumed_from"]
+
+
+def args_digest(canonical: bytes) -> str:
+    """What a run remembers of its arguments, to refuse another call under its ID."""
+    return hashlib.sha256(canonical).hexdigest()[:32]
+
+
+async def acquire(
+    store: RedisStore,
+    run_id: str,
+    holding: Holding,
+    lease: float,
+    *,
+    call: RunCall | None = None,
+    retry: bool = True,
+    take_over: str = "",
+) -> AcquireResult:
+    """Take run `run_id` over for `holding`.
+
+    With a `call`, the run is created if it does not exist, and refused when
+    it is another workflow's run or was started with other arguments. Without
+    one (a worker, knowing only the run ID) it is taken whatever workflow it
+    is a run of, never created. `retry` lets a failed or blocked run resume.
+
+    A holder that is provably gone (a process on this host that died, or a
+    caller in this one that stopped without handing the run back) is taken
+    over at once, before its lease runs out: nobody else will ever release
+    the run. `take_over` names one to take over from the start.
+    """
+    workflow = digest = parent = ""
+    started = b""
+    if call is not None:
+        # Stored as given (the body sees a dict's keys in the caller's order); compared canonically.
+        args_raw, canonical = call.encoded
+        workflow, parent, digest = call.workflow.id, call.parent, args_digest(canonical)
+        started = encode_event(RunStarted(time.time(), workflow, msgspec.Raw(args_raw), parent or None))
+    while True:
+        got = await store.acquire(
+            run_id,
+            workflow=workflow,
+            holder=holding.holder,
+            lease=lease,
+            started=started,
+            resumed=encode_event(RunResumed(time.time(), holding.holder)),
+            take_over=take_over,
+            args_digest=digest,
+            retry=retry,
+            parent=parent,
+            process=holder_prefix(),
+        )
+        if got.kind != "busy" or take_over or not holder_is_dead(got.holder):
+            return got
+        take_over = got.holder
+
+
+@dataclass(slots=True)
+class Attached:
+    """What `attach` found, by `kind`.
+
+    - ``"execute"``: the run is this caller's to execute: `executor`, with `args`
+      and `kwargs` (a worker's are the log's);
+    - ``"undefined"``: a worker took a run of a workflow this process does not
+      define (`got.workflow`); it holds the run (`got.epoch`) until it releases it;
+    - ``"unreadable"``: the log, or the arguments it recorded, do not decode
+      (`error`); the run is held, as for undefined;
+    - otherwise the store's answer (see `AcquireResult`): the run is not this
+      caller's to execute (completed, cancelled, busy, ended, missing, conflict,
+      other-arguments).
+
+    `watchdog` says the run, a caller's own, was given a watchdog wake-up.
+    """
+
+    kind: str
+    got: AcquireResult
+    executor: RunExecutor | None = None
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    error: SerializationError | None = None
+    watchdog: bool = False
+
+
+async def attach(
+    store: RedisStore,
+    run_id: str,
+    holding: Holding,
+    settings: Settings,
+    drive_child: ChildDriver,
+    *,
+    call: RunCall | None = None,
+    workflows: Callable[[str], WorkflowLike | None] | None = None,
+    retry: bool = True,
+    take_over: str = "",
+    worker: str = "",
+) -> Attached:
+    """Acquire run `run_id` (see `acquire`) and, when it is this caller's to execute,
+    read its log and build its executor (see `Attached`).
+
+    A caller's own run (a `call`) executes with its own arguments. A
+    worker's (`workflows` finds the workflow by its ID, `worker` names it
+    in the log) executes with the arguments and the parent its log
+    recorded. A `call` without a parent is given a watchdog wake-up, before
+    its log is read: it has no queue message, so if this process dies the
+    wake-up brings the run to a worker once the lease would have run out (a
+    child needs none: whoever resumes its parent drives it again).
+
+    Raises:
+        StorageError: Redis/Valkey is unreachable.
+    """
+    got = await acquire(store, run_id, holding, settings.lease, call=call, retry=retry, take_over=take_over)
+    if got.kind not in ("new", "resumed"):
+        return Attached(got.kind, got)
+    found = call.workflow if call is not None else workflows(got.workflow) if workflows is not None else None
+    if found is None:
+        return Attached("undefined", got)
+    workflow = found
+    watchdog = call is not None and not call.parent
+    if watchdog:
+        await store.wake(run_id, time.time() + settings.lease)
+    try:
+        replay = await read_replay(store, run_id, got.retry_seq, got.retry_index) if got.kind == "resumed" else Replay()
+        if call is not None:
+            args, kwargs, parent = call.args, call.kwargs, call.parent
+        else:
+            if replay.started is None:
+                raise SerializationError(f"run {run_id!r} has no run-started event")
+            args, kwargs = workflow.decode_call(bytes(replay.started.args))
+            parent = replay.started.parent or ""
+    except SerializationError as exc:
+        return Attached("unreadable", got, error=exc, watchdog=watchdog)
+    if got.kind == "new":
+        note(INFO, "run.started", run_id, "run %s (%s) started", run_id, workflow.id)
+    else:
+        detail = f" on worker {worker}" if worker else f": {replay.count} events in the log"
+        note(
+            INFO,
+            "run.resumed",
+            run_id,
+            "run %s (%s) resumed %s%s",
+            run_id,
+            workflow.id,
+            resumed_from(got.previous),
+            detail,
+        )
+    executor = RunExecutor(
+        store,
+        workflow,
+        run_id,
+        got.epoch,
+        replay,
+        settings,
+        drive_child,
+        cancel=got.cancel,
+        parent=parent,
+        inline=call is not None and bool(call.parent),
+        holding=holding,
+    )
+    return Attached("execute", got, executor, args, kwargs, watchdog=watchdog)
+
+
+async def read_replay(store: RedisStore, run_id: str, retry_seq: int | None, retry_index: int) -> Replay:
+    """Read run `run_id`'s log in batches into a replay index.
+
+    The final failure of `retry_seq` recorded up to `retry_index` is left
+    out: that failure ended the run, and starting the run again means
+    executing that step again.
+
+    Raises:
+        SerializationError: an entry does not decode (named by its index).
+        StorageError: Redis/Valkey is unreachable.
+    """
+    replay = Replay()
+    async for batch in store.read_log(run_id):
+        for index, body in batch:
+            try:
+                if body is None:
+                    raise ValueError("the entry has no event field")
+                event = decode_event(body)
+            except (msgspec.DecodeError, ValueError, RecursionError) as exc:
+                raise SerializationError(
+                    f"run {run_id!r}: log entry 0-{index} is malformed: {exc}", where=f"log entry 0-{index}"
+                ) from None
+            replay.add(index, event, retry_seq, retry_index)
+    return replay
+
+
+def resumed_from(previous: str) -> str:
+    """How a resume is described in the log, by the status it resumed from."""
+    return {
+        "running": "after an interruption",
+        "failed": "after a failure",
+        "blocked": "after a code change",
+        "paused": "after a pause",
+        "pending": "from the queue",
+    }.get(previous, f"from {previous}")
