@@ -32,6 +32,7 @@ from werkfluss import (
 from werkfluss._client import close_stores, open_store
 from werkfluss._events import HookReceived, RunPaused, TimerStarted
 from werkfluss._store import RedisStore
+from werkfluss._store._runs import ACQUIRE
 
 from .servers import RedisCluster3, free_port
 from .test_runtime import events
@@ -208,7 +209,7 @@ async def test_runs_survive_a_script_cache_flush(cs: Settings) -> None:
         "reserved a",
         "shipped a for 100",
     ]
-    sha = store._scripts["ACQUIRE"].sha
+    sha = ACQUIRE.sha
     await store.client.script_flush()  # every primary forgets the scripts (as after a restart)
     assert await store.client.script_exists(sha) == [False]
     assert await start_async(cluster_order.options(settings=cs, run_id="after-flush"), "b") == [

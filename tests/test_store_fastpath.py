@@ -19,6 +19,8 @@ from redis.exceptions import ResponseError
 from werkfluss import Settings, Worker, _store, enqueue_async, start_async, step, workflow
 from werkfluss._client import close_stores, open_store
 from werkfluss._errors import StorageError, _Suspend
+from werkfluss._store import _lane, _run_reads
+from werkfluss._store._runs import APPEND
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -50,7 +52,7 @@ async def new_run(store: RedisStore, run_id: str) -> int:
     return got.epoch
 
 
-def lane_of(store: RedisStore) -> _store._FastLane:
+def lane_of(store: RedisStore) -> _lane._FastLane:
     assert store._lane is not None
     return store._lane
 
@@ -74,7 +76,7 @@ def test_pack_command_matches_redis_py() -> None:
         10000,
         2.5,
     ]
-    assert _store.pack_command(parts) == b"".join(Connection().pack_command(*parts))
+    assert _lane.pack_command(parts) == b"".join(Connection().pack_command(*parts))
 
 
 @pytest.mark.parametrize(
@@ -93,17 +95,17 @@ def test_pack_command_matches_redis_py() -> None:
     ],
 )
 def test_parse_reply(raw: bytes, value: object) -> None:
-    assert _store.parse_reply(raw) == (value, len(raw))
+    assert _lane.parse_reply(raw) == (value, len(raw))
     for cut in range(len(raw)):  # every prefix is incomplete, never a wrong value
-        with pytest.raises(_store._Incomplete):
-            _store.parse_reply(raw[:cut])
+        with pytest.raises(_lane._Incomplete):
+            _lane.parse_reply(raw[:cut])
 
 
 def test_parse_reply_errors_are_data_and_garbage_is_refused() -> None:
-    reply, _ = _store.parse_reply(b"-NOSCRIPT No matching script\r\n")
-    assert isinstance(reply, _store._ErrorReply) and reply.message.startswith("NOSCRIPT")
+    reply, _ = _lane.parse_reply(b"-NOSCRIPT No matching script\r\n")
+    assert isinstance(reply, _lane._ErrorReply) and reply.message.startswith("NOSCRIPT")
     with pytest.raises(ValueError):
-        _store.parse_reply(b"?what\r\n")
+        _lane.parse_reply(b"?what\r\n")
 
 
 # -- on a real server ---------------------------------------------------------------------------------------------
@@ -132,12 +134,12 @@ async def test_scripts_go_through_the_lane_and_agree_with_redis_py(store: RedisS
 
 async def test_a_long_log_is_read_in_batches_on_the_lane(store: RedisStore) -> None:
     epoch = await new_run(store, "long")
-    count = _store._LOG_BATCH + 7
+    count = _run_reads._LOG_BATCH + 7
     for seq in range(count):
         await store.append("long", epoch, f"c{seq}", msgspec.msgpack.encode(seq), 10.0)
     await store.client.xadd(store.key("long", "log"), {"other": "1"}, id=f"0-{count + 3}")
     batches = [batch async for batch in store.read_log("long")]
-    assert [len(b) for b in batches] == [_store._LOG_BATCH, 9]
+    assert [len(b) for b in batches] == [_run_reads._LOG_BATCH, 9]
     entries = [entry for batch in batches for entry in batch]
     assert entries[1:-1] == [(seq + 2, msgspec.msgpack.encode(seq)) for seq in range(count)]
     assert entries[-1] == (count + 3, None)  # an entry without the event field
@@ -147,7 +149,7 @@ async def test_noscript_falls_back_to_redis_py_which_loads_the_script(store: Red
     epoch = await new_run(store, "noscript")
     await store.client.script_flush()  # as after a server restart
     assert await store.append("noscript", epoch, "c1", b"\x90", 10.0) == (2, None)
-    assert await store.client.script_exists(store._scripts["APPEND"].sha) == [True]
+    assert await store.client.script_exists(APPEND.sha) == [True]
     assert await store.append("noscript", epoch, "c2", b"\x90", 10.0) == (3, None)
 
 
@@ -184,7 +186,7 @@ async def test_a_reply_later_than_the_socket_timeout_misses(store: RedisStore) -
     lane._timeout = 0.2
     key = f"{store.prefix}{{slow}}:list"
     with anyio.fail_after(3):
-        assert await lane.call([b"BLPOP", key, 2]) is _store._MISS
+        assert await lane.call([b"BLPOP", key, 2]) is _lane._MISS
     assert not lane._waiting
     assert await lane.call([b"PING"]) == b"PONG"
 
@@ -208,11 +210,11 @@ async def test_a_closed_store_closes_the_lane(settings: Settings) -> None:
     conns = [conn for conn, _ in lane._idle]
     await close_stores()
     assert conns and all(conn._writer is None for conn in conns)
-    assert await lane.call([b"PING"]) is _store._MISS
+    assert await lane.call([b"PING"]) is _lane._MISS
 
 
 async def test_without_hiredis_the_python_parser_serves(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(_store, "hiredis", None)
+    monkeypatch.setattr(_lane, "hiredis", None)
     assert await start_async(chain.options(settings=settings, run_id="no-hiredis"), 30) == 870
     store = await open_store(settings)
     events = [body async for batch in store.read_log("no-hiredis") for _, body in batch]

@@ -20,11 +20,15 @@ import builtins
 import dataclasses
 import hashlib
 import traceback as tb
-from typing import Any, TypeAlias
+from typing import Any, Literal, TypeAlias
 
 import msgspec
 
 from ._errors import PayloadTooLargeError, SerializationError
+
+RunStatus: TypeAlias = Literal["pending", "running", "paused", "completed", "failed", "blocked", "cancelled"]
+"""Where a run stands: waiting for a worker, executing, waiting for a hook, timer or child,
+or ended (completed, failed, blocked on a divergence, cancelled)."""
 
 __all__ = [
     "AnyEvent",
@@ -39,6 +43,7 @@ __all__ = [
     "RunPaused",
     "RunResumed",
     "RunStarted",
+    "RunStatus",
     "StepCompleted",
     "StepFailed",
     "TimerStarted",

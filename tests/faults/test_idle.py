@@ -14,7 +14,6 @@ once a second and a slower timer poll; 11/s before the idle rate was lowered).
 
 from __future__ import annotations
 
-import inspect
 import os
 import re
 import time
@@ -24,7 +23,7 @@ import psutil
 import pytest
 
 from werkfluss import Settings
-from werkfluss._store import _scripts
+from werkfluss._store import SCRIPTS
 
 from .harness import make_faults, report
 
@@ -51,7 +50,8 @@ def world(server: Server, prefix: str, tmp_path: Path) -> Iterator[Faults]:
 
 def scripted() -> set[str]:
     """Commands werkfluss's scripts call (lower case), as INFO commandstats names them."""
-    return {name.lower() for name in re.findall(r"redis\.p?call\(\s*['\"](\w+)['\"]", inspect.getsource(_scripts))}
+    sources = "".join(script.source for script in SCRIPTS)
+    return {name.lower() for name in re.findall(r"redis\.p?call\(\s*['\"](\w+)['\"]", sources)}
 
 
 def command_counts(faults: Faults) -> tuple[int, int, dict[str, int]]:

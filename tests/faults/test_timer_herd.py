@@ -14,7 +14,6 @@ from the instant to the resume, MOVE_DUE batches, and the server's worst command
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 from collections import Counter
@@ -23,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from werkfluss._events import RunPaused, RunResumed
-from werkfluss._store import _scripts
+from werkfluss._store import SCRIPTS
 
 from . import more_flows
 from .harness import DEADLINE, pct, report
@@ -40,9 +39,7 @@ RUNS = int(os.environ.get("WF_FAULT_HERD", "2000"))  # RELIABILITY.md: 10,000
 LEAD = float(os.environ.get("WF_FAULT_HERD_LEAD", str(4 + RUNS / 250)))
 WORKERS = 2
 MOVE_LIMIT = 100  # the most a worker's MOVE_DUE call may move
-SCRIPTS = {
-    hashlib.sha1(getattr(_scripts, n).encode()).hexdigest(): n for n in _scripts.__all__
-}  # the names EVALSHA calls go by
+SCRIPTS_BY_SHA = {script.sha: script.name for script in SCRIPTS}  # the names EVALSHA calls go by
 
 
 @pytest.fixture
@@ -67,7 +64,7 @@ def slowest(faults: Faults) -> tuple[float, list[Any]]:
     command = worst.get("command", b"")
     words = [w.decode(errors="replace") for w in (command.split()[:2] if isinstance(command, bytes) else [])]
     if words[:1] == ["EVALSHA"]:  # name the script
-        words[1] = SCRIPTS.get(words[1], words[1])
+        words[1] = SCRIPTS_BY_SHA.get(words[1], words[1])
     return worst["duration"] / 1000, words
 
 

@@ -1,0 +1,345 @@
+"""The queue family: the shared stream of "run or resume run R" (``P{q}:queue``), the dead letters, and their Lua.
+
+Workers read the queue in one consumer group; a message idle past the lease
+(its worker is gone) is reclaimed by another, and one delivered too often goes
+to the dead letters (``P{q}:dead``) with its last error (``P{q}:errors``).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from .._errors import StorageError
+from ._connect import NOW, Arg, Connection, Script, text
+from ._keys import DEAD, ERRORS, PROBATION, QUEUE
+from ._lane import _MISS
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+# KEYS: queue, dead, errors, probation. ARGV: group, consumer, min idle ms, how many
+# to look at, max deliveries, cursor ('-' at first), '1' if this consumer may take a
+# suspect, how many others it takes at most, then the IDs of the messages it holds
+# (idle past the lease only while its renewals stall: claiming them would count a
+# delivery that never happened).
+# Claims messages idle past the lease (their worker is gone). A worker that died
+# while a message was on probation there (`probation`: consumer -> message) is
+# taken to have been killed by that message: its other messages are claimed with
+# their delivery count unchanged. Any other message of a dead worker is a suspect:
+# claimed one at a time (its count raised, the claimer's probation naming it), so
+# that a run killing every worker it lands on is the only one whose count grows.
+# Deliveries counted before a hand-back come in field 'd'; a message delivered
+# max deliveries times goes to the dead letters with its last error instead.
+# Returns {next cursor or '0-0', {id, fields, 1 if suspect}..., {run, reason}...}.
+RECLAIM = Script(
+    "RECLAIM",
+    NOW
+    + """
+local group, me, min_idle_ms, limit, max = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
+local cursor, may, wanted = ARGV[6], ARGV[7] == '1', tonumber(ARGV[8])
+local held = {}
+for i = 9, #ARGV do held[ARGV[i]] = true end
+local pending = redis.call('XPENDING', KEYS[1], group, 'IDLE', min_idle_ms, cursor, '+', limit)
+local out, dead, last = {}, {}, ''
+for _, p in ipairs(pending) do
+  local id, owner, times = p[1], p[2], tonumber(p[4])
+  last = id
+  local found = redis.call('XRANGE', KEYS[1], id, id)
+  if #found == 0 then
+    redis.call('XACK', KEYS[1], group, id)  -- deleted while pending
+  elseif not (owner == me and held[id]) then
+    local fields, run, before = found[1][2], '', 0
+    for i = 1, #fields, 2 do
+      if fields[i] == 'r' then run = fields[i + 1] end
+      if fields[i] == 'd' then before = tonumber(fields[i + 1]) or 0 end
+    end
+    local blamed = redis.call('HGET', KEYS[4], owner)
+    if blamed and blamed ~= id then
+      if wanted > 0 then
+        wanted = wanted - 1
+        redis.call('XCLAIM', KEYS[1], group, me, 0, id, 'RETRYCOUNT', times)
+        table.insert(out, {id, fields, 0})
+      end
+    elseif times + before >= max then
+      local err = redis.call('HGET', KEYS[3], id) or 'no worker finished it'
+      local total = times + before + 1
+      local reason = 'delivered ' .. total .. ' times without finishing; last error: ' .. err
+      redis.call('XADD', KEYS[2], '*', 'r', run, 'message', id, 'deliveries', total, 'at', now, 'reason', reason)
+      table.insert(dead, {run, reason})
+      redis.call('XACK', KEYS[1], group, id)
+      redis.call('XDEL', KEYS[1], id)
+      redis.call('HDEL', KEYS[3], id)
+    elseif may then
+      may = false
+      redis.call('XCLAIM', KEYS[1], group, me, 0, id)
+      redis.call('HSET', KEYS[4], me, id)
+      table.insert(out, {id, fields, 1})
+    end
+    if blamed and #redis.call('XPENDING', KEYS[1], group, '-', '+', 1, owner) == 0 then
+      redis.call('HDEL', KEYS[4], owner)
+    end
+  end
+end
+local nxt = '0-0'
+if #pending == limit then nxt = '(' .. last end
+return {nxt, out, dead}
+""",
+)
+
+# KEYS: probation. ARGV: consumer, message. Ends that message's probation, and only
+# its: the consumer's next suspect may be on probation already.
+END_PROBATION = Script(
+    "END_PROBATION",
+    """
+local consumer, message = ARGV[1], ARGV[2]
+if redis.call('HGET', KEYS[1], consumer) == message then return redis.call('HDEL', KEYS[1], consumer) end
+return 0
+""",
+)
+
+# KEYS: queue. ARGV: group, consumer, ids...
+# Resets the idle time of the messages this consumer still owns (never steals
+# one back from a worker that claimed it); returns the ids still owned.
+TOUCH = Script(
+    "TOUCH",
+    """
+local group, consumer = ARGV[1], ARGV[2]
+local owned = {}
+for i = 3, #ARGV do
+  local p = redis.call('XPENDING', KEYS[1], group, ARGV[i], ARGV[i], 1)
+  if p[1] and p[1][2] == consumer then
+    redis.call('XCLAIM', KEYS[1], group, consumer, 0, ARGV[i], 'JUSTID')
+    table.insert(owned, ARGV[i])
+  end
+end
+return owned
+""",
+)
+
+# KEYS: queue, errors. ARGV: group, ids... Done with: acknowledged and deleted.
+ACK = Script(
+    "ACK",
+    """
+local group = ARGV[1]
+for i = 2, #ARGV do
+  redis.call('XACK', KEYS[1], group, ARGV[i])
+  redis.call('XDEL', KEYS[1], ARGV[i])
+  redis.call('HDEL', KEYS[2], ARGV[i])
+end
+return #ARGV - 1
+""",
+)
+
+# KEYS: queue. ARGV: group, id, run, '1' if it may resume a failed run. A fresh
+# message replaces one handed back (a graceful stop): readable at once by any
+# worker. It carries the deliveries counted so far in 'd', but for this one,
+# which ended cleanly, so that a run that keeps killing workers still reaches
+# the dead letters, and one handed back at every deploy never does.
+REQUEUE = Script(
+    "REQUEUE",
+    """
+local group, id, run, retry = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local fields = {'r', run}
+if retry == '1' then table.insert(fields, 'x'); table.insert(fields, '1') end
+local before = 0
+local found = redis.call('XRANGE', KEYS[1], id, id)
+if #found > 0 then
+  local old = found[1][2]
+  for i = 1, #old, 2 do if old[i] == 'd' then before = tonumber(old[i + 1]) or 0 end end
+end
+local p = redis.call('XPENDING', KEYS[1], group, id, id, 1)
+local counted = before + (p[1] and tonumber(p[1][4]) or 1) - 1
+if counted > 0 then table.insert(fields, 'd'); table.insert(fields, counted) end
+local fresh = redis.call('XADD', KEYS[1], '*', unpack(fields))
+redis.call('XACK', KEYS[1], group, id)
+redis.call('XDEL', KEYS[1], id)
+return fresh
+""",
+)
+
+# KEYS: queue, dead, errors. ARGV: group, id, run, reason.
+DEAD_LETTER = Script(
+    "DEAD_LETTER",
+    NOW
+    + """
+local group, id, run, reason = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local p = redis.call('XPENDING', KEYS[1], group, id, id, 1)
+local times = p[1] and tonumber(p[1][4]) or 1
+redis.call('XADD', KEYS[2], '*', 'r', run, 'message', id, 'deliveries', times, 'at', now, 'reason', reason)
+redis.call('XACK', KEYS[1], group, id)
+redis.call('XDEL', KEYS[1], id)
+redis.call('HDEL', KEYS[3], id)
+return 1
+""",
+)
+
+# KEYS: queue, dead. ARGV: dead-letter id. Puts the run back on the queue,
+# allowed to resume even a failed or blocked run. Returns the new message id or ''.
+REDRIVE = Script(
+    "REDRIVE",
+    """
+local dead_id = ARGV[1]
+local found = redis.call('XRANGE', KEYS[2], dead_id, dead_id)
+if #found == 0 then return '' end
+local fields, run = found[1][2], ''
+for i = 1, #fields, 2 do if fields[i] == 'r' then run = fields[i + 1] end end
+redis.call('XDEL', KEYS[2], dead_id)
+if run == '' then return '' end
+return redis.call('XADD', KEYS[1], '*', 'r', run, 'x', '1')
+""",
+)
+
+SCRIPTS = (RECLAIM, END_PROBATION, TOUCH, ACK, REQUEUE, DEAD_LETTER, REDRIVE)
+
+
+class RedisQueue(Connection):
+    """The queue: enqueue, read, reclaim, acknowledge, dead-letter and redrive messages."""
+
+    async def queued_runs(self, limit: int) -> set[str] | None:
+        """The runs with a message in the queue (waiting, or taken and not yet
+        acknowledged), or None when it holds more than `limit` messages."""
+        key = self.queue_key(QUEUE)
+        if int(await self._call(self.client.xlen(key))) > limit:
+            return None
+        runs: set[str] = set()
+        start = "-"
+        while True:
+            entries = await self._call(self.client.xrange(key, min=start, max="+", count=1000))
+            runs.update(_fields(fields).get("r", "") for _, fields in entries)
+            if len(entries) < 1000:
+                runs.discard("")
+                return runs
+            start = f"({text(entries[-1][0])}"
+
+    # -- the queue --------------------------------------------------------------------
+
+    async def ensure_group(self, group: str) -> None:
+        """Create the consumer group (reading from the start of the queue) if missing."""
+        try:
+            await self.client.xgroup_create(self.queue_key(QUEUE), group, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise StorageError(f"{self.where} refused to create the consumer group: {exc}") from None
+        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            raise StorageError(f"cannot reach {self.where}: {exc}") from None
+
+    async def enqueue(self, run_id: str, *, retry: bool = False) -> str:
+        """Put "run or resume `run_id`" on the queue; returns the message ID."""
+        fields: dict[str, str] = {"r": run_id, **({"x": "1"} if retry else {})}
+        message = await self._fast([b"XADD", self.queue_key(QUEUE), b"*", *(p for kv in fields.items() for p in kv)])
+        if message is _MISS:
+            message = await self._call(self.client.xadd(self.queue_key(QUEUE), fields))  # type: ignore[arg-type]
+        return text(message)
+
+    async def read_queue(self, group: str, consumer: str, count: int, block: float) -> list[tuple[str, dict[str, str]]]:
+        """Up to `count` new messages for `consumer`, waiting up to `block` seconds."""
+        key, ms = self.queue_key(QUEUE), int(block * 1000)
+        reply = await self._fast(
+            [b"XREADGROUP", b"GROUP", group, consumer, b"COUNT", count, b"BLOCK", ms, b"STREAMS", key, b">"]
+        )
+        if reply is _MISS:
+            reply = await self._call(self.client.xreadgroup(group, consumer, {key: ">"}, count=count, block=ms))
+        return [(text(i), _fields(f)) for _, entries in reply or [] for i, f in entries]
+
+    async def reclaim(
+        self, group: str, consumer: str, min_idle: float, count: int, max_deliveries: int, *, suspect: bool = True,
+        held: Sequence[str] = (),
+    ) -> tuple[list[tuple[str, dict[str, str], bool]], list[tuple[str, str]]]:  # fmt: skip
+        """Claim messages idle longer than `min_idle` seconds (their worker is gone),
+        dead-lettering those delivered `max_deliveries` times.
+
+        A message of a worker that died with nothing on probation is a suspect: at
+        most one is claimed (with `suspect`), and this consumer's probation names
+        it until `end_probation`. Messages in `held` (this consumer's own, in
+        progress) are left alone. Returns ``(id, fields, is suspect)`` of each
+        claimed message, and ``(run ID, reason)`` of each dead letter.
+        """
+        keys = [self.queue_key(QUEUE), self.queue_key(DEAD), self.queue_key(ERRORS), self.queue_key(PROBATION)]
+        claimed: list[tuple[str, dict[str, str], bool]] = []
+        buried: list[tuple[str, str]] = []
+        cursor, wanted = "-", count
+        # Only messages idle past the lease come back from the scan: normally none at all.
+        while wanted > 0 or suspect:
+            args: list[Arg] = [
+                group, consumer, int(min_idle * 1000), max(wanted, 16), max_deliveries, cursor, "1" if suspect else "",
+                wanted, *held,
+            ]  # fmt: skip
+            nxt, entries, dead = await self._run(RECLAIM, keys, args)
+            for i, f, flag in entries:
+                claimed.append((text(i), _fields(f), bool(int(flag))))
+                if int(flag):
+                    suspect = False
+                else:
+                    wanted -= 1
+            buried.extend((text(run), text(reason)) for run, reason in dead)
+            cursor = text(nxt)
+            if cursor == "0-0":
+                break
+        return claimed, buried
+
+    async def end_probation(self, consumer: str, message: str) -> None:
+        """`consumer`'s suspect `message` proved itself (or ended): a crash there now blames
+        nobody in particular (unless its next suspect is on probation already)."""
+        await self._run(END_PROBATION, [self.queue_key(PROBATION)], [consumer, message])
+
+    async def touch(self, group: str, consumer: str, ids: list[str]) -> set[str]:
+        """Reset the idle time of messages `consumer` still owns; returns those."""
+        if not ids:
+            return set()
+        owned = await self._run(TOUCH, [self.queue_key(QUEUE)], [group, consumer, *ids])
+        return {text(i) for i in owned}
+
+    async def ack(self, group: str, *ids: str) -> None:
+        """Acknowledge and delete messages whose progress is in the log."""
+        await self._run(ACK, [self.queue_key(QUEUE), self.queue_key(ERRORS)], [group, *ids])
+
+    async def requeue(self, group: str, message: str, run_id: str, *, retry: bool = False) -> None:
+        """Hand a message back as a fresh one, readable at once; the deliveries that
+        failed before this one still count toward the dead letters."""
+        await self._run(REQUEUE, [self.queue_key(QUEUE)], [group, message, run_id, "1" if retry else ""])
+
+    async def note_error(self, message: str, error: str) -> None:
+        """Remember the last error a worker hit on `message` (for its dead letter)."""
+        await self._call(self.client.hset(self.queue_key(ERRORS), message, error[:2000]))
+
+    async def dead_letter(self, group: str, message: str, run_id: str, reason: str) -> None:
+        """Move `message` to the dead letters with `reason`."""
+        keys = [self.queue_key(QUEUE), self.queue_key(DEAD), self.queue_key(ERRORS)]
+        await self._run(DEAD_LETTER, keys, [group, message, run_id, reason[:2000]])
+
+    async def bury(self, run_id: str, source: str, reason: str) -> None:
+        """Add a dead letter for something other than a queue message (a malformed
+        hook payload): `source` says where it came from."""
+        at = int(time.time() * 1000)
+        fields = {"r": run_id, "source": source, "at": at, "reason": reason[:2000]}
+        await self._call(self.client.xadd(self.queue_key(DEAD), fields))  # type: ignore[arg-type]
+
+    async def dead_letters(self, limit: int) -> list[tuple[str, dict[str, str]]]:
+        """The dead letters, oldest first."""
+        entries = await self._call(self.client.xrange(self.queue_key(DEAD), count=limit))
+        return [(text(i), _fields(f)) for i, f in entries]
+
+    async def redrive(self, dead_id: str) -> str:
+        """Put a dead letter's run back on the queue; returns the new message ID or ``""``."""
+        return text(await self._run(REDRIVE, [self.queue_key(QUEUE), self.queue_key(DEAD)], [dead_id]))
+
+    async def queue_depth(self, group: str) -> tuple[int, int]:
+        """``(messages not yet delivered, messages pending)`` for `group`."""
+        groups = await self._call(self.client.xinfo_groups(self.queue_key(QUEUE)))
+        for info in groups:
+            if text(info.get("name", b"")) == group:
+                lag = info.get("lag")
+                return int(lag or 0), int(info.get("pending", 0))
+        return 0, 0
+
+
+def _fields(raw: Any) -> dict[str, str]:
+    """A stream entry's fields: a dict from redis-py, a flat list from a script or the fast lane."""
+    if isinstance(raw, list):
+        raw = dict(zip(raw[::2], raw[1::2], strict=False))
+    return {text(k): text(v) for k, v in (raw or {}).items()}
