@@ -14,7 +14,6 @@ import pytest
 from redis.asyncio.cluster import RedisCluster
 from redis.cluster import key_slot
 
-import werkfluss._engine._executor
 from werkfluss import (
     RunCancelledError,
     Settings,
@@ -57,8 +56,7 @@ async def cs(cluster: RedisCluster3, prefix: str, monkeypatch: pytest.MonkeyPatc
     """Settings for the cluster with the test's own prefix (so its own queue too)."""
     executed.clear()
     # Timers this far off pause the run instead of waiting in memory; tests keep them short.
-    monkeypatch.setattr(werkfluss._engine._executor, "HOLD", 0.05)
-    yield Settings(redis_url=cluster.url, prefix=prefix)
+    yield Settings(redis_url=cluster.url, prefix=prefix, hold=0.05)
     await close_stores()
 
 

@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import msgspec
 import pytest
 
-import werkfluss._engine._executor
 from werkfluss import (
     ConfigurationError,
     HookClosedError,
@@ -45,8 +45,7 @@ SENDERS = 10
 
 @pytest.fixture
 async def wf(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Settings]:
-    monkeypatch.setattr(werkfluss._engine._executor, "HOLD", 0.05)
-    yield settings
+    yield msgspec.structs.replace(settings, hold=0.05)  # timers this far off pause the run
     await close_stores()
 
 

@@ -10,9 +10,9 @@ from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import msgspec
 import pytest
 
-import werkfluss._engine._executor
 from werkfluss import (
     HookConflictError,
     RunCancelledError,
@@ -49,8 +49,7 @@ async def wf(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> AsyncIterat
     calls.clear()
     flags.clear()
     # Timers this far off pause the run instead of waiting in memory; tests keep them short.
-    monkeypatch.setattr(werkfluss._engine._executor, "HOLD", 0.05)
-    yield settings
+    yield msgspec.structs.replace(settings, hold=0.05)
     await close_stores()
 
 

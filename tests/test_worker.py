@@ -126,15 +126,9 @@ async def test_messages_no_worker_can_serve_go_to_the_dead_letters_with_their_re
 
 async def test_due_timers_resume_each_run_once_with_several_workers_polling(wf: Settings) -> None:
     ids = [await enqueue_async(worker_flows.nap_then_add.options(settings=wf), n, 0.5) for n in range(20)]
-    import werkfluss._engine._executor
-
-    hold = werkfluss._engine._executor.HOLD
-    werkfluss._engine._executor.HOLD = 0.05  # pause instead of holding the run in memory
-    try:
-        async with Worker(settings=wf), Worker(settings=wf), Worker(settings=wf):
-            await until_all(wf, ids)
-    finally:
-        werkfluss._engine._executor.HOLD = hold
+    fast = msgspec.structs.replace(wf, hold=0.05)  # pause instead of holding the run in memory
+    async with Worker(settings=fast), Worker(settings=fast), Worker(settings=fast):
+        await until_all(wf, ids)
     for run_id in ids:
         resumes = [e for e in await log_of(wf, run_id) if isinstance(e, RunResumed)]
         assert len(resumes) == 2, run_id  # from the queue, then once when the timer came due
@@ -390,11 +384,9 @@ async def test_a_redis_restart_mid_run_loses_no_completed_step_and_every_run_com
 
 SLEEPER = """
 import sys
-import werkfluss._engine._executor
-from werkfluss import start
+from werkfluss import Settings, start
 from tests import worker_flows
-werkfluss._engine._executor.HOLD = 0.05
-print(start(worker_flows.nap_then_add.options(run_id="sleeper"), 5, 1.5))
+print(start(worker_flows.nap_then_add.options(run_id="sleeper", settings=Settings.from_env(hold=0.05)), 5, 1.5))
 """
 
 

@@ -155,6 +155,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         max_history: Events one run's log may hold; a run that needs more
             fails with `HistoryTooLargeError` (default 51,200). Raise it and
             resume the run to go on.
+        hold: Seconds: a durable sleep due within this long is waited for
+            in memory; a longer one (with nothing else to do) pauses the run,
+            which a timer resumes (default 2).
+        settle: Seconds everything in a run must go on waiting (for hooks,
+            timers, paused child runs) before the run pauses (default 0.01).
     """
 
     redis_url: str | None = None
@@ -165,6 +170,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     max_payload: int = 1 << 20
     history_warning: int = 10_240
     max_history: int = 51_200
+    hold: float = 2.0
+    settle: float = 0.01
 
     def __post_init__(self) -> None:
         if self.fsync not in ("everysec", "always"):
@@ -176,18 +183,22 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         for name in ("max_payload", "history_warning", "max_history"):
             if getattr(self, name) < 1:
                 raise ConfigurationError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("hold", "settle"):
+            if not (_finite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise ConfigurationError(f"{name} must be >= 0 seconds, got {getattr(self, name)}")
 
     @classmethod
     def from_env(cls, **overrides: object) -> Settings:
         """Settings from the environment, one variable per field:
         ``WERKFLUSS_REDIS_URL``, ``WERKFLUSS_DIR``, ``WERKFLUSS_PREFIX``,
         ``WERKFLUSS_FSYNC``, ``WERKFLUSS_LEASE``, ``WERKFLUSS_MAX_PAYLOAD``,
-        ``WERKFLUSS_HISTORY_WARNING`` and ``WERKFLUSS_MAX_HISTORY``;
+        ``WERKFLUSS_HISTORY_WARNING``, ``WERKFLUSS_MAX_HISTORY``,
+        ``WERKFLUSS_HOLD`` and ``WERKFLUSS_SETTLE``;
         keyword arguments that are not ``None`` win."""
         values: dict[str, object] = {}
         for name, field_type in (("lease", float), ("max_payload", int), ("history_warning", int),
                                  ("max_history", int), ("redis_url", str), ("directory", str), ("prefix", str),
-                                 ("fsync", str)):  # fmt: skip
+                                 ("fsync", str), ("hold", float), ("settle", float)):  # fmt: skip
             variable = _env_variable(name)
             raw = os.environ.get(variable)
             if not raw:

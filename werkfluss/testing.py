@@ -10,8 +10,9 @@ new code still replays the runs the old code recorded::
             assert_replays(checkout, run_id)
 
 `check_replay` runs the workflow body against the run's log without
-executing any step: recorded results come back, and the check stops where
-the recorded history ends (a step appended at the end is compatible). It
+executing any step: the engine's own executor, told to stop where the
+recorded history ends instead of going on live, hands back the recorded
+results (a step appended at the end is compatible). It
 reports the first divergence: the sequence number, the step the log
 recorded there and the step the code now calls. Runs can also be checked
 offline from saved events (``events=`` a list from `werkfluss.get_events`).
@@ -27,25 +28,19 @@ it. Without pytest, `throwaway_server()` is the same as a context manager.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
-import anyio
-
-from ._context import RunContext, enter_run, exit_run
-from ._engine._executor import RunExecutor
+from ._engine._executor import Body, RunExecutor
 from ._engine._replay import Replay
 from ._errors import ConfigurationError
 from ._events import ErrorInfo, RunFailed, RunStarted
-from ._options import Settings
 from ._queries import get_events_async
 from ._store._embedded import throwaway_server
 from ._sync import blocking
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable
-
-    from ._context import StepLike, WorkflowLike
     from ._events import AnyEvent
+    from ._options import Settings
     from ._wrappers import Workflow
 
 __all__ = [
@@ -128,10 +123,11 @@ async def check_replay_async(
     for index, event in enumerate(events, 1):
         replay.add(index, event)
     args, kwargs = workflow.decode_call(started.args)
-    checker = _Checker(workflow, run_id, replay)
-    outcome = await checker.run_body(args, kwargs)
+    # The real executor, stopping where the recorded history ends instead of going on live.
+    checker = RunExecutor.replayer(workflow, run_id, replay)
+    outcome = await checker.replay_body(args, kwargs)
     failed = next((e for e in reversed(events) if isinstance(e, RunFailed)), None)
-    return ReplayCheck(run_id, len(checker.replayed), checker.divergence(outcome, failed))
+    return ReplayCheck(run_id, len(checker.reached or ()), _divergence(checker, outcome, failed))
 
 
 def check_replay(
@@ -159,113 +155,29 @@ def assert_replays(
     return result
 
 
-@dataclass
-class _Outcome:
-    returned: bool = False
-    error: BaseException | None = None
-
-
-class _Checker(RunExecutor):
-    """A `RunExecutor` that returns what the log recorded and stops the body
-    where the history ends, instead of executing or waiting for anything."""
-
-    def __init__(self, workflow: Workflow[Any, Any], run_id: str, replay: Replay) -> None:
-        super().__init__(cast("Any", None), workflow, run_id, 0, replay, Settings(), _no_children)
-        self.replayed: set[int] = set()
-        self.frontier: int | None = None  # the first call the log has no record of
-
-    async def run_body(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Outcome:
-        outcome = _Outcome()
-        with anyio.CancelScope() as body:
-            self._body = body
-            token = enter_run(RunContext(self.run_id, self))
-            try:
-                await self.workflow.fn(*args, **kwargs)
-                outcome.returned = True
-            except Exception as exc:
-                outcome.error = exc
-            finally:
-                exit_run(token)
-        self._body = None
-        return outcome
-
-    def divergence(self, outcome: _Outcome, failed: RunFailed | None) -> Divergence | None:
-        where = f"run {self.run_id!r}"
-        if self.diverged is not None:
-            d = self.diverged
-            return Divergence(d.seq, d.recorded, d.called, str(d))
-        if self.frontier is not None:
-            return None  # the code got past everything recorded before this point
-        missing = sorted(seq for seq in self.replay.labels if seq not in self.replayed)
-        if missing:
-            seq = missing[0]
-            recorded = self.replay.labels[seq]
-            ended = "returned" if outcome.returned else f"raised {type(outcome.error).__name__}"
-            return Divergence(
-                seq, recorded, f"nothing: the workflow {ended}",
-                f"{where}: step #{seq} was recorded as {recorded!r} but the workflow now {ended} without calling it",
-            )  # fmt: skip
-        if outcome.error is not None:
-            now = ErrorInfo.from_exception(outcome.error)
-            if failed is None or failed.error.type != now.type:
-                before = f"recorded {failed.error.type}" if failed else "did not record a failure there"
-                return Divergence(
-                    None, failed.error.type if failed else "nothing", now.type,
-                    f"{where}: the workflow now raises {now.type}: {now.message}; the log {before}",
-                )  # fmt: skip
-        return None
-
-    def _reached(self, seq: int, label: str) -> bool:
-        """Check the call at `seq` against the log; True if the log has its outcome."""
-        self.check(seq, label)
-        if seq in self.replay.labels:
-            self.replayed.add(seq)
-            return True
-        return False
-
-    async def _history_ends(self, seq: int) -> Any:
-        if self.frontier is None or seq < self.frontier:
-            self.frontier = seq
-        if self._body is not None:
-            self._body.cancel()
-        await anyio.sleep_forever()
-
-    async def run_step(self, step: StepLike, seq: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        if self._reached(seq, step.id) and (seq in self.replay.completed or seq in self.replay.failed):
-            return await super().run_step(step, seq, args, kwargs)
-        return await self._history_ends(seq)
-
-    async def run_child(
-        self, workflow: WorkflowLike, seq: int, child_id: str, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> Any:
-        if self._reached(seq, workflow.id) and (seq in self.replay.completed or seq in self.replay.failed):
-            return await super().run_child(workflow, seq, child_id, args, kwargs)
-        return await self._history_ends(seq)
-
-    async def sleep(self, seq: int, seconds: float) -> None:
-        if not self._reached(seq, "sleep"):
-            await self._history_ends(seq)
-
-    async def receive(self, seq: int, token: str, n: int, type_: Any) -> Any:
-        if self._reached(seq, f"hook:{token}") and (seq, n) in self.replay.hooks:
-            return await super().receive(seq, token, n, type_)
-        return await self._history_ends(seq)
-
-    async def _tidy(self, token: str, entry: str) -> None:
-        """A check reads; it leaves the mailboxes alone."""
-
-    async def race(self, seq: int, awaitables: list[Awaitable[Any]]) -> tuple[int, Any]:
-        if self._reached(seq, "race"):
-            return await super().race(seq, awaitables)
-        for awaitable in awaitables:
-            close = getattr(awaitable, "close", None)
-            if close is not None:
-                close()
-        return cast("tuple[int, Any]", await self._history_ends(seq))
-
-
-async def _no_children(*_: Any) -> Any:  # pragma: no cover - _Checker.run_child never drives one
-    raise AssertionError("a replay check drives no child run")
+def _divergence(checker: RunExecutor, outcome: Body, failed: RunFailed | None) -> Divergence | None:
+    """The first mismatch a `RunExecutor.replayer` found between the code and the log."""
+    where = f"run {checker.run_id!r}"
+    if checker.diverged is not None:
+        d = checker.diverged
+        return Divergence(d.seq, d.recorded, d.called, str(d))
+    if checker.frontier is not None:
+        return None  # the code got past everything recorded before this point
+    reached = checker.reached or set()
+    missing = sorted(seq for seq in checker.replay.labels if seq not in reached)
+    if missing:
+        seq = missing[0]
+        recorded = checker.replay.labels[seq]
+        ended = "returned" if outcome.returned else f"raised {type(outcome.error).__name__}"
+        message = f"{where}: step #{seq} was recorded as {recorded!r} but the workflow now {ended} without calling it"
+        return Divergence(seq, recorded, f"nothing: the workflow {ended}", message)
+    if outcome.error is not None:
+        now = ErrorInfo.from_exception(outcome.error)
+        if failed is None or failed.error.type != now.type:
+            before = f"recorded {failed.error.type}" if failed else "did not record a failure there"
+            message = f"{where}: the workflow now raises {now.type}: {now.message}; the log {before}"
+            return Divergence(None, failed.error.type if failed else "nothing", now.type, message)
+    return None
 
 
 try:

@@ -39,9 +39,9 @@ from typing import Any
 
 import anyio
 
-import werkfluss._engine._executor
 from werkfluss import hook, race, sleep, step, step_key, workflow
 from werkfluss._context import current_run
+from werkfluss._engine._executor import RunExecutor
 
 BARRIER_LIMIT = 300.0  # seconds a barrier holds at most: a forgotten process must not hang forever
 BARRIER_POLL = 0.005
@@ -223,10 +223,6 @@ async def approval(n: int) -> str:
 
 
 # -- R-21, R-03 (pause): a step, a durable sleep, a step -------------------------------------------------------------
-
-if os.environ.get("WF_FAULT_HOLD"):  # worker processes: pause for any sleep longer than this
-    werkfluss._engine._executor.HOLD = float(os.environ["WF_FAULT_HOLD"])
-
 
 @workflow(name="faults:nap")
 async def nap(n: int, seconds: float) -> str:
@@ -465,7 +461,7 @@ if os.environ.get("WF_FAULT_NO_RENEW") == "1":  # R-16's negative control, test 
     async def _never(self: Any) -> None:
         await anyio.sleep_forever()
 
-    werkfluss._engine._executor.RunExecutor._keep_lease = _never  # type: ignore[method-assign]
+    RunExecutor._keep_lease = _never  # type: ignore[method-assign]
     werkfluss._worker.Worker._touch = _never  # type: ignore[method-assign]
 
 

@@ -166,7 +166,7 @@ class Faults:
             (root / part).mkdir(parents=True, exist_ok=True)
         self.env = {
             **env, "WF_FAULT_DIR": str(root), "WF_FAULT_INSTRUMENT": "1", "WERKFLUSS_LEASE": str(settings.lease),
-            "WF_FAULT_HOLD": "0.05",  # a durable sleep longer than this pauses its run
+            "WERKFLUSS_HOLD": "0.05",  # Settings.hold: a durable sleep longer than this pauses its run
         }  # fmt: skip
         self.workers = Workers(self.env, root / "workers", "tests.faults.flows", concurrency=concurrency)
         self.url = url

@@ -270,7 +270,7 @@ def test_r19_a_delivery_to_a_finished_run_is_refused_and_creates_nothing(faults:
 
 # -- R-21 --------------------------------------------------------------------------------------------------------------
 
-NAP = 2.5  # seconds of durable sleep (RELIABILITY.md: 30); longer than WF_FAULT_HOLD, so the run pauses
+NAP = 2.5  # seconds of durable sleep (RELIABILITY.md: 30); longer than the workers' Settings.hold, so the run pauses
 DOWN_PAST_DUE = 1.0  # the workers come back this long after the timers came due (RELIABILITY.md: 10 s)
 
 

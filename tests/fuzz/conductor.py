@@ -49,7 +49,7 @@ if TYPE_CHECKING:
 
 __all__ = ["HOLD", "Outcome", "World", "conduct", "outcome_of"]
 
-HOLD = 0.3  # werkfluss._engine._executor.HOLD while fuzzing: sleeps longer than this pause the run
+HOLD = 0.3  # Settings.hold while fuzzing: sleeps longer than this pause the run
 DEADLINE = 15.0  # seconds one program may take beyond its sleeps (a hang costs this much per example)
 
 START = """

@@ -16,11 +16,8 @@ from typing import TYPE_CHECKING
 import pytest
 from hypothesis.configuration import set_hypothesis_home_dir
 
-import werkfluss._engine._executor
-
 from ..conftest import Server
 from ..servers import RedisProcess
-from .conductor import HOLD
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -45,9 +42,3 @@ def fuzz_server(request: pytest.FixtureRequest) -> tuple[Server, RedisProcess | 
         return request.getfixturevalue("valkey_server"), None
     redis = request.getfixturevalue("restartable_redis")
     return Server("redis", {"WERKFLUSS_REDIS_URL": redis.url}, redis.url), redis
-
-
-@pytest.fixture(autouse=True)
-def short_hold(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Sleeps longer than `HOLD` pause the run in this process too (worker processes get WF_FAULT_HOLD)."""
-    monkeypatch.setattr(werkfluss._engine._executor, "HOLD", HOLD)

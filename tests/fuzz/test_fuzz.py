@@ -83,9 +83,9 @@ def run_example(
     """Run the reference, then werkfluss under `fault`; fail with the program as Python on any problem."""
     root = Path(tempfile.mkdtemp(prefix=f"wf-fuzz-{next(_counter)}-"))
     prefix = f"fz{uuid.uuid4().hex[:8]}:"
-    settings_ = msgspec.structs.replace(server.settings(prefix), lease=LEASE)
+    settings_ = msgspec.structs.replace(server.settings(prefix), lease=LEASE, hold=HOLD)
     faults = Faults(root, server_env(server, prefix), server.url, settings_, kind=server.kind)
-    faults.env["WF_FAULT_HOLD"] = str(HOLD)
+    faults.env["WERKFLUSS_HOLD"] = str(HOLD)
     faults.workers = Workers(faults.env, root / "workers", "tests.fuzz.programs", concurrency=8)
 
     def restart() -> None:
