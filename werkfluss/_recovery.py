@@ -3,7 +3,7 @@
 A run executed by a worker has a queue message until its progress is in
 the log; a paused run has a timer entry or waits for a hook; a run that
 `start()` executes has a watchdog wake-up on the timer set (see
-`_runtime.drive`). A run that has none of these and no live holder is
+`_engine._drive.drive`). A run that has none of these and no live holder is
 stuck: a `start()` script of an older version that died, or a process that
 died in the one round trip between taking a run and arming its watchdog,
 or an `enqueue` that died between creating its run and queueing it.
@@ -21,7 +21,7 @@ import math
 import random
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import anyio
 
@@ -33,16 +33,49 @@ from ._logging import log
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    from ._options import Settings
     from ._store import RedisStore
-    from ._worker import Worker
 
-__all__ = ["BATCH", "QUEUE_LIMIT", "SWEEP_EVERY", "Sweep", "recover_stuck_runs", "sweep", "sweep_after_outage"]
+__all__ = [
+    "BATCH",
+    "QUEUE_LIMIT",
+    "SWEEP_EVERY",
+    "Serving",
+    "Sweep",
+    "recover_stuck_runs",
+    "sweep",
+    "sweep_after_outage",
+]
 
 BATCH = 200  # runs read per round trip of the sweep
 QUEUE_LIMIT = 10_000  # a longer queue is a backlog: the sweep waits for a round with less
 SWEEP_EVERY = 600.0  # seconds: at most one sweep per prefix this often, by whichever worker
 _PAUSE = 0.005  # seconds between batches: a sweep of a large index never crowds out real work
 _FIELDS = ("status", "holder", "lease", "updated")
+
+
+class Serving(Protocol):
+    """What a sweep asks of the worker it runs in (`Worker`): its name, store and
+    lease, and whether (and when) it stops."""
+
+    @property
+    def name(self) -> str:
+        """The worker's name, for the log and the sweep's claim."""
+
+    @property
+    def settings(self) -> Settings:
+        """Its settings: the lease."""
+
+    @property
+    def store(self) -> RedisStore:
+        """Its connection."""
+
+    @property
+    def stopping(self) -> bool:
+        """Whether it is stopping."""
+
+    async def wait(self) -> None:
+        """Wait until it stops."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,7 +87,7 @@ class Sweep:
     seconds: float
 
 
-async def recover_stuck_runs(worker: Worker) -> None:
+async def recover_stuck_runs(worker: Serving) -> None:
     """Sweep for stuck runs as `worker` starts serving, and again every `SWEEP_EVERY`
     seconds or so while it serves (a task of the worker): a run can also get stuck
     later, when a server rolled back by a failover keeps a run the queue has
@@ -68,7 +101,7 @@ async def recover_stuck_runs(worker: Worker) -> None:
             await worker.wait()
 
 
-async def sweep_after_outage(worker: Worker) -> None:
+async def sweep_after_outage(worker: Serving) -> None:
     """Sweep once the server answers again after an outage (a task of `worker`).
 
     A server that restarted from an older append-only file, or a replica
@@ -79,23 +112,23 @@ async def sweep_after_outage(worker: Worker) -> None:
     await _sweep_once(worker, "sweep:outage", worker.settings.lease, margin=-math.inf)
 
 
-async def _sweep_once(worker: Worker, key: str = "sweep", every: float = SWEEP_EVERY, **options: float) -> None:
+async def _sweep_once(worker: Serving, key: str = "sweep", every: float = SWEEP_EVERY, **options: float) -> None:
     store = worker.store
     try:
         if not await store.claim_sweep(worker.name, every, key=key):
             return  # another worker swept within `every`
         queued = await _queued(store, lambda: worker.stopping)
         if queued is None:
-            log.info("worker %s: the queue holds more than %d messages; no sweep for stuck runs this time",
-                     worker.name, QUEUE_LIMIT)  # fmt: skip
+            backlog = f"the queue holds more than {QUEUE_LIMIT} messages"
+            log.info("worker %s: %s; no sweep for stuck runs this time", worker.name, backlog)
             return
         done = await sweep(store, worker.settings.lease, queued, stopping=lambda: worker.stopping, **options)
     except Exception as exc:
-        log.warning("worker %s: the sweep for stuck runs stopped: %s", worker.name, exc,
-                    exc_info=not isinstance(exc, StorageError))  # fmt: skip
+        trace = not isinstance(exc, StorageError)
+        log.warning("worker %s: the sweep for stuck runs stopped: %s", worker.name, exc, exc_info=trace)
         return
-    log.info("worker %s: swept %d runs in %.2f s; woke %d that nobody was executing", worker.name, done.scanned,
-             done.seconds, done.woken)  # fmt: skip
+    name, scanned, seconds, woken = worker.name, done.scanned, done.seconds, done.woken
+    log.info("worker %s: swept %d runs in %.2f s; woke %d that nobody was executing", name, scanned, seconds, woken)
 
 
 async def _queued(store: RedisStore, stopping: Callable[[], bool]) -> set[str] | None:

@@ -8,44 +8,42 @@ messages it holds; a worker that dies stops doing so, and after the lease
 another worker claims its messages with ``XAUTOCLAIM`` and resumes the runs
 from their logs. A message delivered more than `max_deliveries` times goes
 to the dead letters with its last error. Every worker also moves due
-timers to the queue (atomically: one script, so no double resume).
+timers to the queue (`_due_timers`) and sweeps for runs nobody would
+resume (`_recovery`). Here: its start and stop, and its message loops;
+what it does with one message's run is `_take`.
 """
 
 from __future__ import annotations
 
+import functools
 import random
 import time
-from logging import INFO
+from contextlib import AsyncExitStack
 from typing import TYPE_CHECKING, Any
 
 import anyio
-import msgspec
 
 from ._client import open_store
-from ._engine._drive import drive_child, resumed_from
-from ._engine._executor import Released, RunExecutor, fails
-from ._engine._replay import Replay
-from ._errors import ConfigurationError, SerializationError, StorageError, _Suspend
-from ._events import ErrorInfo, RunFailed, RunResumed, encode_event
-from ._holder import Holding, holder_is_dead, holder_prefix, holding, process_holder
-from ._ids import check_run_id
-from ._logging import log, note
+from ._due_timers import move_due_timers
+from ._engine._executor import fails
+from ._errors import ConfigurationError, StorageError, _Suspend
+from ._holder import process_holder
+from ._logging import log
 from ._options import Settings
 from ._recovery import recover_stuck_runs, sweep_after_outage
-from ._wrappers import registered_workflow
+from ._take import GROUP, Outcome, fail_buried, take
 
 if TYPE_CHECKING:
     from types import TracebackType
 
     from anyio.abc import TaskGroup
 
-    from ._store import AcquireResult, RedisStore
+    from ._engine._executor import RunExecutor
+    from ._store import RedisStore
 
 __all__ = ["GROUP", "Worker"]
 
 
-GROUP = "workers"
-_MOVE_BATCH = 100  # due timers moved per script call: bounded work per call, for a herd too
 _DECLINED_FOR = 3  # leases a worker leaves a message of a workflow it does not define to the others
 
 
@@ -95,12 +93,12 @@ class Worker:
         self.processed = 0  # messages finished (acked, dead-lettered or handed back)
         self._store: RedisStore | None = None
         self._tg: TaskGroup | None = None
+        self._exit = AsyncExitStack()  # what leaving the worker undoes: its task group
         self._slots = anyio.Semaphore(concurrency)
         self._held: dict[str, RunExecutor | None] = {}  # message id -> the run's executor, once it runs
         self._stopping = anyio.Event()
         self._now = False  # stop(now=True): no grace
         self._grace_scope: anyio.CancelScope | None = None  # the drain's wait, while it waits
-        self._stopped = anyio.Event()
         self._empty = anyio.Event()  # set whenever the last held message is done
         self._suspect: str | None = None  # a redelivered message on probation here (see _reclaim)
         self._trusted = anyio.Event()  # set when the probation of _suspect ends
@@ -123,27 +121,32 @@ class Worker:
         return self._store
 
     async def __aenter__(self) -> Worker:
-        self._store = await open_store(self.settings)
-        await self._store.ensure_group(GROUP)
-        self._tg = anyio.create_task_group()
-        await self._tg.__aenter__()
-        self._tg.start_soon(self._read)
-        self._tg.start_soon(self._timers)
-        self._tg.start_soon(self._reclaim)
-        self._tg.start_soon(self._touch)
-        self._tg.start_soon(recover_stuck_runs, self)  # runs nobody would ever resume
+        async with AsyncExitStack() as stack:
+            self._store = await open_store(self.settings)
+            await self._store.ensure_group(GROUP)
+            self._tg = await stack.enter_async_context(anyio.create_task_group())
+            stack.push_async_callback(self._shut_down)  # runs before the task group exits
+            self._tg.start_soon(self._read)
+            self._tg.start_soon(move_due_timers, self.store, self.name, self.poll, self._stopping)
+            self._tg.start_soon(self._reclaim)
+            self._tg.start_soon(self._touch)
+            self._tg.start_soon(recover_stuck_runs, self)  # runs nobody would ever resume
+            self._exit = stack.pop_all()
         log.info("worker %s serving %d concurrent runs", self.name, self.concurrency)
         return self
 
     async def __aexit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> bool | None:
+        return await self._exit.__aexit__(kind, exc, tb)
+
+    async def _shut_down(self) -> None:
+        """Stop, give the runs their grace, then end the loops (the task group waits for them)."""
         self.stop()
         with anyio.CancelScope(shield=True):
             await self._drain()
         assert self._tg is not None
         self._tg.cancel_scope.cancel()
-        return await self._tg.__aexit__(kind, exc, tb)
 
     async def run(self) -> None:
         """Serve until `stop()` is called (or the task is cancelled)."""
@@ -180,9 +183,8 @@ class Worker:
                 await self._empty.wait()
             self._grace_scope = None
         if self._held:
-            log.warning("worker %s: %d runs did not stop within %g s; handing them back", self.name,
-                        len(self._held), self.grace)  # fmt: skip
-        self._stopped.set()
+            count = len(self._held)
+            log.warning("worker %s: %d runs did not stop within %g s; handing them back", self.name, count, self.grace)
 
     # -- loops --------------------------------------------------------------------------
 
@@ -225,32 +227,6 @@ class Worker:
     def _requeue(self, message: str, fields: dict[str, str]) -> Any:
         return self.store.requeue(GROUP, message, fields.get("r", ""), retry=fields.get("x") == "1")
 
-    async def _timers(self) -> None:
-        """Move due timers to the queue, as they come due: a nudge from the server (a
-        hook delivered, a child ended) moves them at once, and between nudges this
-        sleeps in BLPOP until the next is due, at most `poll` seconds."""
-        while not self._stopping.is_set():
-            try:
-                moved, wait = await self.store.move_due(_MOVE_BATCH)
-            except Exception as exc:
-                log.warning("worker %s: cannot move due timers, retrying: %s", self.name, exc, exc_info=_bug(exc))
-                with anyio.move_on_after(1.0):
-                    await self._stopping.wait()
-                continue
-            if moved:
-                log.debug("worker %s moved %d due timers to the queue", self.name, moved)
-                if moved >= _MOVE_BATCH:
-                    continue  # a herd: the next batch at once
-            timeout = self.poll if wait is None else min(self.poll, wait)
-            if timeout <= 0:
-                continue
-            try:
-                await self.store.wait_for_nudge(timeout)
-            except Exception as exc:
-                log.warning("worker %s: cannot wait for timers, retrying: %s", self.name, exc, exc_info=_bug(exc))
-                with anyio.move_on_after(1.0):
-                    await self._stopping.wait()
-
     async def _reclaim(self) -> None:
         """Resume the runs of workers that stopped renewing their messages (they died).
 
@@ -279,24 +255,25 @@ class Worker:
             now = time.monotonic()
             self._declined = {m: until for m, until in self._declined.items() if until > now}
             try:
+                held = [*self._held, *self._declined]
                 claimed, buried = await self.store.reclaim(
-                    GROUP, self.name, lease, count, self.max_deliveries, suspect=quarantine,
-                    held=[*self._held, *self._declined],
-                )  # fmt: skip
+                    GROUP, self.name, lease, count, self.max_deliveries, suspect=quarantine, held=held
+                )
                 backlog = sum(not suspect for _, _, suspect in claimed) + len(buried) >= count
                 self._answered()
                 for run_id, reason in buried:
-                    await self._fail_buried(run_id, reason)
+                    await fail_buried(self.store, self.settings, self.name, run_id, reason)
             except Exception as exc:
-                log.warning("worker %s: cannot claim abandoned messages, retrying: %s", self.name, exc,
-                            exc_info=_bug(exc))  # fmt: skip
+                log.warning(
+                    "worker %s: cannot claim abandoned messages, retrying: %s", self.name, exc, exc_info=_bug(exc)
+                )
                 self._outage = self._outage or isinstance(exc, StorageError)
                 continue
             for message, fields, suspect in claimed:
                 if message in self._held:
                     continue
-                log.info("worker %s claimed message %s (run %s), left unfinished past the lease%s", self.name,
-                         message, fields.get("r"), " (on probation)" if suspect else "")  # fmt: skip
+                why = "left unfinished past the lease" + (" (on probation)" if suspect else "")
+                log.info("worker %s claimed message %s (run %s), %s", self.name, message, fields.get("r"), why)
                 if suspect:
                     self._begin_probation(message)
                 await self._spawn(message, fields, slot=not suspect)
@@ -362,15 +339,21 @@ class Worker:
         renew its lease either: no new step starts, and its slot is freed); other
         workers claim the messages and resume the runs from their logs.
         """
-        log.error("worker %s has not reached the store for %.1f s (lease %g s): its runs stop and go to other "
-                  "workers (%d messages held)", self.name, seconds, self.settings.lease, len(self._held))  # fmt: skip
+        held, lease = len(self._held), self.settings.lease
+        message = "worker %s has not reached the store for %.1f s (lease %g s): its runs stop and go to other workers"
+        log.error(message + " (%d messages held)", self.name, seconds, lease, held)
 
     # -- one message --------------------------------------------------------------------
 
     async def _handle(self, message: str, fields: dict[str, str], slot: bool = True) -> None:
-        outcome = "keep"  # leave it pending: another delivery will try again
+        outcome: Outcome = "keep"  # leave it pending: another delivery will try again
         try:
-            outcome = await self._process(message, fields)
+            started = functools.partial(self._started, message)
+            outcome = await take(self.store, self.settings, self.name, message, fields, started)
+            if outcome == "declined":
+                # Other workers claim it once it is idle past the lease; this one waits a while longer,
+                # so that one that defines the workflow gets it (each claim counts a delivery).
+                self._declined[message] = time.monotonic() + _DECLINED_FOR * self.settings.lease
         except _Suspend:
             log.info("worker %s: run %s was taken over by another worker; dropping it", self.name, fields.get("r"))
         except BaseException as exc:
@@ -414,119 +397,14 @@ class Worker:
             except StorageError as exc:
                 log.warning("worker %s: %s", self.name, exc)
 
-    async def _acquire(self, run_id: str, held: Holding, *, retry: bool) -> AcquireResult:
-        """Take run `run_id` over for `held`, whatever workflow it is a run of.
-
-        A holder that is provably gone (a process on this host that died, or a caller
-        in this one that stopped without handing the run back, its acquire cancelled
-        on the way) is taken over at once, before its lease runs out: nobody else will
-        ever release the run.
-        """
-        resumed = encode_event(RunResumed(time.time(), held.holder))
-        take_over = ""
-        while True:
-            got = await self.store.acquire(
-                run_id, workflow="", holder=held.holder, lease=self.settings.lease, started=b"", resumed=resumed,
-                retry=retry, process=holder_prefix(), take_over=take_over,
-            )  # fmt: skip
-            if got.kind != "busy" or take_over or not holder_is_dead(got.holder):
-                return got
-            take_over = got.holder
-
-    async def _fail_buried(self, run_id: str, reason: str) -> None:
-        """Mark the run of a message that went to the dead letters as failed, with the reason.
-
-        Its message was delivered too often without finishing (a step that kills
-        its worker, say): left as it was, the run would look forever in progress.
-        It is taken over first, so a holder that is still alive is fenced out.
-        """
-        log.error("worker %s: run %s went to the dead letters: %s", self.name, run_id, reason)
-        try:
-            check_run_id(run_id)
-        except ConfigurationError:
-            return
-        with holding(run_id) as held:
-            got = await self._acquire(run_id, held, retry=False)
-            if got.kind != "resumed":
-                return  # ended meanwhile, or a live holder renews it: leave it be
-            info = ErrorInfo(type="werkfluss.DeadLetter", message=reason)
-            await self.store.finish(
-                run_id, got.epoch, status="failed", event=encode_event(RunFailed(time.time(), info)), field="error",
-                value=msgspec.msgpack.encode(info), failed_seq=None,
-            )  # fmt: skip
-
-    async def _dead(self, message: str, run_id: str, reason: str) -> str:
-        log.error("worker %s: dead-lettering message %s (run %r): %s", self.name, message, run_id, reason)
-        await self.store.dead_letter(GROUP, message, run_id, reason)
-        return "done"
-
-    async def _process(self, message: str, fields: dict[str, str]) -> str:
-        """Handle one message; returns ack, requeue, keep or done (already dealt with)."""
-        run_id = fields.get("r", "")
-        try:
-            check_run_id(run_id)
-        except ConfigurationError:
-            return await self._dead(message, run_id, f"malformed message: no valid run ID in {sorted(fields)}")
-        # A holder name per execution: when this process executes the run already (a
-        # wake-up arrived meanwhile, or a start() here holds it), the run is busy.
-        with holding(run_id) as held:
-            return await self._take(message, run_id, fields, held)
-
-    async def _take(self, message: str, run_id: str, fields: dict[str, str], held: Holding) -> str:
-        """Take run `run_id` over for `message` and execute it; returns like `_process`."""
-        store = self.store
-        got = await self._acquire(run_id, held, retry=fields.get("x") == "1")
-        if got.kind == "missing":
-            return await self._dead(message, run_id, f"there is no run {run_id!r}")
-        if got.kind == "busy":
-            # Its holder is alive and will finish it; look again when its lease would run out
-            # (a holder in this process may be past its lease: then in a moment). The run
-            # itself sees hooks and timers as it goes.
-            await store.wake(run_id, time.time() + (got.lease_left + 0.1 if got.lease_left > 0 else 1.0))
-            return "ack"
-        if got.kind != "resumed":
-            return "ack"  # completed, cancelled, or failed/blocked without a retry: nothing to do
-        workflow = registered_workflow(got.workflow)
-        if workflow is None:
-            await store.release(run_id, got.epoch, pending=True)  # for a worker that defines it
-            await store.note_error(message, f"workflow {got.workflow!r} is not defined in worker {self.name}")
-            # Other workers claim it once it is idle past the lease; this one waits a while longer,
-            # so that one that defines the workflow gets it (each claim counts a delivery).
-            self._declined[message] = time.monotonic() + _DECLINED_FOR * self.settings.lease
-            log.warning("worker %s: run %s needs workflow %r, which this worker does not define; leaving it",
-                        self.name, run_id, got.workflow)  # fmt: skip
-            return "keep"
-        try:
-            replay = await Replay.load(store, run_id, got.retry_seq, got.retry_index)
-            if replay.started is None:
-                raise SerializationError(f"run {run_id!r} has no run-started event")
-            args, kwargs = workflow.decode_call(bytes(replay.started.args))
-        except SerializationError as exc:
-            # A log that does not decode will not decode next time either: the run fails.
-            info = ErrorInfo(type="werkfluss.SerializationError", message=str(exc))
-            await store.finish(
-                run_id, got.epoch, status="failed", event=encode_event(RunFailed(time.time(), info)), field="error",
-                value=msgspec.msgpack.encode(info), failed_seq=None,
-            )  # fmt: skip
-            return await self._dead(message, run_id, str(exc))
-        note(INFO, "run.resumed", run_id, "run %s (%s) resumed %s on worker %s", run_id, workflow.id,
-             resumed_from(got.previous), self.name)  # fmt: skip
-        executor = RunExecutor(
-            store, workflow, run_id, got.epoch, replay, self.settings, drive_child, cancel=got.cancel,
-            parent=replay.started.parent or "", holding=held,
-        )  # fmt: skip
+    def _started(self, message: str, executor: RunExecutor) -> None:
+        """`message`'s run is about to execute: hold its executor (a shutdown stops it),
+        and trust it again once it records progress if it is on probation."""
         self._held[message] = executor
         if self._suspect == message:
             executor.on_progress = lambda: self._end_probation(message)
         if self._stopping.is_set():
             executor.stop()
-        try:
-            outcome = await executor.execute(args, kwargs)
-        except BaseException as exc:
-            if executor.ended and fails(exc):
-                return "ack"  # failed, blocked or cancelled, and recorded so
-            raise
-        return "requeue" if isinstance(outcome, Released) else "ack"  # ended or paused
 
 
 def _bug(exc: BaseException) -> bool:
