@@ -65,8 +65,8 @@ from werkfluss import (  # noqa: E402
     invoke_hook_async,
     start_async,
 )
-from werkfluss._client import close_stores, open_store  # noqa: E402
 from werkfluss._store._embedded import ensure_server, stop_server  # noqa: E402
+from werkfluss._store._open import close_stores, open_store  # noqa: E402
 from werkfluss.events import RunCompleted, RunFailed, StepCompleted, StepFailed  # noqa: E402
 
 if TYPE_CHECKING:

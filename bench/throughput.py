@@ -47,8 +47,8 @@ import bench_flows  # noqa: E402  (the workers import it by this name too)
 from tables import fmt, print_table  # noqa: E402
 
 from werkfluss import Settings, enqueue_async  # noqa: E402
-from werkfluss._client import close_stores, open_store  # noqa: E402
 from werkfluss._store._embedded import ensure_server, stop_server  # noqa: E402
+from werkfluss._store._open import close_stores, open_store  # noqa: E402
 
 if TYPE_CHECKING:
     from collections.abc import Sequence

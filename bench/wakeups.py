@@ -43,8 +43,8 @@ from tables import fmt, print_table  # noqa: E402
 from throughput import percentile, start_processes, stop_processes  # noqa: E402
 
 from werkfluss import Settings, enqueue_async, invoke_hook_async  # noqa: E402
-from werkfluss._client import close_stores, open_store  # noqa: E402
 from werkfluss._store._embedded import ensure_server, stop_server  # noqa: E402
+from werkfluss._store._open import close_stores, open_store  # noqa: E402
 
 # What idle workers send themselves, as opposed to what their scripts run inside the server.
 CLIENT_COMMANDS = {"evalsha", "eval", "xreadgroup", "blpop", "ping", "zadd", "xadd", "hgetall", "hello", "client",

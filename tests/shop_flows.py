@@ -8,7 +8,7 @@ from collections import Counter
 import anyio
 
 from werkfluss import RetryPolicy, Settings, hook, invoke_hook_async, start_async, step, workflow
-from werkfluss._client import open_store
+from werkfluss._store._open import open_store
 
 attempts: Counter[str] = Counter()  # charge attempts by order
 executions: Counter[str] = Counter()  # step bodies run, by step

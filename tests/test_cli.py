@@ -15,7 +15,7 @@ import anyio
 import pytest
 
 from werkfluss import get_events_async, get_run_async, hook, invoke_hook_async, start_async, workflow
-from werkfluss._client import close_stores, open_store
+from werkfluss._store._open import close_stores, open_store
 from werkfluss.events import RunPaused, RunResumed, RunStarted, StepCompleted, StepFailed
 
 from .shop_flows import SECRET, attempts, run_checkout

@@ -28,9 +28,9 @@ from werkfluss import (
     step,
     workflow,
 )
-from werkfluss._client import close_stores, open_store
 from werkfluss._events import HookReceived, RunPaused, TimerStarted
 from werkfluss._store import RedisStore
+from werkfluss._store._open import close_stores, open_store
 from werkfluss._store._runs import ACQUIRE
 
 from .servers import RedisCluster3, free_port

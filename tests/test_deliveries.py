@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from werkfluss._client import close_stores, open_store
+from werkfluss._store._open import close_stores, open_store
 from werkfluss._worker import GROUP
 
 if TYPE_CHECKING:

@@ -36,8 +36,8 @@ from werkfluss import (
     step,
     workflow,
 )
-from werkfluss._client import close_stores, open_store
 from werkfluss._store._embedded import ensure_server, server_status, stop_server
+from werkfluss._store._open import close_stores, open_store
 
 from . import worker_flows
 from .conftest import ROOT, wait_for

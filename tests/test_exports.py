@@ -282,7 +282,7 @@ def test_the_import_scanner_sees_what_it_should() -> None:
         return _imports(module, ast.parse(files[module].read_text()), skip_type_checking=skip_type_checking)
 
     assert "werkfluss._errors" in imports("werkfluss._store._embedded")  # an absolute import
-    assert "werkfluss._store._embedded" in imports("werkfluss._client")  # two levels of package
+    assert "werkfluss._store._embedded" in imports("werkfluss._cli")  # two levels of package
     assert "redis.asyncio" in imports("werkfluss._store")
     assert "werkfluss.events" in imports("werkfluss")  # from . import events
 

@@ -22,8 +22,8 @@ import msgspec
 import pytest
 
 from werkfluss import Settings, Worker, enqueue_async, hook, race, sleep, start, start_async, step, workflow
-from werkfluss._client import close_stores, open_store
 from werkfluss._events import RunCompleted, RunPaused, RunResumed, StepCompleted, encode_event
+from werkfluss._store._open import close_stores, open_store
 
 from .conftest import ROOT, wait_for
 from .test_runtime import events

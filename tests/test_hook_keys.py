@@ -28,8 +28,8 @@ from werkfluss import (
     start_async,
     workflow,
 )
-from werkfluss._client import close_stores, open_store
 from werkfluss._events import HookReceived
+from werkfluss._store._open import close_stores, open_store
 
 from .test_runtime import events
 

@@ -21,7 +21,7 @@ from werkfluss import (
     step,
     workflow,
 )
-from werkfluss._client import close_stores
+from werkfluss._store._open import close_stores
 from werkfluss.events import StepFailed
 
 from .test_runtime import events

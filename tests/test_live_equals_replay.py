@@ -35,8 +35,8 @@ from werkfluss import (
     step,
     workflow,
 )
-from werkfluss._client import close_stores
 from werkfluss._events import RaceWon, RunStarted, StepCompleted, StepFailed
+from werkfluss._store._open import close_stores
 from werkfluss.testing import check_replay_async
 
 from .test_runtime import events

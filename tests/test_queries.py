@@ -23,7 +23,7 @@ from werkfluss import (
     step,
     workflow,
 )
-from werkfluss._client import close_stores, open_store
+from werkfluss._store._open import close_stores, open_store
 from werkfluss.events import HookReceived, RunFailed, RunPaused, RunStarted, StepCompleted, StepFailed
 
 from .shop_flows import SECRET, attempts, run_checkout

@@ -32,8 +32,8 @@ from werkfluss import (
     step_key,
     workflow,
 )
-from werkfluss._client import close_stores, open_store
 from werkfluss._events import RunCompleted, RunResumed, StepCompleted, StepFailed, decode_event, encode_event
+from werkfluss._store._open import close_stores, open_store
 
 from .conftest import wait_for
 

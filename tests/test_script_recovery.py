@@ -27,9 +27,9 @@ import pytest
 import redis
 
 from werkfluss import Settings, enqueue_async
-from werkfluss._client import close_stores, open_store
 from werkfluss._events import AnyEvent, RunResumed, Waiting, decode_event
 from werkfluss._recovery import sweep
+from werkfluss._store._open import close_stores, open_store
 
 from .conftest import ROOT, wait_for
 from .faults.harness import report

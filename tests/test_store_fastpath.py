@@ -17,9 +17,9 @@ from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ResponseError
 
 from werkfluss import Settings, Worker, _store, enqueue_async, start_async, step, workflow
-from werkfluss._client import close_stores, open_store
 from werkfluss._errors import StorageError, _Suspend
 from werkfluss._store import _lane, _run_reads
+from werkfluss._store._open import close_stores, open_store
 from werkfluss._store._runs import APPEND
 
 if TYPE_CHECKING:

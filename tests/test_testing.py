@@ -20,7 +20,7 @@ from werkfluss import (
     step,
     workflow,
 )
-from werkfluss._client import close_stores, open_store
+from werkfluss._store._open import close_stores, open_store
 from werkfluss.testing import assert_replays, check_replay_async
 
 from .shop_flows import SECRET, attempts, charge, checkout, executions, reserve, run_checkout, ship

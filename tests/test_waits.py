@@ -32,8 +32,8 @@ from werkfluss import (
     step_key,
     workflow,
 )
-from werkfluss._client import close_stores, open_store
 from werkfluss._events import HookReceived, RaceWon, RunCancelled, RunPaused, RunStarted, StepCompleted, TimerStarted
+from werkfluss._store._open import close_stores, open_store
 
 from .test_runtime import events, status
 

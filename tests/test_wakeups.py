@@ -14,7 +14,7 @@ import anyio
 import pytest
 
 from werkfluss import Worker, cancel_async, enqueue_async, hook, invoke_hook_async, sleep, step, workflow
-from werkfluss._client import close_stores, open_store
+from werkfluss._store._open import close_stores, open_store
 
 from .test_worker import until_all
 

@@ -16,9 +16,9 @@ import msgspec
 import pytest
 
 from werkfluss import RetryPolicy, Settings, Worker, enqueue_async, step, workflow
-from werkfluss._client import close_stores, open_store
 from werkfluss._events import RunResumed, StepCompleted, decode_event, encode_event
 from werkfluss._holder import holder_is_dead, holder_prefix
+from werkfluss._store._open import close_stores, open_store
 
 from . import worker_flows
 from .conftest import ROOT, wait_for

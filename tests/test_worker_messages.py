@@ -11,7 +11,7 @@ import msgspec
 import pytest
 
 from werkfluss import Worker, enqueue_async, hook, invoke_hook_async, step, workflow
-from werkfluss._client import close_stores, open_store
+from werkfluss._store._open import close_stores, open_store
 
 from .test_worker import until_all
 

@@ -1,22 +1,17 @@
-"""What a script calls: start, enqueue, invoke_hook, cancel (each sync and async),
-and the connections behind them.
+"""What a script calls: start, enqueue, invoke_hook, cancel, the hooks' mailboxes
+(each sync and async).
 
-One `RedisStore` is kept per event loop and settings, so repeated
-`start_async` calls reuse their connections; `start()` runs its own event
-loop and closes what it opened before returning.
+Each gets its store from `_store._open` (one per event loop and settings, so
+repeated `start_async` calls reuse their connections); each blocking twin runs
+its own event loop through `_sync.blocking`, which closes what it opened.
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
-import weakref
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
-import anyio
-import anyio.to_thread
 import msgspec
 
 from ._engine._call import RunCall
@@ -24,29 +19,27 @@ from ._engine._drive import args_digest, drive
 from ._errors import ConfigurationError, HookClosedError, RunConflictError, RunNotFoundError
 from ._events import RunCancelled, RunStarted, Waiting, encode_checked, encode_event, encode_run_call
 from ._holder import Holding, live_holding
-from ._ids import check_run_id, derive_run_id
+from ._ids import check_run_id, check_token, derive_run_id
 from ._options import Settings, parse_duration
-from ._store import RedisStore
-from ._store._embedded import ensure_server
-from ._waits import _check_token
+from ._store._open import open_store
+from ._sync import blocking
 from ._wrappers import Step, Workflow
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable
     from datetime import timedelta
+
+    from ._store import RedisStore
 
 __all__ = [
     "PendingHook",
     "cancel",
     "cancel_async",
-    "close_stores",
     "enqueue",
     "enqueue_async",
     "expire_hooks",
     "expire_hooks_async",
     "invoke_hook",
     "invoke_hook_async",
-    "open_store",
     "pending_hooks",
     "pending_hooks_async",
     "start",
@@ -55,42 +48,6 @@ __all__ = [
 
 P = ParamSpec("P")
 R = TypeVar("R")
-T = TypeVar("T")
-
-_stores: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[Settings, RedisStore]] = weakref.WeakKeyDictionary()
-_locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = weakref.WeakKeyDictionary()
-
-
-async def open_store(settings: Settings) -> RedisStore:
-    """The store for `settings` on the running event loop, connecting on first use."""
-    loop = asyncio.get_running_loop()
-    per_loop = _stores.setdefault(loop, {})
-    store = per_loop.get(settings)
-    if store is not None:
-        return store
-    async with _locks.setdefault(loop, asyncio.Lock()):
-        store = per_loop.get(settings)
-        if store is None:
-            store = await _connect(settings)
-            per_loop[settings] = store
-    return store
-
-
-async def _connect(settings: Settings) -> RedisStore:
-    if settings.redis_url is not None:
-        return await RedisStore.connect(prefix=settings.prefix, url=settings.redis_url)
-    server = await anyio.to_thread.run_sync(
-        lambda: ensure_server(Path(settings.directory).resolve(), fsync=settings.fsync)
-    )
-    return await RedisStore.connect(
-        prefix=settings.prefix, unix_socket=str(server.socket_path), password=server.password
-    )
-
-
-async def close_stores() -> None:
-    """Close every store opened on the running event loop."""
-    for store in _stores.pop(asyncio.get_running_loop(), {}).values():
-        await store.close()
 
 
 def _check_workflow(workflow: object, called: str) -> None:
@@ -158,26 +115,7 @@ def start(workflow: Workflow[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
     loop, so it cannot be called from inside one.
     """
     _check_workflow(workflow, "start")
-    return _blocking("start", lambda: start_async(workflow, *args, **kwargs))
-
-
-def _blocking(name: str, call: Callable[[], Awaitable[T]]) -> T:
-    """Run `call` on an event loop of its own, closing the connections it opened."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        pass
-    else:
-        raise RuntimeError(f"{name}() cannot be called inside a running event loop; use 'await {name}_async(...)'")
-
-    async def main() -> T:
-        try:
-            return await call()
-        finally:
-            with anyio.CancelScope(shield=True):
-                await close_stores()
-
-    return anyio.run(main, backend="asyncio")
+    return blocking("start", lambda: start_async(workflow, *args, **kwargs))
 
 
 async def enqueue_async(workflow: Workflow[P, R], /, *args: P.args, **kwargs: P.kwargs) -> str:
@@ -215,7 +153,7 @@ async def enqueue_async(workflow: Workflow[P, R], /, *args: P.args, **kwargs: P.
 def enqueue(workflow: Workflow[P, R], /, *args: P.args, **kwargs: P.kwargs) -> str:
     """Blocking twin of `enqueue_async`: put a run on the queue, return its run ID."""
     _check_workflow(workflow, "enqueue")
-    return _blocking("enqueue", lambda: enqueue_async(workflow, *args, **kwargs))
+    return blocking("enqueue", lambda: enqueue_async(workflow, *args, **kwargs))
 
 
 _MAX_DELIVERY_KEY = 256  # characters: webhook event and delivery IDs are far shorter
@@ -258,7 +196,7 @@ async def invoke_hook_async(
         ConfigurationError: the token or the key is not valid.
         StorageError: Redis/Valkey is unreachable.
     """
-    _check_token(token)
+    check_token(token)
     if key is not None:
         _check_delivery_key(key)
     settings = settings or Settings.from_env()
@@ -284,7 +222,7 @@ async def invoke_hook_async(
 
 def invoke_hook(token: str, payload: Any = None, *, key: str | None = None, settings: Settings | None = None) -> bool:
     """Blocking twin of `invoke_hook_async`: deliver `payload` to hook `token`; False for a repeated `key`."""
-    return _blocking("invoke_hook", lambda: invoke_hook_async(token, payload, key=key, settings=settings))
+    return blocking("invoke_hook", lambda: invoke_hook_async(token, payload, key=key, settings=settings))
 
 
 async def cancel_async(run_id: str, reason: str = "", *, settings: Settings | None = None) -> bool:
@@ -345,7 +283,7 @@ def _decode_waits(raw: bytes) -> list[Waiting]:
 
 def cancel(run_id: str, reason: str = "", *, settings: Settings | None = None) -> bool:
     """Blocking twin of `cancel_async`: cancel run `run_id`."""
-    return _blocking("cancel", lambda: cancel_async(run_id, reason, settings=settings))
+    return blocking("cancel", lambda: cancel_async(run_id, reason, settings=settings))
 
 
 @dataclass(frozen=True, slots=True)
@@ -375,7 +313,7 @@ async def pending_hooks_async(*, limit: int = 100, settings: Settings | None = N
 
 def pending_hooks(*, limit: int = 100, settings: Settings | None = None) -> list[PendingHook]:
     """Blocking twin of `pending_hooks_async`."""
-    return _blocking("pending_hooks", lambda: pending_hooks_async(limit=limit, settings=settings))
+    return blocking("pending_hooks", lambda: pending_hooks_async(limit=limit, settings=settings))
 
 
 async def expire_hooks_async(older_than: float | timedelta | str, *, settings: Settings | None = None) -> list[str]:
@@ -397,4 +335,4 @@ async def expire_hooks_async(older_than: float | timedelta | str, *, settings: S
 
 def expire_hooks(older_than: float | timedelta | str, *, settings: Settings | None = None) -> list[str]:
     """Blocking twin of `expire_hooks_async`."""
-    return _blocking("expire_hooks", lambda: expire_hooks_async(older_than, settings=settings))
+    return blocking("expire_hooks", lambda: expire_hooks_async(older_than, settings=settings))

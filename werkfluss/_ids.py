@@ -96,6 +96,19 @@ def check_run_id(run_id: str) -> str:
     return run_id
 
 
+def check_token(token: str) -> str:
+    """Return `token` if it can name a hook, else raise `ConfigurationError`.
+
+    A token is a key's hash tag like a run ID, so it follows the run ID's rule.
+    """
+    try:
+        return check_run_id(token)
+    except ConfigurationError:
+        raise ConfigurationError(
+            f"invalid hook token {token!r}: use 1 to 200 characters without whitespace or braces"
+        ) from None
+
+
 def derive_run_id(workflow_id: str, encoded_args: bytes) -> str:
     """The run ID for `workflow_id` started with these (deterministically encoded) arguments.
 

@@ -10,12 +10,13 @@ import os
 import re
 from datetime import timedelta
 from typing import Literal
+from urllib.parse import urlsplit, urlunsplit
 
 import msgspec
 
 from ._errors import ConfigurationError
 
-__all__ = ["RetryPolicy", "Settings", "StepOptions", "parse_duration"]
+__all__ = ["RetryPolicy", "Settings", "StepOptions", "parse_duration", "redact"]
 
 Backoff = Literal["exponential", "linear", "constant"]
 
@@ -129,6 +130,20 @@ def parse_duration(duration: float | timedelta | str, *, what: str = "duration")
     if not (_finite(seconds) and seconds >= 0):
         raise ConfigurationError(f"invalid {what} {duration!r}: it must be finite and not negative")
     return seconds
+
+
+def redact(url: str) -> str:
+    """`url` with any password replaced by ``***``, for messages and logs."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparsable URL>"
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 Fsync = Literal["everysec", "always"]

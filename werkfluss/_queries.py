@@ -15,7 +15,6 @@ from typing import Any
 
 import msgspec
 
-from ._client import _blocking, open_store
 from ._engine._drive import error_info
 from ._errors import RunConflictError, RunNotFoundError, StorageError
 from ._events import (
@@ -29,6 +28,8 @@ from ._events import (
 )
 from ._ids import check_run_id
 from ._options import Settings
+from ._store._open import open_store
+from ._sync import blocking
 
 __all__ = [
     "ErrorRecord",
@@ -175,7 +176,7 @@ async def get_run_async(run_id: str, *, settings: Settings | None = None) -> Run
 
 def get_run(run_id: str, *, settings: Settings | None = None) -> RunInfo:
     """Blocking twin of `get_run_async`."""
-    return _blocking("get_run", lambda: get_run_async(run_id, settings=settings))
+    return blocking("get_run", lambda: get_run_async(run_id, settings=settings))
 
 
 def _last_step(newest_first: list[AnyEvent | None]) -> StepCompleted | StepFailed | None:
@@ -253,7 +254,7 @@ def list_runs(
     settings: Settings | None = None,
 ) -> RunPage:
     """Blocking twin of `list_runs_async`."""
-    return _blocking(
+    return blocking(
         "list_runs",
         lambda: list_runs_async(workflow=workflow, status=status, limit=limit, cursor=cursor, settings=settings),
     )
@@ -296,7 +297,7 @@ async def get_events_async(run_id: str, *, settings: Settings | None = None) -> 
 
 def get_events(run_id: str, *, settings: Settings | None = None) -> list[AnyEvent]:
     """Blocking twin of `get_events_async`."""
-    return _blocking("get_events", lambda: get_events_async(run_id, settings=settings))
+    return blocking("get_events", lambda: get_events_async(run_id, settings=settings))
 
 
 # -- resume ----------------------------------------------------------------------------
@@ -326,7 +327,7 @@ async def resume_async(run_id: str, *, settings: Settings | None = None) -> str:
 
 def resume(run_id: str, *, settings: Settings | None = None) -> str:
     """Blocking twin of `resume_async`."""
-    return _blocking("resume", lambda: resume_async(run_id, settings=settings))
+    return blocking("resume", lambda: resume_async(run_id, settings=settings))
 
 
 # -- decoding --------------------------------------------------------------------------

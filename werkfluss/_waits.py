@@ -14,7 +14,7 @@ import anyio
 
 from ._context import RunContext, current_run, current_step
 from ._errors import ConfigurationError, NotInWorkflowError
-from ._ids import check_run_id
+from ._ids import check_token
 from ._options import parse_duration
 
 if TYPE_CHECKING:
@@ -131,17 +131,8 @@ def hook(token: str | None = None, *, type: Any = Any) -> Hook[Any]:
         token = f"{run.run_id}:{seq}"
     elif not isinstance(token, str):
         raise ConfigurationError(f"hook token must be a string, got {token!r}")
-    _check_token(token)
+    check_token(token)
     return Hook(run, seq, token, type)
-
-
-def _check_token(token: str) -> None:
-    try:
-        check_run_id(token)
-    except ConfigurationError:
-        raise ConfigurationError(
-            f"invalid hook token {token!r}: use 1 to 200 characters without whitespace or braces"
-        ) from None
 
 
 def sleep(duration: float | timedelta | str) -> Awaitable[None]:

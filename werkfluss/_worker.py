@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from ._client import open_store
 from ._due_timers import move_due_timers
 from ._engine._executor import fails
 from ._errors import ConfigurationError, StorageError, _Suspend
@@ -31,6 +30,7 @@ from ._holder import process_holder
 from ._logging import log
 from ._options import Settings
 from ._recovery import recover_stuck_runs, sweep_after_outage
+from ._store._open import open_store
 from ._take import GROUP, Outcome, fail_buried, take
 
 if TYPE_CHECKING:

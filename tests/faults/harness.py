@@ -40,7 +40,6 @@ import pytest
 import redis
 
 from werkfluss import Settings, enqueue_async, invoke_hook_async, start_async
-from werkfluss._client import close_stores
 from werkfluss._events import (
     AnyEvent,
     HookReceived,
@@ -51,6 +50,7 @@ from werkfluss._events import (
     TimerStarted,
     decode_event,
 )
+from werkfluss._store._open import close_stores
 
 from ..conftest import ROOT
 from ..workers import Workers, server_env

@@ -33,7 +33,7 @@ import msgspec
 
 import werkfluss._holder
 from werkfluss import RetryPolicy, Settings, StepFailedError, hook, sleep, step, step_key, workflow
-from werkfluss._client import _stores, open_store
+from werkfluss._store._open import _stores, open_store
 
 from .flows import VERSION, conclude, fault_dir, reserve, row, ship, work
 

@@ -47,7 +47,7 @@ STORM = """
 import json, random, sys, time
 import anyio
 from werkfluss import Settings, cancel_async
-from werkfluss._client import close_stores, open_store
+from werkfluss._store._open import close_stores, open_store
 
 runs, count = sys.argv[1].split(","), int(sys.argv[2])
 stats = {"cancels": 0, "interrupted": 0, "returned_true": 0, "returned_false": 0, "errors": 0,

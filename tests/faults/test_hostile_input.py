@@ -24,8 +24,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from werkfluss import enqueue_async, invoke_hook_async
-from werkfluss._client import close_stores, open_store
 from werkfluss._events import RunStarted, encode_event
+from werkfluss._store._open import close_stores, open_store
 
 from ..workers import Workers, server_env
 from .fuzz_flows import healthy, inbox

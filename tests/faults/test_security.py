@@ -27,7 +27,7 @@ from werkfluss import (
     step,
     workflow,
 )
-from werkfluss._client import close_stores
+from werkfluss._store._open import close_stores
 
 from ..servers import add_acl_user, require_binary, tls_redis
 from ..test_cli import run_cli

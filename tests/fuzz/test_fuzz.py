@@ -23,7 +23,7 @@ import pytest
 from hypothesis import HealthCheck, given, note, seed, settings
 from hypothesis import strategies as st
 
-from werkfluss._client import close_stores
+from werkfluss._store._open import close_stores
 
 from ..faults.harness import LEASE, Faults
 from ..workers import Workers, server_env

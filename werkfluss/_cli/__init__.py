@@ -21,21 +21,17 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import anyio
 
-from .._client import close_stores
 from .._errors import ConfigurationError, WerkflussError
 from .._options import Settings
 from .._queries import STATUSES
 from .._store._embedded import ensure_server, server_status, stop_server
+from .._sync import blocking
 from .._worker import Worker
 from .._wrappers import registered_workflows
 from ._commands import dead, hooks, print_json, runs
-
-if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable
 
 __all__ = ["main", "run"]
 
@@ -137,21 +133,17 @@ def _worker(args: argparse.Namespace) -> int:
     forced: list[int] = []  # the signal that stopped the worker at once, if one did
 
     async def serve() -> None:
-        try:
-            async with anyio.create_task_group() as tg:
-                serving = anyio.Event()
-                tg.start_soon(_on_signals, worker, tg.cancel_scope, serving, forced)
-                async with worker:
-                    serving.set()
-                    print(f"werkfluss worker {worker.name} serving {', '.join(names)}", file=sys.stderr, flush=True)
-                    await worker.wait()
-                tg.cancel_scope.cancel()
-        finally:
-            with anyio.CancelScope(shield=True):
-                await close_stores()
+        async with anyio.create_task_group() as tg:
+            serving = anyio.Event()
+            tg.start_soon(_on_signals, worker, tg.cancel_scope, serving, forced)
+            async with worker:
+                serving.set()
+                print(f"werkfluss worker {worker.name} serving {', '.join(names)}", file=sys.stderr, flush=True)
+                await worker.wait()
+            tg.cancel_scope.cancel()
 
     try:
-        anyio.run(serve, backend="asyncio")
+        blocking("worker", serve)
     except BaseExceptionGroup as group:
         # The task group wraps what failed in it (the connection, at start): a lone
         # werkfluss error is reported like every other command's, in one line.
@@ -221,23 +213,13 @@ def _server(args: argparse.Namespace) -> int:
     return 0 if found else 1
 
 
-def _run_async(command: Callable[[argparse.Namespace], Awaitable[int]], args: argparse.Namespace) -> int:
-    async def main() -> int:
-        try:
-            return await command(args)
-        finally:
-            with anyio.CancelScope(shield=True):
-                await close_stores()
-
-    return anyio.run(main, backend="asyncio")
-
-
 def _command(args: argparse.Namespace) -> int:
     if args.command == "worker":
         return _worker(args)
     if args.command == "server":
         return _server(args)
-    return _run_async({"runs": runs, "hooks": hooks, "dead": dead}[args.command], args)
+    command = {"runs": runs, "hooks": hooks, "dead": dead}[args.command]
+    return blocking(args.command, lambda: command(args))
 
 
 def main(argv: list[str] | None = None) -> int:

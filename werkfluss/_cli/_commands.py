@@ -22,12 +22,12 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from .._client import cancel_async, invoke_hook_async, open_store, pending_hooks_async
+from .._client import cancel_async, invoke_hook_async, pending_hooks_async
+from .._dead_letters import dead_letters_async, redrive_async
 from .._errors import ConfigurationError, RunNotFoundError, WerkflussError
 from .._events import AnyEvent, ErrorInfo, Waiting
-from .._options import Settings
+from .._options import Settings, redact
 from .._queries import get_events_async, get_run_async, list_runs_async, resume_async
-from .._store import redact
 from ._timeline import duration, render
 
 if TYPE_CHECKING:
@@ -209,20 +209,20 @@ async def hooks(args: argparse.Namespace) -> int:
 
 async def dead(args: argparse.Namespace) -> int:
     """``werkfluss dead list`` and ``werkfluss dead redrive ID...|--all``."""
-    store = await open_store(_existing(args))
+    settings = _existing(args)
     if args.action == "list":
-        letters = await store.dead_letters(args.limit)
+        letters = await dead_letters_async(limit=args.limit, settings=settings)
         if args.json:
-            print_json([{"id": dead_id, **fields} for dead_id, fields in letters])
+            print_json([{"id": letter.id, **letter.fields} for letter in letters])
         elif not letters:
             print("no dead letters")
         else:
             _table(
                 ["ID", "RUN", "REASON"],
-                [[dead_id, fields.get("r", "?"), fields.get("reason", "")] for dead_id, fields in letters],
+                [[letter.id, letter.fields.get("r", "?"), letter.reason] for letter in letters],
             )
         return 0
-    ids = [i for i, _ in await store.dead_letters(100_000)] if args.all else args.ids
+    ids = [letter.id for letter in await dead_letters_async(limit=100_000, settings=settings)] if args.all else args.ids
     if args.all and not ids:
         # Nothing to do is not a failure: after this, no dead letter is left, as asked.
         print("no dead letters to re-drive")
@@ -231,7 +231,7 @@ async def dead(args: argparse.Namespace) -> int:
         raise ConfigurationError("name the dead letters to re-drive, or pass --all")
     missing = 0
     for dead_id in ids:
-        message = await store.redrive(dead_id)
+        message = await redrive_async(dead_id, settings=settings)
         print(f"{dead_id}: re-driven as {message}" if message else f"{dead_id}: no such dead letter")
         missing += not message
     return 1 if missing else 0
