@@ -728,7 +728,7 @@ def test_builtin_values_round_trip(value: Any) -> None:
 
 
 def _decode_or_decode_error(data: bytes) -> None:
-    """decode_event returns an event or raises what Replay.load turns into a StorageError.
+    """decode_event returns an event or raises what _attach.read_replay turns into a StorageError.
 
     Strictly the docstring promises msgspec.DecodeError only; the UnicodeDecodeError (a ValueError) and
     RecursionError cases are pinned by the xfail tests above.

@@ -1,16 +1,13 @@
 """What a run's log says, indexed for replay: a replayed call is a dict lookup.
 
-Resuming reads the log in batches (`RedisStore.read_log`) and builds these
-indexes once, so nothing on the step path grows with the run's history.
+Pure: whoever reads a log feeds its events to `Replay.add` (attaching to a
+run reads it in batches, `_attach.read_replay`; a replay check is handed
+the events), and the indexes are built once, so nothing on the step path
+grows with the run's history.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-import msgspec
-
-from .._errors import SerializationError
 from .._events import (
     AnyEvent,
     HookReceived,
@@ -20,11 +17,7 @@ from .._events import (
     StepCompleted,
     StepFailed,
     TimerStarted,
-    decode_event,
 )
-
-if TYPE_CHECKING:
-    from .._store import RedisStore
 
 __all__ = ["Replay", "entry_key"]
 
@@ -44,9 +37,18 @@ class Replay:
     """
 
     __slots__ = (
-        "attempts", "completed", "count", "cursors", "failed", "hooks", "labels", "paused", "races", "started",
+        "attempts",
+        "completed",
+        "count",
+        "cursors",
+        "failed",
+        "hooks",
+        "labels",
+        "paused",
+        "races",
+        "started",
         "timers",
-    )  # fmt: skip
+    )
 
     def __init__(self) -> None:
         self.completed: dict[int, StepCompleted] = {}
@@ -61,34 +63,13 @@ class Replay:
         self.paused = False  # the run paused before: it may have a timer entry
         self.count = 0
 
-    @classmethod
-    async def load(cls, store: RedisStore, run_id: str, retry_seq: int | None, retry_index: int) -> Replay:
-        """Read run `run_id`'s log in batches.
+    def add(self, index: int, event: AnyEvent, retry_seq: int | None = None, retry_index: int = 0) -> None:
+        """Index event number `index` (1-based) of the log.
 
         The final failure of `retry_seq` recorded up to `retry_index` is left
         out: that failure ended the run, and starting the run again means
         executing that step again.
-
-        Raises:
-            SerializationError: an entry does not decode (named by its index).
-            StorageError: Redis/Valkey is unreachable.
         """
-        replay = cls()
-        async for batch in store.read_log(run_id):
-            for index, body in batch:
-                try:
-                    if body is None:
-                        raise ValueError("the entry has no event field")
-                    event = decode_event(body)
-                except (msgspec.DecodeError, ValueError, RecursionError) as exc:
-                    raise SerializationError(
-                        f"run {run_id!r}: log entry 0-{index} is malformed: {exc}", where=f"log entry 0-{index}"
-                    ) from None
-                replay.add(index, event, retry_seq, retry_index)
-        return replay
-
-    def add(self, index: int, event: AnyEvent, retry_seq: int | None = None, retry_index: int = 0) -> None:
-        """Index one event."""
         self.count += 1
         if isinstance(event, StepCompleted):
             self.completed[event.seq] = event
