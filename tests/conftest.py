@@ -18,9 +18,10 @@ import pytest
 
 from werkfluss import Settings
 from werkfluss._store._embedded import ensure_server, stop_server
+from werkfluss._store._open import close_stores
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
+    from collections.abc import AsyncIterator, Callable, Iterator
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -89,6 +90,20 @@ def prefix() -> str:
 @pytest.fixture
 def settings(server: Server, prefix: str) -> Settings:
     return server.settings(prefix)
+
+
+@pytest.fixture
+async def wf(settings: Settings, request: pytest.FixtureRequest) -> AsyncIterator[Settings]:
+    """`settings` for a test that runs workflows in this process.
+
+    What the test module counts across calls (the counters and flags its module-level
+    ``RESET`` names) is cleared before the test; the stores this process opened are closed
+    after it, so the next test's event loop opens its own.
+    """
+    for state in getattr(request.module, "RESET", ()):
+        state.clear()
+    yield settings
+    await close_stores()
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ import json
 import os
 import re
 import socket
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -15,31 +14,21 @@ import anyio
 import pytest
 
 from werkfluss import get_events_async, get_run_async, hook, invoke_hook_async, start_async, workflow
-from werkfluss._store._open import close_stores, open_store
+from werkfluss._store._open import open_store
 from werkfluss.events import RunPaused, RunResumed, RunStarted, StepCompleted, StepFailed
 
+from .helpers import one_line_error, run_cli
 from .shop_flows import SECRET, attempts, run_checkout
 
 if TYPE_CHECKING:
-    import subprocess
-    from collections.abc import AsyncIterator, Awaitable, Callable
-
     from werkfluss import Settings
 
     from .conftest import Server
+    from .helpers import Cli
 
-    Cli = Callable[..., Awaitable[subprocess.CompletedProcess[str]]]
-
-WERKFLUSS = str(Path(sys.executable).parent / "werkfluss")  # the console script pip installed
 ROW = re.compile(r"^ {0,3}(\d+) (.{22}) (\S+)\s+(\d*)\s+(\S*) \|(.{28})\|$")
 ANSI = re.compile(r"\033\[[0-9;]*m")
-
-
-@pytest.fixture
-async def wf(settings: Settings) -> AsyncIterator[Settings]:
-    attempts.clear()
-    yield settings
-    await close_stores()
+RESET = (attempts,)  # What conftest's `wf` clears before each test.
 
 
 @pytest.fixture
@@ -52,21 +41,6 @@ def cli(server: Server, prefix: str) -> Cli:
         return await run_cli(*args, env=env, stdin=stdin)
 
     return run
-
-
-async def run_cli(*args: str, env: dict[str, str], stdin: str | None = None) -> Any:
-    done = await anyio.run_process([WERKFLUSS, *args], input=stdin.encode() if stdin else None, env=env, check=False)
-    done.stdout, done.stderr = done.stdout.decode(), done.stderr.decode()
-    return done
-
-
-def one_line_error(done: Any, *needles: str) -> None:
-    assert done.returncode == 1, (done.stdout, done.stderr)
-    assert "Traceback" not in done.stderr and done.stdout == ""
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("werkfluss: "), done.stderr
-    for needle in needles:
-        assert needle in lines[0]
 
 
 @workflow(name="cli.waits")

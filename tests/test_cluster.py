@@ -33,9 +33,8 @@ from werkfluss._store import RedisStore
 from werkfluss._store._open import close_stores, open_store
 from werkfluss._store._runs import ACQUIRE
 
+from .helpers import events, until_status
 from .servers import RedisCluster3, free_port
-from .test_runtime import events
-from .test_waits import until_status
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Iterator

@@ -37,29 +37,23 @@ from werkfluss import (
     workflow,
 )
 from werkfluss._store._embedded import ensure_server, server_status, stop_server
-from werkfluss._store._open import close_stores, open_store
+from werkfluss._store._open import open_store
 
 from . import worker_flows
 from .conftest import ROOT, wait_for
+from .helpers import WERKFLUSS, one_line_error, run_cli
 from .servers import RedisProcess
-from .test_cli import WERKFLUSS, one_line_error, run_cli
 from .workers import Workers, server_env
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Callable
+    from collections.abc import Callable
 
     from werkfluss import Settings
 
     from .conftest import Server
-    from .test_cli import Cli
+    from .helpers import Cli
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-async def wf(settings: Settings) -> AsyncIterator[Settings]:
-    yield settings
-    await close_stores()
 
 
 @pytest.fixture
@@ -303,7 +297,7 @@ async def test_a_second_ctrl_c_stops_a_worker_at_once_and_its_runs_wait_for_a_wo
 
     run = await get_run_async(run_id, settings=wf)
     store = await open_store(wf)
-    assert run.status == "pending" and (await store.state(run_id))["holder"] == b""
+    assert run.status == "pending" and (await store.state(run_id)).holder == ""
     # Nothing lost: a worker takes it from the queue and resumes it; the cut step executes again.
     async with Worker(settings=wf):
         with anyio.fail_after(30):
@@ -336,7 +330,7 @@ async def test_runs_handed_back_by_a_graceful_stop_are_pending_and_resume_on_sta
         go_on.set()  # the first step finishes; the run stops at the boundary and is handed back
     run = await get_run_async(run_id, settings=wf)
     store = await open_store(wf)
-    assert run.status == "pending" and (await store.state(run_id))["holder"] == b""
+    assert run.status == "pending" and (await store.state(run_id)).holder == ""
     assert run.last_seq == 1
     # Attaching resumes it (runs resume and start() keep their meaning for a pending run).
     assert await start_async(two_slow.options(run_id=run_id, settings=wf), 1) == 3

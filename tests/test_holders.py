@@ -26,11 +26,11 @@ from werkfluss._events import RunCompleted, RunPaused, RunResumed, StepCompleted
 from werkfluss._store._open import close_stores, open_store
 
 from .conftest import ROOT, wait_for
-from .test_runtime import events
+from .helpers import events
 from .workers import server_env
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Iterator
+    from collections.abc import Iterator
     from pathlib import Path
 
     from .conftest import Server
@@ -39,15 +39,8 @@ pytestmark = pytest.mark.slow
 
 calls: Counter[str] = Counter()
 gates: dict[str, threading.Event] = {}
+RESET = (calls, gates)  # What conftest's `wf` clears before each test.
 _count = threading.Lock()
-
-
-@pytest.fixture
-async def wf(settings: Settings) -> AsyncIterator[Settings]:
-    calls.clear()
-    gates.clear()
-    yield settings
-    await close_stores()
 
 
 def waiting_here(caplog: pytest.LogCaptureFixture, run_id: str) -> int:
@@ -282,16 +275,13 @@ async def test_a_takeover_during_a_race_reaches_no_caller_wrapped_in_an_exceptio
         state = await store.state("raced")
         got = await store.acquire(
             "raced", workflow=racing.id, holder="otherhost/1/x", lease=10, started=b"",
-            resumed=encode_event(RunResumed(0.0, "otherhost/1/x")), take_over=state["holder"].decode(),
-            args_digest=state["args"].decode(),
+            resumed=encode_event(RunResumed(0.0, "otherhost/1/x")), take_over=state.holder,
+            args_digest=state.args,
         )  # fmt: skip
         assert got.kind == "resumed"
         gates["held-go"].set()  # the fenced-out step now tries to record its result
         raw = msgspec.msgpack.encode("winner")
-        await store.finish(
-            "raced", got.epoch, status="completed", event=encode_event(RunCompleted(0.0, msgspec.Raw(raw))),
-            field="result", value=raw, failed_seq=None,
-        )  # fmt: skip
+        await store.complete("raced", got.epoch, raw)
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(take_over_and_finish)

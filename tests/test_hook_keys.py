@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
-import sys
 import textwrap
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,24 +28,22 @@ from werkfluss import (
     workflow,
 )
 from werkfluss._events import HookReceived
-from werkfluss._store._open import close_stores, open_store
+from werkfluss._store._open import open_store
 
-from .test_runtime import events
+from .helpers import WERKFLUSS, events
 
 if TYPE_CHECKING:
     import subprocess
-    from collections.abc import AsyncIterator, Callable
+    from collections.abc import Callable
 
     from .conftest import Server
 
-WERKFLUSS = str(Path(sys.executable).parent / "werkfluss")  # the console script pip installed
 SENDERS = 10
 
 
 @pytest.fixture
-async def wf(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Settings]:
-    yield msgspec.structs.replace(settings, hold=0.05)  # timers this far off pause the run
-    await close_stores()
+def wf(wf: Settings) -> Settings:
+    return msgspec.structs.replace(wf, hold=0.05)  # timers this far off pause the run
 
 
 @workflow(name="hookkeys.single")

@@ -24,7 +24,7 @@ from werkfluss import (
 from werkfluss._store._open import close_stores
 from werkfluss.events import StepFailed
 
-from .test_runtime import events
+from .helpers import events
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator

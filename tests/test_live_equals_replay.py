@@ -14,7 +14,7 @@ import dataclasses
 import gc
 import warnings
 from collections import Counter
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import anyio
 import pytest
@@ -36,25 +36,13 @@ from werkfluss import (
     workflow,
 )
 from werkfluss._events import RaceWon, RunStarted, StepCompleted, StepFailed
-from werkfluss._store._open import close_stores
 from werkfluss.testing import check_replay_async
 
-from .test_runtime import events
-from .test_waits import until_status
-
-if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
+from .helpers import events, until_status
 
 calls: Counter[str] = Counter()
 flags: dict[str, Any] = {}
-
-
-@pytest.fixture
-async def wf(settings: Settings) -> AsyncIterator[Settings]:
-    calls.clear()
-    flags.clear()
-    yield settings
-    await close_stores()
+RESET = (calls, flags)  # What conftest's `wf` clears before each test.
 
 
 # -- 1. arguments as given ----------------------------------------------------------------------------------------

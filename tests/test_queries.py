@@ -23,22 +23,15 @@ from werkfluss import (
     step,
     workflow,
 )
-from werkfluss._store._open import close_stores, open_store
+from werkfluss._store._open import open_store
 from werkfluss.events import HookReceived, RunFailed, RunPaused, RunStarted, StepCompleted, StepFailed
 
 from .shop_flows import SECRET, attempts, run_checkout
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
-
     from werkfluss import Settings
 
-
-@pytest.fixture
-async def wf(settings: Settings) -> AsyncIterator[Settings]:
-    attempts.clear()
-    yield settings
-    await close_stores()
+RESET = (attempts,)  # What conftest's `wf` clears before each test.
 
 
 @step(name="q.double")

@@ -32,32 +32,17 @@ from werkfluss import (
     step_key,
     workflow,
 )
-from werkfluss._events import RunCompleted, RunResumed, StepCompleted, StepFailed, decode_event, encode_event
+from werkfluss._events import RunResumed, StepCompleted, StepFailed, encode_event
 from werkfluss._store._open import close_stores, open_store
 
 from .conftest import wait_for
+from .helpers import events, status
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Iterator
+    from collections.abc import Iterator
 
 calls: Counter[str] = Counter()
-
-
-@pytest.fixture
-async def wf(settings: Settings) -> AsyncIterator[Settings]:
-    calls.clear()
-    yield settings
-    await close_stores()
-
-
-async def events(settings: Settings, run_id: str) -> list[Any]:
-    store = await open_store(settings)
-    return [decode_event(body) async for batch in store.read_log(run_id) for _, body in batch if body]
-
-
-async def status(settings: Settings, run_id: str) -> str:
-    store = await open_store(settings)
-    return (await store.state(run_id))[("status")].decode()
+RESET = (calls,)  # What conftest's `wf` clears before each test.
 
 
 class Color(enum.Enum):
@@ -448,14 +433,13 @@ async def test_a_fenced_process_cannot_write(wf: Settings) -> None:
         got = await store.acquire(
             "fence", workflow=fenced.id, holder="otherhost/1/x", lease=10, started=b"",
             resumed=encode_event(RunResumed(0.0, "otherhost/1/x")),
-            take_over=state["holder"].decode(), args_digest=state["args"].decode(),
+            take_over=state.holder, args_digest=state.args,
         )  # fmt: skip
         assert got.kind == "resumed" and got.epoch == 2
         release.set()  # the stale process now tries to record its result
         await anyio.sleep(0.2)
         raw = msgspec.msgpack.encode("winner")
-        done = encode_event(RunCompleted(0.0, msgspec.Raw(raw)))
-        await store.finish("fence", 2, status="completed", event=done, field="result", value=raw, failed_seq=None)
+        await store.complete("fence", 2, raw)
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(take_over_and_finish)
@@ -518,7 +502,7 @@ async def test_a_holder_whose_log_was_rolled_back_under_it_is_refused_instead_of
     for write in (
         store.append("rb", 1, "c3", b"three", 10, seen=3),
         store.pause("rb", 1, b"paused", b"", seen=3),
-        store.finish("rb", 1, status="completed", event=b"end", field="result", value=b"", failed_seq=None, seen=3),
+        store.complete("rb", 1, b"", seen=3),
     ):
         with pytest.raises(_Suspend, match="shorter than this process saw"):
             await write

@@ -12,7 +12,6 @@ from werkfluss import (
     ConfigurationError,
     Settings,
     _ids,
-    _wrappers,
     get_events_async,
     get_run_async,
     hook,
@@ -26,30 +25,22 @@ from werkfluss.testing import assert_replays, check_replay_async
 from .shop_flows import SECRET, attempts, charge, checkout, executions, reserve, run_checkout, ship
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+    from collections.abc import Awaitable, Callable, Iterator
 
     from werkfluss import Workflow
 
-
-@pytest.fixture
-async def wf(settings: Settings) -> AsyncIterator[Settings]:
-    attempts.clear()
-    executions.clear()
-    yield settings
-    await close_stores()
+RESET = (attempts, executions)  # What conftest's `wf` clears before each test.
 
 
 @pytest.fixture
 def registry() -> Iterator[None]:
     """The tests define new versions of shop.checkout, as a deploy would: the ID is
     free for them (one version per process is the rule), and the real one comes back."""
-    saved, ids = dict(_wrappers._workflows), dict(_ids._registry)
+    saved = dict(_ids._registry)
     del _ids._registry["shop.checkout"]
     yield
-    _wrappers._workflows.clear()
-    _wrappers._workflows.update(saved)
     _ids._registry.clear()
-    _ids._registry.update(ids)
+    _ids._registry.update(saved)
 
 
 def version(fn: Callable[[str, str], Awaitable[str]]) -> Workflow[[str, str], str]:

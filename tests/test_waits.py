@@ -7,7 +7,7 @@ import dataclasses
 import random
 import time
 from collections import Counter
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import anyio
 import msgspec
@@ -33,31 +33,19 @@ from werkfluss import (
     workflow,
 )
 from werkfluss._events import HookReceived, RaceWon, RunCancelled, RunPaused, RunStarted, StepCompleted, TimerStarted
-from werkfluss._store._open import close_stores, open_store
+from werkfluss._store._open import open_store
 
-from .test_runtime import events, status
-
-if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
+from .helpers import events, status, until_status
 
 calls: Counter[str] = Counter()
 flags: dict[str, Any] = {}
+RESET = (calls, flags)  # What conftest's `wf` clears before each test.
 
 
 @pytest.fixture
-async def wf(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Settings]:
-    calls.clear()
-    flags.clear()
+def wf(wf: Settings) -> Settings:
     # Timers this far off pause the run instead of waiting in memory; tests keep them short.
-    yield msgspec.structs.replace(settings, hold=0.05)
-    await close_stores()
-
-
-async def until_status(settings: Settings, run_id: str, wanted: str, timeout: float = 10) -> None:
-    store = await open_store(settings)
-    with anyio.fail_after(timeout):
-        while await store.status(run_id) != wanted:
-            await anyio.sleep(0.01)
+    return msgspec.structs.replace(wf, hold=0.05)
 
 
 @step
@@ -93,7 +81,7 @@ async def test_a_run_pauses_on_a_hook_and_resumes_from_its_log_when_it_is_delive
     task = asyncio.create_task(start_async(approval.options(settings=wf, run_id="late"), f"{wf.prefix}late"))
     await until_status(wf, "late", "paused")
     state = await (await open_store(wf)).state("late")
-    assert state["holder"] == b""  # parked: no process holds it
+    assert state.holder == ""  # parked: no process holds it
     await invoke_hook_async(token, {"ok": "yes"}, settings=wf)
     with anyio.fail_after(10):
         result = await task

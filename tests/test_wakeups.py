@@ -11,27 +11,18 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import anyio
-import pytest
 
 from werkfluss import Worker, cancel_async, enqueue_async, hook, invoke_hook_async, sleep, step, workflow
-from werkfluss._store._open import close_stores, open_store
+from werkfluss._store._open import open_store
 
-from .test_worker import until_all
+from .helpers import until_all
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
-
     from werkfluss import Settings
     from werkfluss._store import RedisStore
 
 LONG_POLL = 60.0  # seconds: a worker that polled would wake these runs only after this
 WITHIN = 20.0  # seconds any single wake-up below may take on a loaded machine (a third of the poll)
-
-
-@pytest.fixture
-async def wf(settings: Settings) -> AsyncIterator[Settings]:
-    yield settings
-    await close_stores()
 
 
 @step(name="wk.echo")

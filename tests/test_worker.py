@@ -16,17 +16,19 @@ import msgspec
 import pytest
 
 from werkfluss import RetryPolicy, Settings, Worker, enqueue_async, step, workflow
-from werkfluss._events import RunResumed, StepCompleted, decode_event, encode_event
+from werkfluss._events import RunResumed, StepCompleted, encode_event
 from werkfluss._holder import holder_is_dead, holder_prefix
 from werkfluss._store._open import close_stores, open_store
 
 from . import worker_flows
 from .conftest import ROOT, wait_for
+from .helpers import events as log_of
+from .helpers import statuses, until_all
 from .servers import RedisProcess, require_binary
 from .workers import Workers, server_env
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Iterator
+    from collections.abc import Iterator
 
     from .conftest import Server
 
@@ -34,29 +36,11 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
-async def wf(settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Settings]:
+def wf(wf: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Settings:
     monkeypatch.setenv("WF_LEDGER", str(tmp_path / "ledger"))
-    fast = Settings(
-        redis_url=settings.redis_url, directory=settings.directory, prefix=settings.prefix, lease=1.0
+    return Settings(
+        redis_url=wf.redis_url, directory=wf.directory, prefix=wf.prefix, lease=1.0
     )  # a short lease: claims and takeovers happen within the test's patience
-    yield fast
-    await close_stores()
-
-
-async def statuses(settings: Settings, run_ids: list[str]) -> Counter[str]:
-    store = await open_store(settings)
-    return Counter([await store.status(r) for r in run_ids])
-
-
-async def until_all(settings: Settings, run_ids: list[str], wanted: str = "completed", timeout: float = 60) -> None:
-    with anyio.fail_after(timeout):
-        while (await statuses(settings, run_ids))[wanted] != len(run_ids):
-            await anyio.sleep(0.05)
-
-
-async def log_of(settings: Settings, run_id: str) -> list[Any]:
-    store = await open_store(settings)
-    return [decode_event(body) async for batch in store.read_log(run_id) for _, body in batch if body]
 
 
 def ledger(path: Path) -> list[tuple[str, int, float]]:
@@ -80,7 +64,7 @@ async def test_enqueued_runs_are_served_and_enqueueing_a_call_twice_reaches_one_
     store = await open_store(wf)
     for n, run_id in enumerate(ids):
         state = await store.state(run_id)
-        assert state["result"] == msgspec.msgpack.encode(worker_flows.expected_five(n))
+        assert state.result == msgspec.msgpack.encode(worker_flows.expected_five(n))
     executed = Counter(key for key, _, _ in ledger(Path(os.environ["WF_LEDGER"])))
     assert len(executed) == 50 and set(executed.values()) == {1}  # every step once, the duplicate enqueue too
 
@@ -97,9 +81,9 @@ async def test_messages_no_worker_can_serve_go_to_the_dead_letters_with_their_re
     await store.client.xadd(store.queue_key("queue"), {"r": "no-such-run"})
     unknown = await enqueue_async(not_in_workers.options(settings=wf, run_id="unknown-wf"))
     healthy = await enqueue_async(worker_flows.five.options(settings=wf), 100)
-    from werkfluss import _wrappers
+    from werkfluss import _ids
 
-    hidden = _wrappers._workflows.pop(not_in_workers.id)  # this worker does not define it
+    hidden = _ids._registry.pop(not_in_workers.id)  # this worker does not define it
     try:
         async with Worker(settings=wf, max_deliveries=2):
             await until_all(wf, [healthy])
@@ -107,7 +91,7 @@ async def test_messages_no_worker_can_serve_go_to_the_dead_letters_with_their_re
                 while len(await store.dead_letters(10)) < 3:
                     await anyio.sleep(0.05)
     finally:
-        _wrappers._workflows[not_in_workers.id] = hidden
+        _ids._registry[not_in_workers.id] = hidden
     reasons = {fields["r"]: fields["reason"] for _, fields in await store.dead_letters(10)}
     assert "malformed message" in reasons[""]
     assert "there is no run 'no-such-run'" in reasons["no-such-run"]
@@ -116,7 +100,7 @@ async def test_messages_no_worker_can_serve_go_to_the_dead_letters_with_their_re
     with anyio.fail_after(10):
         while await store.status(unknown) != "failed":
             await anyio.sleep(0.02)
-    assert b"is not defined in worker" in (await store.state(unknown))["error"]
+    assert b"is not defined in worker" in ((await store.state(unknown)).error or b"")
     # Re-driven with the workflow defined again, it runs.
     dead_id = next(i for i, fields in await store.dead_letters(10) if fields["r"] == unknown)
     assert await store.redrive(dead_id)
@@ -237,10 +221,10 @@ async def test_a_step_that_calls_sys_exit_fails_its_attempt_and_its_worker_serve
     await until_all(settings, [caught], timeout=60)
     assert worker.poll() is None, workers.log(worker)
     store = await open_store(settings)
-    assert msgspec.msgpack.decode((await store.state(caught))["result"]) == "caught SystemExit: 3"
-    error = msgspec.msgpack.decode((await store.state(uncaught))["error"])
+    assert msgspec.msgpack.decode((await store.state(caught)).result or b"") == "caught SystemExit: 3"
+    error = msgspec.msgpack.decode((await store.state(uncaught)).error or b"")
     assert "SystemExit" in str(error)
-    assert "SystemExit" in str(msgspec.msgpack.decode((await store.state(body))["error"]))
+    assert "SystemExit" in str(msgspec.msgpack.decode((await store.state(body)).error or b""))
     executions = Counter(key.rsplit(":", 1)[0] for key, _, _ in ledger(tmp_path / "ledger"))
     # One attempt each: not retried, not re-run by a worker that died of it.
     assert executions[caught] == 1 and executions[uncaught] == 1 and executions[body] == 1
@@ -313,7 +297,7 @@ async def test_three_workers_300_runs_two_kills_every_step_completed_exactly_onc
     store = await open_store(fast)
     for n, run_id in enumerate(ids):
         assert await store.status(run_id) == "completed"
-        assert (await store.state(run_id))["result"] == msgspec.msgpack.encode(worker_flows.expected_five(n))
+        assert (await store.state(run_id)).result == msgspec.msgpack.encode(worker_flows.expected_five(n))
     logs = {run_id: await log_of(fast, run_id) for run_id in ids}
     rows = ledger(tmp_path / "ledger")
     check_exactly_once(workers.killed, logs, rows)
@@ -404,6 +388,6 @@ async def test_a_timer_fires_after_every_process_that_knew_of_it_died(
     proc.communicate()
     async with Worker(settings=wf):
         await until_all(wf, ["sleeper"])
-    assert (await store.state("sleeper"))["result"] == msgspec.msgpack.encode(6)
+    assert (await store.state("sleeper")).result == msgspec.msgpack.encode(6)
     keys = Counter(key for key, _, _ in ledger(tmp_path.parent / tmp_path.name / "ledger"))
     assert keys == {"sleeper:1": 1, "sleeper:3": 1}  # the first step was not executed again

@@ -11,23 +11,15 @@ import msgspec
 import pytest
 
 from werkfluss import Worker, enqueue_async, hook, invoke_hook_async, step, workflow
-from werkfluss._store._open import close_stores, open_store
+from werkfluss._store._open import open_store
 
-from .test_worker import until_all
+from .helpers import until_all
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
-
     from werkfluss import Settings
 
 executions: Counter[str] = Counter()
-
-
-@pytest.fixture
-async def wf(settings: Settings) -> AsyncIterator[Settings]:
-    executions.clear()
-    yield settings
-    await close_stores()
+RESET = (executions,)  # What conftest's `wf` clears before each test.
 
 
 @step(name="wm.slow")
@@ -55,7 +47,7 @@ async def test_wake_ups_for_a_run_the_worker_executes_do_not_start_a_second_exec
             await store.client.xadd(store.queue_key("queue"), {"r": run_id})
         await until_all(wf, [run_id])
     assert executions == {"slow-1": 1, "slow-2": 1, "slow-3": 1}
-    assert msgspec.msgpack.decode((await store.state(run_id))["result"]) == 6
+    assert msgspec.msgpack.decode((await store.state(run_id)).result or b"") == 6
     assert not [r for r in caplog.records if "taken over" in r.getMessage()]
 
 
@@ -94,7 +86,7 @@ async def test_a_payload_that_does_not_decode_is_dead_lettered_and_the_run_waits
         assert await store.status(run_id) in ("paused", "running")
         await invoke_hook_async("wm-inbox", 21, settings=wf)
         await until_all(wf, [run_id])
-    assert msgspec.msgpack.decode((await store.state(run_id))["result"]) == 42
+    assert msgspec.msgpack.decode((await store.state(run_id)).result or b"") == 42
     letters = [fields for _, fields in await store.dead_letters(10)]
     assert [f["r"] for f in letters] == [run_id, run_id]
     assert all(f["source"].startswith("hook wm-inbox entry ") for f in letters)

@@ -9,13 +9,13 @@ import pytest
 
 from ..workers import server_env
 from .harness import BATCH, LEASE, Faults, report
+from .targets import Target
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
     from pathlib import Path
 
     from ..conftest import Server
-    from .test_store_restarts import Target
 
 
 @pytest.fixture
@@ -37,9 +37,7 @@ def faults(server: Server, prefix: str, tmp_path: Path) -> Iterator[Faults]:
 @pytest.fixture(params=["redis", "valkey"])
 def target(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[[str], Target]]:
     """Servers of each kind that a scenario kills, rolls back or corrupts: ``target(fsync)``
-    starts one of its own (`test_store_restarts.Target`); all are closed afterwards."""
-    from .test_store_restarts import Target
-
+    starts one of its own (`targets.Target`); all are closed afterwards."""
     made: list[Target] = []
 
     def make(fsync: str) -> Target:

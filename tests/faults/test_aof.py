@@ -39,7 +39,7 @@ from ..conftest import ROOT
 from ..servers import RedisStartError
 from . import flows
 from .harness import Faults, report
-from .test_store_restarts import Target, worker_troubles
+from .targets import Target, worker_troubles
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable

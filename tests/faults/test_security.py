@@ -29,8 +29,8 @@ from werkfluss import (
 )
 from werkfluss._store._open import close_stores
 
+from ..helpers import run_cli
 from ..servers import add_acl_user, require_binary, tls_redis
-from ..test_cli import run_cli
 
 if TYPE_CHECKING:
     from pathlib import Path

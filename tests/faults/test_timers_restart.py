@@ -24,7 +24,7 @@ from werkfluss._events import RunResumed, TimerStarted
 from ..conftest import ROOT
 from . import flows
 from .harness import Faults, pct, report
-from .test_store_restarts import Target
+from .targets import Target
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
