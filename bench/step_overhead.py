@@ -53,10 +53,11 @@ from tables import fmt, print_table
 
 from werkfluss import Settings, _store, start_async, step, workflow
 from werkfluss._context import StepContext, current_run, enter_step, exit_step
-from werkfluss._events import StepCompleted, call_digest, convert_value, encode_call, encode_checked, encode_event
+from werkfluss._events import StepCompleted, encode_event
 from werkfluss._store import _scripts
 from werkfluss._store._embedded import server_status, stop_server
 from werkfluss._store._open import close_stores, open_store
+from werkfluss._values import call_digest, convert_value, encode_call, encode_checked
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Sequence

@@ -1,4 +1,4 @@
-"""The event log's codec (`werkfluss._events`): user values, error data, events, hostile input."""
+"""The log's codec (`_events`) and the user-value codec (`_values`): values, error data, events, hostile input."""
 
 from __future__ import annotations
 
@@ -41,12 +41,9 @@ from werkfluss._events import (
     TimerStarted,
     Waiting,
     decode_event,
-    decode_value,
-    encode_call,
-    encode_checked,
     encode_event,
-    encode_value,
 )
+from werkfluss._values import decode_value, encode_call, encode_checked, encode_value
 
 if TYPE_CHECKING:
     import importlib.machinery

@@ -97,7 +97,8 @@ LAYER_OF = {
     "werkfluss": "face", "werkfluss.events": "face", "werkfluss.testing": "face", "werkfluss.__main__": "face",
     "werkfluss._pytest_plugin": "face",
     "werkfluss._errors": "pure", "werkfluss._ids": "pure", "werkfluss._options": "pure",
-    "werkfluss._events": "pure", "werkfluss._logging": "pure", "werkfluss._holder": "pure",
+    "werkfluss._events": "pure", "werkfluss._values": "pure", "werkfluss._logging": "pure",
+    "werkfluss._holder": "pure",
     "werkfluss._context": "context",
     "werkfluss._wrappers": "api", "werkfluss._waits": "api", "werkfluss._sync": "api", "werkfluss._client": "api",
     "werkfluss._queries": "api", "werkfluss._dead_letters": "api",
@@ -120,11 +121,7 @@ MAY_IMPORT = {
 # `werkfluss server ...` manages the embedded server itself: the one store module the CLI uses.
 ALLOWED = {("werkfluss._cli", "werkfluss._store._embedded")}
 # Edges the layout still has to lose; each entry is a debt, and the list only shrinks.
-KNOWN_UPWARD = {
-    ("werkfluss._cli._timeline", "werkfluss._engine._executor"),
-    ("werkfluss._worker", "werkfluss._client"),
-    ("werkfluss._take", "werkfluss._wrappers"),
-}
+KNOWN_UPWARD: set[tuple[str, str]] = set()
 KNOWN_CYCLES: list[list[str]] = []
 RANK = {"pure": 0, "context": 1, "store": 2, "engine": 3, "api": 4, "worker": 4, "cli": 5, "face": 6}
 
@@ -283,7 +280,7 @@ def test_the_import_scanner_sees_what_it_should() -> None:
 
     assert "werkfluss._errors" in imports("werkfluss._store._embedded")  # an absolute import
     assert "werkfluss._store._embedded" in imports("werkfluss._cli")  # two levels of package
-    assert "redis.asyncio" in imports("werkfluss._store")
+    assert "redis.asyncio" in imports("werkfluss._store._connect")
     assert "werkfluss.events" in imports("werkfluss")  # from . import events
 
 

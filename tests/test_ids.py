@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from werkfluss import ConfigurationError, step, workflow
-from werkfluss._events import encode_call
 from werkfluss._ids import callable_id, check_run_id, derive_run_id, module_name, register
+from werkfluss._values import encode_call
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -312,7 +312,7 @@ WF = "shop.jobs:fulfil"
 DERIVE = """
 import sys
 import types
-from werkfluss._events import encode_call
+from werkfluss._values import encode_call
 from werkfluss._ids import derive_run_id
 args = (7, {"b": 2, "a": 1}, frozenset({"x", "y", "z", "w"}))
 print(derive_run_id(sys.argv[1], encode_call(sys.argv[1], args, {"k": "v", "j": [1.5, None]}, deterministic=True)))

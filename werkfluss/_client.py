@@ -17,12 +17,13 @@ import msgspec
 from ._engine._call import RunCall
 from ._engine._drive import args_digest, drive
 from ._errors import ConfigurationError, HookClosedError, RunConflictError, RunNotFoundError
-from ._events import RunCancelled, RunStarted, Waiting, encode_checked, encode_event, encode_run_call
+from ._events import RunCancelled, RunStarted, decode_waits, encode_event
 from ._holder import Holding, live_holding
 from ._ids import check_run_id, check_token, derive_run_id
 from ._options import Settings, parse_duration
 from ._store._open import open_store
 from ._sync import blocking
+from ._values import encode_checked, encode_run_call
 from ._wrappers import Step, Workflow
 
 if TYPE_CHECKING:
@@ -262,7 +263,7 @@ async def _cancel(store: RedisStore, run_id: str, reason: str, depth: int) -> bo
         if parent:
             await store.wake(parent)
     if waiting and depth < 20:
-        for wait in _decode_waits(waiting):
+        for wait in decode_waits(waiting) or []:
             if wait.kind == "child" and wait.run:
                 await _cancel(store, wait.run, reason or f"parent run {run_id!r} was cancelled", depth + 1)
     return outcome in ("cancelled", "requested")
@@ -272,13 +273,6 @@ def _stop_here(holding: Holding, reason: str) -> None:
     executor = holding.executor
     if executor is not None:
         executor.request_cancel(reason)
-
-
-def _decode_waits(raw: bytes) -> list[Waiting]:
-    try:
-        return msgspec.msgpack.decode(raw, type=list[Waiting])
-    except (msgspec.DecodeError, ValueError, RecursionError):
-        return []
 
 
 def cancel(run_id: str, reason: str = "", *, settings: Settings | None = None) -> bool:

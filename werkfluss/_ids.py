@@ -1,10 +1,15 @@
-"""Stable identities: workflow and step IDs, run IDs.
+"""Stable identities: workflow and step IDs, run IDs, hook tokens, and the one
+registry of what this process defines.
 
 IDs must be the same on every machine and checkout, so they come from the
 import name of the defining module plus the qualified name, never from a
 file path. A script run as ``python example.py`` has ``__module__ ==
 "__main__"``; it is mapped to the name a worker would import (``example``)
 so that the script and a worker agree.
+
+The registry maps each ID to the function that claimed it, which keeps two
+definitions from sharing an ID, and to the workflow itself, which is what a
+worker can run.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ._errors import ConfigurationError
 
@@ -25,8 +30,17 @@ if TYPE_CHECKING:
 # whitespace/control characters make keys impossible to type in a shell.
 _RUN_ID = re.compile(r"[^\s{}\x00-\x1f\x7f]{1,200}")
 
-# id -> (kind, source location) of the function that claimed it.
-_registry: dict[str, tuple[str, tuple[str, int]]] = {}
+
+class _Definition(NamedTuple):
+    kind: str  # "step" or "workflow"
+    location: tuple[str, int]  # the defining function's file and first line
+    # The `Workflow` itself for a workflow (typed Any: this module sits below the
+    # layers that know the type), None for a step.
+    workflow: Any
+
+
+# Every step and workflow defined in this process, by ID.
+_registry: dict[str, _Definition] = {}
 
 
 def module_name(module: str) -> str:
@@ -71,22 +85,34 @@ def _location(fn: Callable[..., Any]) -> tuple[str, int]:
     return (os.path.realpath(code.co_filename), code.co_firstlineno)
 
 
-def register(ident: str, kind: str, fn: Callable[..., Any]) -> None:
-    """Claim `ident` for `fn`, or raise if another function already holds it.
+def register(ident: str, kind: str, fn: Callable[..., Any], workflow: Any = None) -> None:
+    """Claim `ident` for `fn` (and, for a workflow, make `workflow` what a worker runs
+    under it), or raise if another function already holds it.
 
     Defining the same function again (a module imported twice, once as
     ``__main__`` and once by name, or reloaded) is not a conflict: it has
-    the same source location.
+    the same source location, and the latest definition is the one kept.
     """
     location = _location(fn)
     held = _registry.get(ident)
-    if held is not None and held != (kind, location):
-        other_kind, (file, line) = held
+    if held is not None and (held.kind, held.location) != (kind, location):
+        file, line = held.location
         raise ConfigurationError(
-            f"{kind} ID {ident!r} is already taken by a {other_kind} defined at {file}:{line}; "
+            f"{kind} ID {ident!r} is already taken by a {held.kind} defined at {file}:{line}; "
             f"give one of them another name with name='...'"
         )
-    _registry[ident] = (kind, location)
+    _registry[ident] = _Definition(kind, location, workflow)
+
+
+def registered_workflow(workflow_id: str) -> Any:
+    """The workflow (a `Workflow`) defined in this process under `workflow_id`, or None."""
+    held = _registry.get(workflow_id)
+    return held.workflow if held is not None and held.kind == "workflow" else None
+
+
+def registered_workflows() -> list[str]:
+    """The IDs of every workflow defined in this process, sorted."""
+    return sorted(ident for ident, held in _registry.items() if held.kind == "workflow")
 
 
 def check_run_id(run_id: str) -> str:

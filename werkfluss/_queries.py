@@ -15,7 +15,6 @@ from typing import Any
 
 import msgspec
 
-from ._engine._drive import error_info
 from ._errors import RunConflictError, RunNotFoundError, StorageError
 from ._events import (
     AnyEvent,
@@ -23,8 +22,9 @@ from ._events import (
     RunStarted,
     StepCompleted,
     StepFailed,
-    Waiting,
     decode_event,
+    decode_waits,
+    error_info,
 )
 from ._ids import check_run_id
 from ._options import Settings
@@ -348,9 +348,8 @@ def _summary(run_id: str, state: dict[str, bytes]) -> RunSummary:
 def _waits(raw: bytes | None) -> list[Wait]:
     if not raw:
         return []
-    try:
-        waits = msgspec.msgpack.decode(raw, type=list[Waiting])
-    except (msgspec.DecodeError, ValueError, RecursionError):
+    waits = decode_waits(raw)
+    if waits is None:
         return [Wait(kind="unknown")]
     return [
         Wait(kind=w.kind, token=w.token, due=datetime.fromtimestamp(w.due, UTC) if w.due else None, run=w.run)

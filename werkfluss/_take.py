@@ -26,9 +26,8 @@ from ._engine._executor import Released, RunExecutor, fails
 from ._errors import ConfigurationError
 from ._events import ErrorInfo, RunFailed, encode_event
 from ._holder import holding
-from ._ids import check_run_id
+from ._ids import check_run_id, registered_workflow
 from ._logging import log
-from ._wrappers import registered_workflow
 
 if TYPE_CHECKING:
     from collections.abc import Callable

@@ -16,14 +16,14 @@ import msgspec
 
 from ._context import current_run, current_step
 from ._errors import ConfigurationError, NotInWorkflowError, SerializationError
-from ._events import decode_value
 from ._ids import callable_id, check_run_id, child_run_id, register
 from ._options import RetryPolicy, Settings, StepOptions, step_options
+from ._values import decode_value
 
 if typing.TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Coroutine
 
-__all__ = ["Step", "Workflow", "registered_workflow", "registered_workflows", "step", "workflow"]
+__all__ = ["Step", "Workflow", "step", "workflow"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -53,20 +53,6 @@ def _return_type(fn: Callable[..., Any]) -> Any:
     return _hints(fn).get("return", Any)
 
 
-# Every workflow defined in this process, by ID: what a worker can run.
-_workflows: dict[str, Workflow[Any, Any]] = {}
-
-
-def registered_workflow(workflow_id: str) -> Workflow[Any, Any] | None:
-    """The workflow defined here under `workflow_id`, if any."""
-    return _workflows.get(workflow_id)
-
-
-def registered_workflows() -> list[str]:
-    """The IDs of every workflow defined in this process, sorted."""
-    return sorted(_workflows)
-
-
 class _Wrapper:
     """What steps and workflows share: the wrapped function, its ID, its return type."""
 
@@ -80,7 +66,8 @@ class _Wrapper:
         self.fn = fn
         self.id = callable_id(fn, name)
         if claim:
-            register(self.id, kind, fn)
+            # A workflow is registered as itself too: what a worker runs under its ID.
+            register(self.id, kind, fn, self if kind == "workflow" else None)
         self._return_type: Any = _UNSET
 
     def return_type(self) -> Any:
@@ -142,10 +129,9 @@ class Workflow(_Wrapper, Generic[P, R]):
     def __init__(
         self, fn: Callable[P, Awaitable[R]], *, name: str | None, run_options: RunOptions | None = None
     ) -> None:
+        # A bound copy (`options()`) is the same definition: only the original claims the ID.
         self._wrap(fn, "workflow", name, claim=run_options is None)
         self.run_options = run_options or RunOptions()
-        if run_options is None:
-            _workflows[self.id] = self
 
     def options(
         self, *, run_id: str | None = None, redis_url: str | None = None, settings: Settings | None = None

@@ -25,12 +25,12 @@ from pathlib import Path
 import anyio
 
 from .._errors import ConfigurationError, WerkflussError
+from .._ids import registered_workflows
 from .._options import Settings
 from .._queries import STATUSES
 from .._store._embedded import ensure_server, server_status, stop_server
 from .._sync import blocking
 from .._worker import Worker
-from .._wrappers import registered_workflows
 from ._commands import dead, hooks, print_json, runs
 
 __all__ = ["main", "run"]

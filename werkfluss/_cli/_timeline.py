@@ -16,7 +16,6 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from .._engine._executor import describe
 from .._events import (
     AnyEvent,
     HookReceived,
@@ -31,6 +30,8 @@ from .._events import (
     StepCompleted,
     StepFailed,
     TimerStarted,
+    Waiting,
+    describe,
 )
 
 if TYPE_CHECKING:
@@ -211,7 +212,7 @@ def render(run: RunInfo, events: list[AnyEvent], *, colour: bool = False, now: f
     facts = f"created {run.created:%Y-%m-%d %H:%M:%S} UTC · {duration(t1 - t0)} · {len(events)} events"
     out = [_fit(title, glyphs), _fit(facts + (f" · parent {run.parent}" if run.parent else ""), glyphs)]
     if run.waiting:
-        out.append(_fit("waiting for " + " or ".join(_wait_text(w) for w in run.waiting), glyphs))
+        out.append(_fit(f"waiting for {describe([_log_form(w) for w in run.waiting])}", glyphs))
     left = f"{'seq':>{_SEQ}} {'step':<{_NAME}} {'outcome':<{_OUTCOME}} {'try':>{_TRIES}} {'time':>{_TIME}} "
     axis_end = duration(span)
     out.append(paint("dim", left + " " + "0".ljust(_BAR - len(axis_end)) + axis_end))
@@ -269,12 +270,9 @@ def _visible(text: str) -> str:
     return _ANSI.sub("", text)
 
 
-def _wait_text(wait: Wait) -> str:
-    if wait.kind == "hook":
-        return f"hook {wait.token!r}"
-    if wait.kind == "timer":
-        return f"timer at {wait.due:%Y-%m-%d %H:%M:%S} UTC" if wait.due else "a timer"
-    return f"child run {wait.run!r}"
+def _log_form(wait: Wait) -> Waiting:
+    """A run's wait as its log records it, which `describe` words."""
+    return Waiting(wait.kind, wait.token, wait.due.timestamp() if wait.due else None, wait.run)
 
 
 def _status_colour(status: str) -> str:

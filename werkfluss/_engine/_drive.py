@@ -10,13 +10,13 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import anyio
-import msgspec
 
 from .._errors import RunCancelledError, RunConflictError, RunFailedError, StorageError, _Suspend
-from .._events import ErrorInfo, decode_value
+from .._events import error_info
 from .._holder import holder_is_dead, live_holding
 from .._holder import holding as new_holding
 from .._logging import log
+from .._values import decode_value
 from ._attach import Attached, args_digest, attach, resumed_from
 from ._executor import Paused, RunExecutor, wait_for_wake
 
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from .._store import AcquireResult, RedisStore
     from ._call import RunCall
 
-__all__ = ["args_digest", "drive", "drive_child", "error_info", "resumed_from"]
+__all__ = ["args_digest", "drive", "drive_child", "resumed_from"]
 
 
 async def drive(call: RunCall, *, wait: bool = True, holding: Holding | None = None) -> Any:
@@ -169,11 +169,3 @@ async def _wait_for_holder(store: RedisStore, run_id: str, busy: AcquireResult) 
                 return holder  # it ended here without handing the run back (its release failed)
         elif time.monotonic() >= deadline:
             return ""
-
-
-def error_info(raw: bytes) -> ErrorInfo:
-    """A run's recorded error, tolerating garbage."""
-    try:
-        return msgspec.msgpack.decode(raw, type=ErrorInfo)
-    except (msgspec.DecodeError, ValueError, RecursionError):
-        return ErrorInfo(type="werkfluss.UnknownError", message="the recorded error could not be decoded")

@@ -34,12 +34,12 @@ from .._events import (
     RunFailed,
     RunPaused,
     Waiting,
-    convert_value,
-    encode_checked,
+    describe,
     encode_event,
 )
 from .._logging import log, note
 from .._options import Settings
+from .._values import convert_value, encode_checked
 from ._pause import Paused, Released, wait_for_wake
 from ._steps import StepCalls, fails
 from ._waiting import WaitCalls
@@ -52,7 +52,7 @@ if TYPE_CHECKING:
     from ._replay import Replay
 
 # Paused, Released, wait_for_wake (_pause) and fails (_steps) are imported from here too.
-__all__ = ["Body", "Exit", "Paused", "Released", "RunExecutor", "describe", "fails", "wait_for_wake"]
+__all__ = ["Body", "Exit", "Paused", "Released", "RunExecutor", "fails", "wait_for_wake"]
 
 # How an execution of the body ends: what `_conclude` records, or does instead.
 Exit = Literal["lost", "interrupted", "blocked", "completed", "cancelled", "paused", "released", "failed"]
@@ -362,19 +362,6 @@ class _Offline:
 
 async def _no_children(*_: Any) -> Any:  # pragma: no cover - a replayer stops before driving a child
     raise AssertionError("a replay check drives no child run")
-
-
-def describe(waits: list[Waiting]) -> str:
-    """``hook 'approve:7' or timer at 2026-11-21 12:00:00 UTC``, for logs and errors."""
-    parts = []
-    for wait in waits:
-        if wait.kind == "hook":
-            parts.append(f"hook {wait.token!r}")
-        elif wait.kind == "timer" and wait.due is not None:
-            parts.append("timer at " + time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(wait.due)))
-        else:
-            parts.append(f"child run {wait.run!r}")
-    return " or ".join(parts) or "nothing"
 
 
 def _failed_seq(error: BaseException, run_id: str) -> int | None:

@@ -20,8 +20,9 @@ import anyio.lowlevel
 import msgspec
 
 from .._errors import HistoryTooLargeError, NonDeterminismError, _Suspend
-from .._events import AnyEvent, call_digest, encode_event, first_difference
+from .._events import AnyEvent, encode_event
 from .._logging import log
+from .._values import call_digest, first_difference
 from ._pause import Activity, Busy
 
 if TYPE_CHECKING:

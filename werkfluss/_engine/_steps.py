@@ -16,18 +16,8 @@ import msgspec
 
 from .._context import StepContext, enter_step, exit_step
 from .._errors import NonDeterminismError, SerializationError, StepFailedError, _Suspend
-from .._events import (
-    ErrorInfo,
-    StepCompleted,
-    StepFailed,
-    Waiting,
-    call_digest,
-    convert_value,
-    decode_value,
-    encode_call,
-    encode_checked,
-    encode_run_call,
-)
+from .._events import ErrorInfo, StepCompleted, StepFailed, Waiting
+from .._values import call_digest, convert_value, decode_value, encode_call, encode_checked, encode_run_call
 from ._call import RunCall
 from ._pause import Busy, Paused, wait_for_wake
 from ._run import RunBase

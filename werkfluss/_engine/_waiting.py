@@ -17,7 +17,8 @@ import anyio
 import msgspec
 
 from .._errors import HookConflictError, NonDeterminismError, SerializationError
-from .._events import HookReceived, RaceWon, TimerStarted, Waiting, decode_value
+from .._events import HookReceived, RaceWon, TimerStarted, Waiting
+from .._values import decode_value
 from ._pause import Busy
 from ._run import RunBase
 from ._steps import StepCalls
