@@ -373,6 +373,9 @@ class Connection:
         """The key of `part` (queue, timers, nudge, dead, errors, probation, sweep) of the shared queue."""
         return queue_key(self.prefix, part)
 
+    def _run_keys(self, run_id: str, *parts: str) -> list[str]:
+        return [self.key(run_id, part) for part in parts]
+
     @property
     def runs_key(self) -> str:
         """The sorted set of all run IDs by creation time."""

@@ -48,11 +48,14 @@ State fields (``P{R}:state``):
 
 from __future__ import annotations
 
-from typing import Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import msgspec
 
 from .._events import RunStatus  # noqa: TC001 - msgspec resolves RunState's annotations at run time
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
 
 # The parts of a run's keys: P{R}:<part>.
 STATE, LOG, STEPS = "state", "log", "steps"
@@ -83,6 +86,12 @@ EVENT, PAYLOAD, RUN, RETRY, DELIVERED = b"e", b"p", "r", "x", "d"
 OWNER, FIRST, LAST = "owner", "first", "last"
 # A dead letter's fields (besides RUN).
 MESSAGE, DELIVERIES, SOURCE, AT, REASON = "message", "deliveries", "source", "at", "reason"
+
+# The fields of a run's state hash (see the list above).
+STATUS, WORKFLOW, HOLDER, LEASE, EPOCH, N = "status", "workflow", "holder", "lease", "epoch", "n"
+CREATED, UPDATED, ARGS, PARENT = "created", "updated", "args", "parent"
+RESULT, ERROR, CANCEL, WAITING = "result", "error", "cancel", "waiting"
+FAILED_SEQ, RETRY_SEQ, RETRY_INDEX = "failed_seq", "retry_seq", "retry_index"
 
 StateField = Literal[
     "status", "workflow", "holder", "lease", "epoch", "n", "created", "updated", "args", "parent", "result", "error",
@@ -134,7 +143,7 @@ class RunState(msgspec.Struct, frozen=True, kw_only=True):
     retry_index: int = 0
 
     @classmethod
-    def from_hash(cls, raw: dict[bytes, bytes] | dict[str, bytes]) -> RunState:
+    def from_hash(cls, raw: Mapping[Any, bytes | None]) -> RunState:
         """The state from a hash as Redis returns it (field -> bytes).
 
         Nothing in it can stop a reader: text that is not UTF-8 is replaced, a

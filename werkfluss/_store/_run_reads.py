@@ -8,7 +8,7 @@ from redis.exceptions import ResponseError
 
 from .._errors import StorageError
 from ._connect import Connection, text
-from ._keys import LOG, STATE
+from ._keys import LOG, STATE, RunState, StateField
 from ._lane import _MISS
 
 if TYPE_CHECKING:
@@ -20,10 +20,9 @@ _LOG_BATCH = 2000  # log entries per XRANGE
 class RedisRunReads(Connection):
     """What a run's keys and the run index hold."""
 
-    async def state(self, run_id: str) -> dict[str, bytes]:
-        """The run's state hash (empty if there is no such run)."""
-        raw = await self._call(self.client.hgetall(self.key(run_id, STATE)))
-        return {text(k): v for k, v in raw.items()}
+    async def state(self, run_id: str) -> RunState:
+        """The run's state (its `status` is ``""`` if there is no such run)."""
+        return RunState.from_hash(await self._call(self.client.hgetall(self.key(run_id, STATE))))
 
     async def log_ends(self, run_id: str, newest: int) -> tuple[bytes | None, list[bytes | None]]:
         """The run's first event and its `newest` last ones (newest first), undecoded."""
@@ -42,15 +41,15 @@ class RedisRunReads(Connection):
         )  # fmt: skip
         return [(text(member), int(score)) for member, score in batch]
 
-    async def states(self, run_ids: list[str], fields: tuple[str, ...]) -> list[dict[str, bytes]]:
-        """`fields` of many runs' state hashes in one round trip (absent fields left out)."""
+    async def states(self, run_ids: list[str], fields: tuple[StateField, ...]) -> list[RunState]:
+        """`fields` of many runs' states in one round trip (the other fields at their defaults)."""
         if not run_ids:
             return []
         pipe = self.client.pipeline(transaction=False)
         for run_id in run_ids:
             pipe.hmget(self.key(run_id, STATE), fields)
         replies = await self._call(pipe.execute())
-        return [{f: v for f, v in zip(fields, reply, strict=True) if v is not None} for reply in replies]
+        return [RunState.from_hash(dict(zip(fields, reply, strict=True))) for reply in replies]
 
     async def status(self, run_id: str) -> str:
         """The run's status, ``""`` if there is no such run."""

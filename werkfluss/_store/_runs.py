@@ -1,23 +1,20 @@
-"""The run family: a run's writes (``P{R}:state``, ``:log``, ``:steps``, and the run index) and their Lua.
+"""The run family's ownership: create a run, take it over, renew and release its lease, cancel it, and their Lua.
 
-Every write is one script that first checks the run's epoch (fencing: a
-process whose lease was taken over cannot write) and is idempotent: redis-py
-re-sends a command whose reply was lost, and a completion already recorded for
-``(run, seq)`` is not recorded twice (first writer wins). The log is never
-trimmed. Lease times come from the server's clock (``TIME``), never from a
-worker's.
+Every write is one script on the run's keys (``P{R}:state``, ``:log``) that
+is idempotent: redis-py re-sends a command whose reply was lost. A takeover
+raises the run's epoch, which fences out the previous holder's writes (see
+`_run_log`). Lease times come from the server's clock (``TIME``), never from
+a worker's. A new run also enters the run index (``Pruns``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, cast
 
-from .._errors import _Suspend
 from ._connect import NOW, Arg, Connection, Script, text
-from ._keys import LOG, STATE, STEPS
+from ._keys import LOG, STATE
 from ._lane import _MISS
-
-# -- scripts: every run write first compares the run's epoch (fencing) ---------------------
 
 # KEYS: state, log. ARGV: holder, lease_ms, workflow ('' accepts any), run-started
 # event ('' never creates), run-resumed event, holder to take over ('' none),
@@ -98,82 +95,6 @@ return {1, redis.call('HGET', KEYS[1], 'cancel') or ''}
 """,
 )
 
-# A holder also says how long it has seen the log (the 'seen' argument, '' for no
-# check): a log shorter than that was rolled back under it (a server restarted from an
-# older append-only file, a failover to a replica that lagged). Writing on would leave a
-# hole where the lost events were, so the holder is refused (-2) and the run resumes
-# from what the log still has.
-_ROLLED_BACK = """
-local function rolled_back(seen)
-  return seen ~= '' and tonumber(redis.call('HGET', KEYS[1], 'n') or 0) < tonumber(seen)
-end
-"""
-
-# KEYS: state, log, steps. ARGV: epoch, dedup field, event, lease_ms, seen.
-# Returns {index, cancel reason}; index 0 if this dedup field was recorded
-# before (a re-sent command or a competing writer: first writer wins), -1 if
-# fenced, -2 if the log was rolled back.
-APPEND = Script(
-    "APPEND",
-    NOW
-    + _ROLLED_BACK
-    + """
-local epoch, dedup, event, lease_ms, seen = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
-local cur = redis.call('HMGET', KEYS[1], 'epoch', 'cancel')
-if cur[1] ~= epoch then return {-1, ''} end
-if rolled_back(seen) then return {-2, ''} end
-local cancel = cur[2] or ''
-if redis.call('HEXISTS', KEYS[3], dedup) == 1 then return {0, cancel} end
-local n = redis.call('HINCRBY', KEYS[1], 'n', 1)
-redis.call('XADD', KEYS[2], '0-' .. n, 'e', event)
-redis.call('HSET', KEYS[3], dedup, n)
-redis.call('HSET', KEYS[1], 'updated', now, 'lease', now + tonumber(lease_ms))
-return {n, cancel}
-""",
-)
-
-# KEYS: state, log. ARGV: epoch, run-paused event, encoded waits, seen.
-# Returns {index, ''}, {0, cancel reason} when a cancel is pending, {-1} if fenced,
-# {-2} if the log was rolled back.
-PAUSE = Script(
-    "PAUSE",
-    NOW
-    + _ROLLED_BACK
-    + """
-local epoch, event, waiting, seen = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-if redis.call('HGET', KEYS[1], 'epoch') ~= epoch then return {-1, ''} end
-if rolled_back(seen) then return {-2, ''} end
-local cancel = redis.call('HGET', KEYS[1], 'cancel')
-if cancel then return {0, cancel} end
-local n = redis.call('HINCRBY', KEYS[1], 'n', 1)
-redis.call('XADD', KEYS[2], '0-' .. n, 'e', event)
-redis.call('HSET', KEYS[1], 'status', 'paused', 'waiting', waiting, 'holder', '', 'lease', 0, 'updated', now)
-return {n, ''}
-""",
-)
-
-# KEYS: state, log. ARGV: epoch, status, event, result-or-error field, its value,
-# failed_seq, seen. Returns {index, parent run}; index -1 if fenced, -2 if the log
-# was rolled back, 0 if already completed.
-FINISH = Script(
-    "FINISH",
-    NOW
-    + _ROLLED_BACK
-    + """
-local epoch, status, event, field, value = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
-local failed_seq, seen = ARGV[6], ARGV[7]
-if redis.call('HGET', KEYS[1], 'epoch') ~= epoch then return {-1, ''} end
-if rolled_back(seen) then return {-2, ''} end
-local parent = redis.call('HGET', KEYS[1], 'parent') or ''
-if redis.call('HGET', KEYS[1], 'status') == 'completed' then return {0, parent} end
-local n = redis.call('HINCRBY', KEYS[1], 'n', 1)
-redis.call('XADD', KEYS[2], '0-' .. n, 'e', event)
-redis.call('HSET', KEYS[1], 'status', status, field, value, 'failed_seq', failed_seq,
-           'holder', '', 'lease', 0, 'updated', now)
-redis.call('HDEL', KEYS[1], 'waiting')
-return {n, parent}
-""",
-)
 
 # KEYS: state. ARGV: epoch, '1' if the run goes back to the queue. Lets another
 # process take over at once. A run handed back to the queue becomes 'pending'
@@ -218,7 +139,13 @@ return {'cancelled', cur[4] or ''}
 """,
 )
 
-SCRIPTS = (ACQUIRE, CREATE, RENEW, APPEND, PAUSE, FINISH, RELEASE, CANCEL)
+SCRIPTS = (ACQUIRE, CREATE, RENEW, RELEASE, CANCEL)
+
+
+AcquireKind = Literal[
+    "new", "resumed", "completed", "busy", "cancelled", "ended", "missing", "conflict", "other-arguments"
+]
+"""What `RedisStore.acquire` found (see `AcquireResult`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,7 +155,7 @@ class AcquireResult:
     (another workflow's run) or other-arguments. `cancel` is a pending
     cancel's reason."""
 
-    kind: str
+    kind: AcquireKind
     epoch: int = 0
     previous: str = ""
     result: bytes = b""
@@ -241,15 +168,12 @@ class AcquireResult:
 
 
 class RedisRuns(Connection):
-    """A run's writes: create or take it over, record its events, end it."""
+    """Who holds a run: create it, take it over, renew or give up the lease, cancel it."""
 
     async def _index_run(self, run_id: str, created_ms: int) -> None:
         """Add a new run to the index of runs by creation time."""
         if await self._fast([b"ZADD", self.runs_key, b"NX", created_ms, run_id]) is _MISS:
             await self._call(self.client.zadd(self.runs_key, {run_id: created_ms}, nx=True))
-
-    def _run_keys(self, run_id: str, *parts: str) -> list[str]:
-        return [self.key(run_id, part) for part in parts]
 
     async def acquire(
         self,
@@ -305,7 +229,7 @@ class RedisRuns(Connection):
             return AcquireResult("cancelled", cancel=text(reply[1]))
         if kind == "ended":
             return AcquireResult("ended", previous=text(reply[1]))
-        return AcquireResult(kind)  # missing, other-arguments
+        return AcquireResult(cast("AcquireKind", kind))  # missing, other-arguments
 
     async def create(self, run_id: str, *, workflow: str, started: bytes, args_digest: str) -> tuple[str, str]:
         """Create a pending run for the queue: ``("new", "")``, ``("exists", status)``,
@@ -324,52 +248,6 @@ class RedisRuns(Connection):
             return False, None
         return True, text(reply[1]) or None
 
-    async def append(
-        self, run_id: str, epoch: int, dedup: str, event: bytes, lease: float, *, seen: int | None = None
-    ) -> tuple[int, str | None]:
-        """Append an event once per `dedup` field: ``(index or 0 if recorded before, cancel reason)``.
-
-        `seen` is the highest log index the caller has seen, if it checks that the
-        log was not rolled back under it.
-
-        Raises:
-            _Suspend: the run was taken over (fenced), or its log rolled back.
-        """
-        keys = self._run_keys(run_id, STATE, LOG, STEPS)
-        reply = await self._run(APPEND, keys, [epoch, dedup, event, int(lease * 1000), _seen(seen)])
-        n = int(reply[0])
-        if n < 0:
-            raise _refused(run_id, n)
-        return n, text(reply[1]) or None
-
-    async def pause(
-        self, run_id: str, epoch: int, event: bytes, waiting: bytes, *, seen: int | None = None
-    ) -> str | None:
-        """Park the run; returns a pending cancel's reason instead of parking, if there is one.
-
-        Raises:
-            _Suspend: the run was taken over (fenced), or its log rolled back (see `append`).
-        """
-        reply = await self._run(PAUSE, self._run_keys(run_id, STATE, LOG), [epoch, event, waiting, _seen(seen)])
-        if int(reply[0]) < 0:
-            raise _refused(run_id, int(reply[0]))
-        return text(reply[1]) or None
-
-    async def finish(
-        self, run_id: str, epoch: int, *, status: str, event: bytes, field: str, value: bytes, failed_seq: int | None,
-        seen: int | None = None,
-    ) -> str:  # fmt: skip
-        """Record the run's end (completed, failed, blocked or cancelled); returns its parent run or ``""``.
-
-        Raises:
-            _Suspend: the run was taken over (fenced), or its log rolled back (see `append`).
-        """
-        args: list[Arg] = [epoch, status, event, field, value, "" if failed_seq is None else failed_seq, _seen(seen)]
-        reply = await self._run(FINISH, self._run_keys(run_id, STATE, LOG), args)
-        if int(reply[0]) < 0:
-            raise _refused(run_id, int(reply[0]))
-        return text(reply[1])
-
     async def release(self, run_id: str, epoch: int, *, pending: bool = False) -> None:
         """Give up the lease at once (the run stays resumable by anyone).
 
@@ -384,15 +262,3 @@ class RedisRuns(Connection):
         holder stops at the next step), already-completed, already-cancelled or missing."""
         reply = await self._run(CANCEL, self._run_keys(run_id, STATE, LOG), [reason, event])
         return text(reply[0]), text(reply[1])
-
-
-def _seen(seen: int | None) -> Arg:
-    return "" if seen is None else seen
-
-
-def _refused(run_id: str, code: int) -> _Suspend:
-    """What a run write refused with `code` (-1 fenced, -2 rolled back) raises."""
-    if code == -2:
-        return _Suspend(run_id, "the server's log of this run is shorter than this process saw (the server came "
-                        "back from an older state); this one stops, and the run resumes from the log")  # fmt: skip
-    return _Suspend(run_id, "another process took this run over; this one stops writing")
