@@ -28,6 +28,7 @@ from werkfluss import (
     workflow,
 )
 from werkfluss._events import HookReceived
+from werkfluss._store._hooks import DELIVER
 from werkfluss._store._open import open_store
 
 from .helpers import WERKFLUSS, events
@@ -290,9 +291,9 @@ async def test_a_delivery_re_sent_after_a_lost_reply_reports_stored_not_duplicat
     store = await open_store(wf)
     token = "order-paid:resent"
     keys = [store.hook_key(token, part) for part in ("box", "meta", "keys")]
-    first = await store._run("DELIVER", keys, [b"\xa1x", "evt-7", "nonce-a"])
-    again = await store._run("DELIVER", keys, [b"\xa1x", "evt-7", "nonce-a"])
-    other = await store._run("DELIVER", keys, [b"\xa1x", "evt-7", "nonce-b"])
+    first = await store._run(DELIVER, keys, [b"\xa1x", "evt-7", "nonce-a"])
+    again = await store._run(DELIVER, keys, [b"\xa1x", "evt-7", "nonce-a"])
+    other = await store._run(DELIVER, keys, [b"\xa1x", "evt-7", "nonce-b"])
     # Another call's: nothing stored; "waiting" while the first payload is still in the mailbox.
     assert [r[2] for r in (first, again, other)] == [b"stored", b"stored", b"waiting"]
     assert first[0] == again[0] == other[0] and await box(wf, token) == 1

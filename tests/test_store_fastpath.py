@@ -20,7 +20,7 @@ from werkfluss import Settings, Worker, _store, enqueue_async, start_async, step
 from werkfluss._errors import StorageError, _Suspend
 from werkfluss._store import _lane, _run_reads
 from werkfluss._store._open import close_stores, open_store
-from werkfluss._store._runs import APPEND
+from werkfluss._store._run_log import APPEND
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
