@@ -54,7 +54,8 @@ async def run_checkout(settings: Settings, order: str, *, approve_after: str = "
 
     async def drive() -> None:
         try:
-            outcome.append(await start_async(checkout.options(run_id=order, settings=settings), order))
+            result = await start_async(checkout.options(run_id=order, settings=settings), order)
+            outcome.append(result)
         except Exception as exc:
             outcome.append(exc)
 

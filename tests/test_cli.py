@@ -8,7 +8,7 @@ import os
 import re
 import socket
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import anyio
 import pytest
@@ -173,7 +173,7 @@ async def test_runs_cancel_and_resume(wf: Settings, cli: Cli) -> None:
         "run bad-9 (failed) is back on the queue: a worker will resume it"
     )
     store = await open_store(wf)
-    assert (await store.client.xrange(store.queue_key("queue")))[-1][1][b"r"] == b"bad-9"
+    assert cast("list[Any]", await store.client.xrange(store.queue_key("queue")))[-1][1][b"r"] == b"bad-9"
 
 
 # -- hooks -----------------------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ servers; tests/faults/test_poison.py shows the same with real worker processes.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, cast
 
 import pytest
 
@@ -70,7 +70,7 @@ async def test_a_message_handed_back_keeps_the_deliveries_that_failed_before(sto
     [second] = await read(store, "worker-3")
     await die(store, "worker-3")
     assert second != first
-    _, fields = (await store.client.xrange(store.queue_key("queue"), second, second))[0]
+    _, fields = cast("list[Any]", await store.client.xrange(store.queue_key("queue"), second, second))[0]
     assert fields == {b"r": b"run-a", b"d": b"1"}
     claimed, buried = await reclaim(store, "worker-4", max_deliveries=3)
     assert [m for m, _, _ in claimed] == [second] and buried == []
@@ -86,7 +86,7 @@ async def test_a_message_handed_back_at_every_stop_is_never_dead_lettered(store:
         [message] = await read(store, f"worker-{i}")
         await store.requeue(GROUP, message, "run-b", retry=True)
     [message] = await read(store, "worker-last")
-    _, fields = (await store.client.xrange(store.queue_key("queue"), message, message))[0]
+    _, fields = cast("list[Any]", await store.client.xrange(store.queue_key("queue"), message, message))[0]
     assert fields == {b"r": b"run-b", b"x": b"1"}  # nothing counted, the retry flag kept
     assert (await store.dead_letters(10)) == []
 

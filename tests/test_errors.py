@@ -123,11 +123,11 @@ def closed_port() -> int:
 async def test_a_worker_that_cannot_reach_its_server_says_so_in_one_line() -> None:
     port = closed_port()
     url = f"redis://:hunter2@127.0.0.1:{port}/0"
-    done = await anyio.run_process(
+    raw = await anyio.run_process(
         [WERKFLUSS, "worker", "tests.worker_flows", "--redis-url", url], cwd=ROOT,
         env=bare_env(PYTHONPATH=str(ROOT)), check=False,
     )  # fmt: skip
-    done.stdout, done.stderr = done.stdout.decode(), done.stderr.decode()  # type: ignore[assignment]
+    done = subprocess.CompletedProcess(raw.args, raw.returncode, raw.stdout.decode(), raw.stderr.decode())
     one_line_error(done, f"werkfluss: cannot reach redis://:***@127.0.0.1:{port}/0")
     assert "hunter2" not in done.stderr and "ExceptionGroup" not in done.stderr
 

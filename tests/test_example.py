@@ -220,9 +220,9 @@ def test_ctrl_c_leaves_the_run_paused_and_a_hook_sent_meanwhile_resumes_it(
     assert "order-7 shipped in 3 parcels (receipt-order-7), approved by the manager\n" in third.output
     assert "executed" not in third.output and "replayed" not in third.output
 
-    timeline = _cli(tmp_path, env, "runs", "show", "order-7", "--color", "never").stdout
-    assert any(line.split()[1:3] == ["hook:approve:order-7", "received"] for line in timeline.splitlines()), timeline
-    assert "waiting for hook 'approve:order-7' or timer at" in timeline, timeline
+    shown = _cli(tmp_path, env, "runs", "show", "order-7", "--color", "never").stdout
+    assert any(line.split()[1:3] == ["hook:approve:order-7", "received"] for line in shown.splitlines()), shown
+    assert "waiting for hook 'approve:order-7' or timer at" in shown, shown
 
 
 def test_ctrl_c_during_the_warehouse_sleep_and_an_approval_sent_early_in_python(

@@ -170,7 +170,9 @@ class Faults:
         }  # fmt: skip
         self.workers = Workers(self.env, root / "workers", "tests.faults.flows", concurrency=concurrency)
         self.url = url
-        self.client = redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5)
+        # Any: redis-py's return types are unions over decoding and RESP versions, and differ between
+        # the versions pyproject allows; the harness reads raw bytes and knows their shape.
+        self.client: Any = redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5)
         self._references: list[concurrent.futures.Future[Any]] = []
         self._pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="reference")
 
@@ -418,7 +420,7 @@ class Faults:
             status = self.status(run_id)
             if status not in allowed:
                 problems.append(f"run {run_id} is {status!r}, not {sorted(allowed)}")
-            completed = Counter()
+            completed: Counter[int] = Counter()
             for _, event in self.events(run_id):
                 if isinstance(event, StepCompleted):
                     completed[event.seq] += 1

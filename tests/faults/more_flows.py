@@ -120,7 +120,7 @@ if os.environ.get("WF_FAULT_COUNT_MOVES") == "1":
             row("moved", str(moved), str(limit))
         return moved, nxt
 
-    RedisStore.move_due = _counted_move_due  # type: ignore[method-assign]
+    RedisStore.move_due = _counted_move_due  # type: ignore[method-assign,assignment]
 
 
 # -- compatible and incompatible deployments of one workflow -------------------------------------------------

@@ -48,7 +48,9 @@ print(" ".join(results))
 """
 
 
-def _text(value: bytes | str) -> str:
+def _text(value: bytes | str | None) -> str:
+    if value is None:  # redis-py types a CONFIG GET value as optional
+        return ""
     return value.decode() if isinstance(value, bytes) else value
 
 

@@ -24,7 +24,7 @@ from werkfluss import (
     invoke_hook_async,
     pending_hooks_async,
 )
-from werkfluss._events import HookReceived, RunCancelled, RunCompleted, RunResumed, StepCompleted
+from werkfluss._events import HookReceived, RunCancelled, RunCompleted, RunResumed, StepCompleted, TimerStarted
 
 from . import flows
 from .harness import DEADLINE, TRIALS, pct, report
@@ -283,7 +283,7 @@ def test_r21_a_timer_due_while_every_worker_is_dead_fires_once_on_restart(faults
     faults.wait_status(runs, ["paused"])
     for proc in faults.workers.alive():
         faults.workers.kill(proc)
-    due = max(next(e.due for _, e in faults.events(r) if type(e).__name__ == "TimerStarted") for r in runs)
+    due = max(next(e.due for _, e in faults.events(r) if isinstance(e, TimerStarted)) for r in runs)
     time.sleep(max(0.0, due + DOWN_PAST_DUE - time.time()))  # the fault: no worker while the timers come due
     assert Counter(faults.status(r) for r in runs) == {"paused": len(runs)}
     started = time.time()

@@ -84,7 +84,7 @@ def _is_int(raw: bytes) -> bool:
     return True
 
 
-def hostile_entry(sentinel: str) -> st.SearchStrategy[tuple[str, dict[str, bytes]]]:
+def hostile_entry(sentinel: str) -> st.SearchStrategy[tuple[str, dict[bytes, bytes]]]:
     """(target, stream fields): a queue message, a run's log entry, or a hook payload."""
     junk = garbage_bytes(sentinel)
     run_ids = st.one_of(
@@ -109,15 +109,15 @@ def hostile_entry(sentinel: str) -> st.SearchStrategy[tuple[str, dict[str, bytes
 EXTREMES = [b"\x91" * 200_000 + b"\xc0", b"\xc6" + (4 << 20).to_bytes(4, "big") + b"\0" * (4 << 20)]
 
 
-def generate(sentinel: str, total: int) -> list[tuple[str, dict[str, bytes]]]:
-    entries: list[tuple[str, dict[str, bytes]]] = [
+def generate(sentinel: str, total: int) -> list[tuple[str, dict[bytes, bytes]]]:
+    entries: list[tuple[str, dict[bytes, bytes]]] = [
         (target, {field: raw}) for raw in EXTREMES for target, field in (("log", b"e"), ("hook", b"p"))
     ]
     entries.append(("queue", {b"r": b"ghost", b"x": EXTREMES[1]}))
 
     @given(st.lists(hostile_entry(sentinel), min_size=BATCH, max_size=BATCH))
     @settings(max_examples=-(-total // BATCH), deadline=None, database=None, suppress_health_check=list(HealthCheck))
-    def collect(batch: list[tuple[str, dict[str, bytes]]]) -> None:
+    def collect(batch: list[tuple[str, dict[bytes, bytes]]]) -> None:
         entries.extend(batch)
 
     collect()
@@ -173,8 +173,8 @@ async def test_hostile_entries_are_dead_lettered_and_execute_nothing(
         while (dead := await dead_count()) < expected_dead and worker.poll() is None:
             if time.monotonic() > deadline:
                 kinds = Counter(t for t, _ in entries)
-                letters = Counter("hook" if "source" in f else "queue" for _, f in await store.dead_letters(10**6))
-                pytest.fail(f"{dead} dead letters of {expected_dead}: injected {kinds}, dead {letters}; worker log: "
+                dead_kinds = Counter("hook" if "source" in f else "queue" for _, f in await store.dead_letters(10**6))
+                pytest.fail(f"{dead} dead letters of {expected_dead}: injected {kinds}, dead {dead_kinds}; worker log: "
                             f"{workers.log(worker)[-3000:]}")  # fmt: skip
             await anyio.sleep(0.2)
         assert worker.poll() is None, workers.log(worker)  # never crashed
@@ -188,11 +188,11 @@ async def test_hostile_entries_are_dead_lettered_and_execute_nothing(
         for run_id in healthy_ids:
             n = int(run_id.rsplit("-", 1)[1])
             state = await store.state(run_id)
-            assert msgspec.msgpack.decode(state["result"]) == n * n + (n + 1) * (n + 1)
+            assert msgspec.msgpack.decode(state.result or b"") == n * n + (n + 1) * (n + 1)
         for token in tokens:  # the inboxes kept their good payload and still take new ones
             await invoke_hook_async(token, 0, settings=settings)
         await until(lambda: all_status(settings, tokens, "completed"), 30, "the inboxes to finish")
-        assert {msgspec.msgpack.decode((await store.state(t))["result"]) for t in tokens} == {5}
+        assert {msgspec.msgpack.decode((await store.state(t)).result or b"") for t in tokens} == {5}
 
         # A run whose log does not decode is failed with the reason, not left looking in progress.
         assert {await store.status(run_id) for run_id in planted} == {"failed"}

@@ -20,6 +20,8 @@ from . import flows
 from .harness import DEADLINE, LEASE, pct, report
 
 if TYPE_CHECKING:
+    import subprocess
+
     from .harness import Faults
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
@@ -42,8 +44,12 @@ def test_runs_of_a_killed_worker_resume_within_the_lease_whatever_the_backlog(fa
     kills: dict[int, float] = {}  # pid -> when it was killed
     for n in range(KILLS):
         victim = victims[-1]
+
+        def working(v: subprocess.Popen[bytes] = victim) -> bool:
+            return sum(r.pid == v.pid for r in faults.ledger("exec")) >= SLOTS
+
         # Killed once it executes a full set of runs, the queue still deep behind them.
-        faults.wait(lambda v=victim: sum(r.pid == v.pid for r in faults.ledger("exec")) >= SLOTS, "the victim to work")
+        faults.wait(working, "the victim to work")
         faults.workers.kill(victim)
         kills[victim.pid] = time.time()
         if n < KILLS - 1:

@@ -127,12 +127,11 @@ def test_r14b_a_stalled_holder_is_fenced_out_and_user_code_sees_nothing(faults: 
         faults.wait_status([run_id])  # the taker claimed the run after A's lease lapsed, and finished it
         faults.release("stall", key)
         target = f"append@{run_id}#c2"
-        faults.wait(
-            lambda target=target, pid=stalled.pid: any(
-                w.outcome is not None for w in faults.writes(target) if w.pid == pid
-            ),
-            "the stalled worker's late completion to be answered",
-        )
+
+        def answered(target: str = target, pid: int = stalled.pid) -> bool:
+            return any(w.outcome is not None for w in faults.writes(target) if w.pid == pid)
+
+        faults.wait(answered, "the stalled worker's late completion to be answered")
         late = [w for w in faults.writes(target) if w.pid == stalled.pid]
         taken = [w for w in faults.writes(target) if w.pid == taker.pid]
         assert [w.outcome for w in taken] == ["ok"] and int(taken[0].reply or 0) > 0, "the taker's write landed"

@@ -83,10 +83,10 @@ def test_r24_a_herd_of_timers_due_at_one_instant_fires_each_once(monitored: Faul
     all_paused = time.time()
     assert all_paused < at, f"the runs paused only {all_paused - at:.1f} s after the instant: raise WF_FAULT_HERD_LEAD"
     faults.client.slowlog_reset()
-    faults.client.execute_command("LATENCY", "RESET")  # type: ignore[no-untyped-call]
+    faults.client.execute_command("LATENCY", "RESET")
     faults.wait_status(calls, timeout=DEADLINE + RUNS / 100)
     done = time.time()
-    latency = faults.client.execute_command("LATENCY", "LATEST")  # type: ignore[no-untyped-call]
+    latency = faults.client.execute_command("LATENCY", "LATEST")
     worst_ms, worst_command = slowest(faults)
 
     executions = Counter(r.key for r in faults.ledger("exec"))

@@ -103,7 +103,7 @@ def _new_hook(draw: st.DrawFn, state: _State, scope: _Scope, *, early: bool = Tr
     h = _Hook(token, [])
     for _ in range(draw(st.integers(0, 2)) if early else 0):
         h.early.append(h.payload())
-    if h.early and draw(st.booleans()):
+    if len(h.early) > 0 and draw(st.booleans()):
         h.early.append(h.early[-1])  # delivered twice, before the run starts
     h.queued = len(h.early)
     state.hooks[token] = h
@@ -196,7 +196,7 @@ def _stmts(draw: st.DrawFn, state: _State, scope: _Scope, size: int, depth: int)
                 race, lost = made
                 out.append(race)
                 scope.vars.append(race.var)
-                if lost and draw(st.booleans()):  # the hook that lost the race is awaited after all,
+                if len(lost) > 0 and draw(st.booleans()):  # the hook that lost the race is awaited after all,
                     if draw(st.booleans()):  # its payload sent by a step in between (no pause before the await)
                         h = scope.handles[lost[0]]
                         c = StepCall("send", state.next("s"), (), 0, h.token, h.payload())

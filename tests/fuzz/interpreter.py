@@ -146,7 +146,7 @@ async def run_body(ops: Ops, body: Body, data: Data) -> list[str]:
             bind(s.var, list(await asyncio.gather(*(call(c) for c in s.calls))))
         elif isinstance(s, Group):
             async with asyncio.TaskGroup() as tg:
-                tasks = [tg.create_task(call(c)) for c in s.calls]  # type: ignore[arg-type]
+                tasks: list[asyncio.Task[Any]] = [tg.create_task(call(c)) for c in s.calls]  # type: ignore[arg-type]
             bind(s.var, [t.result() for t in tasks])
         elif isinstance(s, Loop):
             if s.source == "mapping":
@@ -214,7 +214,7 @@ class ReferenceOps(Ops):
         self.scripts = scripts
         self.hooks: dict[str, _RefHook] = {}
 
-    async def step(self, call: StepCall, label: str, inputs: list[Any]) -> Any:  # type: ignore[override]
+    async def step(self, call: StepCall, label: str, inputs: list[Any]) -> Any:
         await asyncio.sleep(0)
         if call.kind == "slow":
             await asyncio.sleep(SLOW * 100)
@@ -229,10 +229,10 @@ class ReferenceOps(Ops):
         self.hooks[token] = _RefHook(self.scripts.get(token))
         return self.hooks[token]
 
-    def await_hook(self, handle: _RefHook) -> Awaitable[Any]:  # type: ignore[override]
+    def await_hook(self, handle: _RefHook) -> Awaitable[Any]:
         return handle.next()
 
-    async def race(self, arms: list[Any]) -> tuple[int, Any]:  # type: ignore[override]
+    async def race(self, arms: list[Any]) -> tuple[int, Any]:
         tasks = [asyncio.ensure_future(a.racing() if isinstance(a, _RefHook) else a) for a in arms]
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
@@ -244,7 +244,7 @@ class ReferenceOps(Ops):
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def sleep(self, seconds: float) -> None:  # type: ignore[override]
+    async def sleep(self, seconds: float) -> None:
         await asyncio.sleep(seconds / 20)
 
     def child(self, body: Body, data: Data) -> Awaitable[list[str]]:

@@ -18,7 +18,7 @@ deterministic across processes and replays, unlike randomness.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from werkfluss import RetryPolicy, StepFailedError, hook, invoke_hook_async, race, sleep, step, step_key, workflow
 
@@ -26,6 +26,9 @@ from ..faults.flows import apply_effect, barrier, fault_dir, row
 from ..faults.harness import read_ledger
 from .interpreter import SLOW, Box, Ops, broken_message, run_body, value_of
 from .program import BROKEN_RETRIES, FLAKY_RETRIES, Body, Data, StepCall
+
+if TYPE_CHECKING:
+    from werkfluss import Step
 
 __all__ = [
     "WerkflussOps",
@@ -118,7 +121,14 @@ async def send(label: str, inputs: list[Any], token: str, payload: str) -> str:
     return value_of("plain", label, inputs)  # type: ignore[no-any-return]
 
 
-STEPS = {"plain": plain, "nested": nested, "counts": counts, "tags": tags, "broken": broken, "slow": slow}
+STEPS: dict[str, Step[[str, list[Any]], Any]] = {
+    "plain": plain,
+    "nested": nested,
+    "counts": counts,
+    "tags": tags,
+    "broken": broken,
+    "slow": slow,
+}
 
 
 class WerkflussOps(Ops):

@@ -34,6 +34,8 @@ from .interpreter import Refused, reference
 from .program import Program, to_python
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from ..conftest import Server
     from ..servers import RedisProcess
     from .generate import Fault
@@ -52,7 +54,7 @@ def modes(available: tuple[str, ...]) -> tuple[str, ...]:
     return chosen
 
 
-def budget(ci_examples: int) -> Any:
+def budget(ci_examples: int) -> Callable[[Callable[..., None]], Callable[..., None]]:
     """Hypothesis settings: `ci_examples` derandomized, or the long run's count."""
     chosen = settings(
         max_examples=EXAMPLES or ci_examples,
@@ -63,7 +65,7 @@ def budget(ci_examples: int) -> Any:
         suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large],
     )
 
-    def apply(test: Any) -> Any:
+    def apply(test: Callable[..., None]) -> Callable[..., None]:
         test = chosen(test)
         return seed(int(SEED))(test) if SEED is not None else test
 
