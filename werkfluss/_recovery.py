@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from ._options import Settings
-    from ._store import RedisStore
+    from ._store import RedisStore, RunState, StateField
 
 __all__ = [
     "BATCH",
@@ -51,7 +51,7 @@ BATCH = 200  # runs read per round trip of the sweep
 QUEUE_LIMIT = 10_000  # a longer queue is a backlog: the sweep waits for a round with less
 SWEEP_EVERY = 600.0  # seconds: at most one sweep per prefix this often, by whichever worker
 _PAUSE = 0.005  # seconds between batches: a sweep of a large index never crowds out real work
-_FIELDS = ("status", "holder", "lease", "updated")
+_FIELDS: tuple[StateField, ...] = ("status", "holder", "lease", "updated")
 
 
 class Serving(Protocol):
@@ -201,23 +201,14 @@ async def sweep(
     return Sweep(scanned, woken, time.monotonic() - began)
 
 
-def _stuck(state: dict[str, bytes], margin: float, now: float) -> bool:
+def _stuck(state: RunState, margin: float, now: float) -> bool:
     """Whether a run's state says nobody executes it (see `sweep`)."""
-    status = state.get("status", b"")
-    if status == b"running":
-        holder = state.get("holder", b"").decode(errors="replace")
-        return _seconds(state.get("lease")) + margin <= now or (bool(holder) and holder_is_dead(holder))
-    if status == b"pending":
-        return _seconds(state.get("updated")) + margin <= now
+    if state.status == "running":
+        holder = state.holder
+        return state.lease / 1000 + margin <= now or (bool(holder) and holder_is_dead(holder))
+    if state.status == "pending":
+        return state.updated / 1000 + margin <= now
     return False
-
-
-def _seconds(raw: bytes | None) -> float:
-    """A state field in server milliseconds as Unix seconds; 0 for anything that is not a number."""
-    try:
-        return int(raw or b"0") / 1000
-    except ValueError:
-        return 0.0
 
 
 def _valid(run_id: str) -> bool:

@@ -18,13 +18,11 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Literal
 
-import msgspec
-
 from ._engine._attach import acquire, attach
 from ._engine._drive import drive_child
 from ._engine._executor import Released, RunExecutor, fails
 from ._errors import ConfigurationError
-from ._events import ErrorInfo, RunFailed, encode_event
+from ._events import ErrorInfo
 from ._holder import holding
 from ._ids import check_run_id, registered_workflow
 from ._logging import log
@@ -94,7 +92,8 @@ async def take(
             return "declined"
         if attached.error is not None:
             # A log that does not decode will not decode next time either: the run fails.
-            await _fail(store, run_id, got.epoch, "werkfluss.SerializationError", str(attached.error))
+            error = ErrorInfo(type="werkfluss.SerializationError", message=str(attached.error))
+            await store.fail(run_id, got.epoch, error)
             return await dead(store, worker, message, run_id, str(attached.error))
         executor = attached.executor
         if executor is None:
@@ -124,7 +123,7 @@ async def fail_buried(store: RedisStore, settings: Settings, worker: str, run_id
     with holding(run_id) as held:
         got = await acquire(store, run_id, held, settings.lease, retry=False)
         if got.kind == "resumed":  # else ended meanwhile, or a live holder renews it: leave it be
-            await _fail(store, run_id, got.epoch, "werkfluss.DeadLetter", reason)
+            await store.fail(run_id, got.epoch, ErrorInfo(type="werkfluss.DeadLetter", message=reason))
 
 
 async def dead(store: RedisStore, worker: str, message: str, run_id: str, reason: str) -> Outcome:
@@ -132,12 +131,3 @@ async def dead(store: RedisStore, worker: str, message: str, run_id: str, reason
     log.error("worker %s: dead-lettering message %s (run %r): %s", worker, message, run_id, reason)
     await store.dead_letter(GROUP, message, run_id, reason)
     return "done"
-
-
-async def _fail(store: RedisStore, run_id: str, epoch: int, kind: str, message: str) -> None:
-    """Record the end of a run held at `epoch` that a worker cannot execute, as failed."""
-    info = ErrorInfo(type=kind, message=message)
-    event = encode_event(RunFailed(time.time(), info))
-    await store.finish(
-        run_id, epoch, status="failed", event=event, field="error", value=msgspec.msgpack.encode(info), failed_seq=None
-    )

@@ -15,7 +15,7 @@ import hashlib
 import time
 from dataclasses import dataclass, field
 from logging import INFO
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 
 import msgspec
 
@@ -32,10 +32,10 @@ if TYPE_CHECKING:
     from .._context import WorkflowLike
     from .._holder import Holding
     from .._options import Settings
-    from .._store import AcquireResult, RedisStore
+    from .._store import AcquireKind, AcquireResult, RedisStore
     from ._call import ChildDriver, RunCall
 
-__all__ = ["Attached", "acquire", "args_digest", "attach", "read_replay", "resumed_from"]
+__all__ = ["AttachKind", "Attached", "acquire", "args_digest", "attach", "read_replay", "resumed_from"]
 
 
 def args_digest(canonical: bytes) -> str:
@@ -91,6 +91,10 @@ async def acquire(
         take_over = got.holder
 
 
+AttachKind: TypeAlias = 'Literal["execute", "undefined", "unreadable"] | AcquireKind'
+"""What `attach` found (see `Attached`)."""
+
+
 @dataclass(slots=True)
 class Attached:
     """What `attach` found, by `kind`.
@@ -108,7 +112,7 @@ class Attached:
     `watchdog` says the run, a caller's own, was given a watchdog wake-up.
     """
 
-    kind: str
+    kind: AttachKind
     got: AcquireResult
     executor: RunExecutor | None = None
     args: tuple[Any, ...] = ()

@@ -1,7 +1,10 @@
 """Drive a run from the caller's process: take it over, execute, wait while it pauses.
 
 `drive` is what `start()` does for its own run and what a parent does for
-a child run. A worker takes runs from the queue instead (`_worker`).
+a child run (`drive_child`, the executor's `ChildDriver`), each described by
+one `RunCall`. It attaches through `_attach`, as a worker does, and adds what
+a caller does beyond that: it waits while another live caller holds the run,
+and while the run pauses.
 """
 
 from __future__ import annotations
@@ -153,13 +156,13 @@ async def _wait_for_holder(store: RedisStore, run_id: str, busy: AcquireResult) 
             await anyio.sleep(delay)
             delay = min(delay * 2, 0.25)
         state = await store.state(run_id)
-        status = state.get("status", b"").decode()
+        status = state.status
         if status in ("failed", "blocked"):
-            info = error_info(state.get("error", b""))
+            info = error_info(state.error or b"")
             raise RunFailedError(run_id, info.type, info.message, info.traceback)
         if status == "cancelled":
-            raise RunCancelledError(run_id, state.get("cancel", b"").decode(errors="replace"))
-        holder = state.get("holder", b"").decode()
+            raise RunCancelledError(run_id, state.cancel or "")
+        holder = state.holder
         if status != "running" or not holder:
             return ""
         if holder != busy.holder:
