@@ -2,8 +2,8 @@
 
 `RunExecutor` is a run's `Runner` (`_context`): the calls in the body come
 to it (`_steps`: steps and child runs; `_waiting`: sleeps, hooks, races;
-both on `_run.RunBase`). `execute` runs the body beside two helpers, one
-renewing the lease and the pause detector's watch (`_pause`), and then
+both on `_run.RunBase`). `execute` runs the body beside two helpers (one
+renews the lease, the other is the pause detector's watch, `_pause`), then
 concludes the run in one place: it records how the body ended (completed,
 failed, blocked, cancelled, paused) or hands the run back.
 
@@ -25,18 +25,7 @@ import msgspec
 
 from .._context import RunContext, enter_run, exit_run
 from .._errors import RunCancelledError, SerializationError, StepFailedError, StorageError, _Suspend
-from .._events import (
-    AnyEvent,
-    ErrorInfo,
-    RunBlocked,
-    RunCancelled,
-    RunCompleted,
-    RunFailed,
-    RunPaused,
-    Waiting,
-    describe,
-    encode_event,
-)
+from .._events import ErrorInfo, RunPaused, Waiting, describe, encode_event
 from .._logging import log, note
 from .._options import Settings
 from .._values import convert_value, encode_checked
@@ -45,10 +34,10 @@ from ._steps import StepCalls, fails
 from ._waiting import WaitCalls
 
 if TYPE_CHECKING:
-    from collections.abc import Coroutine
+    from collections.abc import Awaitable, Callable, Coroutine
 
     from .._context import WorkflowLike
-    from .._store import RedisStore
+    from .._store import Store
     from ._replay import Replay
 
 # Paused, Released, wait_for_wake (_pause) and fails (_steps) are imported from here too.
@@ -76,7 +65,7 @@ class RunExecutor(StepCalls, WaitCalls):
     def replayer(cls, workflow: WorkflowLike, run_id: str, replay: Replay) -> RunExecutor:
         """An executor that only replays `replay` (``frontier="stop"``), for a replay check:
         it stops the body where the recorded history ends, and reads and writes no store."""
-        offline = cast("RedisStore", _Offline())
+        offline = cast("Store", _Offline())
         return cls(offline, workflow, run_id, 0, replay, Settings(), _no_children, frontier="stop")
 
     async def execute(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -214,7 +203,7 @@ class RunExecutor(StepCalls, WaitCalls):
         if ending == "blocked":
             assert self.diverged is not None
             info = ErrorInfo.from_exception(self.diverged)
-            await self._finish("blocked", RunBlocked(time.time(), info), "error", msgspec.msgpack.encode(info), None)
+            await self._finish(lambda: self.store.block(self.run_id, self.epoch, info, seen=self.events))
             note(WARNING, "run.blocked", self.run_id, "%s", self.diverged)
             raise self.diverged
         if ending == "completed":
@@ -226,7 +215,7 @@ class RunExecutor(StepCalls, WaitCalls):
             except SerializationError as exc:
                 error = exc  # an unfit result fails the run
             else:
-                await self._finish("completed", RunCompleted(time.time(), msgspec.Raw(raw)), "result", raw, None)
+                await self._finish(lambda: self.store.complete(self.run_id, self.epoch, raw, seen=self.events))
                 self._note(INFO, "run.completed", "run %s (%s) completed", self.workflow.id)
                 return value
         elif ending == "cancelled":
@@ -243,33 +232,25 @@ class RunExecutor(StepCalls, WaitCalls):
             error = RuntimeError("the workflow body was cancelled")
         seq = _failed_seq(error, self.run_id)
         info = ErrorInfo.from_exception(error)
-        await self._finish("failed", RunFailed(time.time(), info, seq), "error", msgspec.msgpack.encode(info), seq)
+        await self._finish(lambda: self.store.fail(self.run_id, self.epoch, info, seq=seq, seen=self.events))
         self._note(WARNING, "run.failed", "run %s (%s) failed: %s", self.workflow.id, info.type)
         raise error
 
     async def cancelled(self, reason: str) -> Any:
         """Record the run as cancelled and raise `RunCancelledError`."""
-        await self._finish("cancelled", RunCancelled(time.time(), reason), "cancel", reason.encode(), None)
+        await self._finish(lambda: self.store.mark_cancelled(self.run_id, self.epoch, reason, seen=self.events))
         message = "run %s (%s) cancelled: %s"
         self._note(INFO, "run.cancelled", message, self.workflow.id, reason or "no reason given")
         raise RunCancelledError(self.run_id, reason)
 
-    async def _finish(self, status: str, event: AnyEvent, field: str, value: bytes, seq: int | None) -> None:
+    async def _finish(self, record: Callable[[], Awaitable[str]]) -> None:
+        """Record the run's end with `record` (one of the store's complete, fail, block, mark_cancelled)."""
         # A child driven by its parent's process needs no wake-up call: the
         # parent is awaiting it. One resumed on its own wakes its parent, and
         # first sets a later wake-up in case this process dies in between.
         if self.parent and not self.inline:
             await self.store.wake(self.parent, time.time() + self.lease)
-        await self.store.finish(
-            self.run_id,
-            self.epoch,
-            status=status,
-            event=encode_event(event),
-            field=field,
-            value=value,
-            failed_seq=seq,
-            seen=self.events,
-        )
+        await record()
         self.ended = True
         self._progressed()
         if self.replay.paused:  # only a run that paused can have a timer entry left

@@ -33,7 +33,7 @@ from .._logging import log
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
-    from .._store import RedisStore
+    from .._store import Store
 
 __all__ = ["Activity", "Busy", "Paused", "Released", "wait_for_wake"]
 
@@ -217,7 +217,7 @@ class Busy:
         activity.touch()
 
 
-async def wait_for_wake(store: RedisStore, run_id: str, lease: float, *, caller: bool = False) -> None:
+async def wait_for_wake(store: Store, run_id: str, lease: float, *, caller: bool = False) -> None:
     """Wait while run `run_id` is paused, until it or a child it waits for comes due.
 
     A due timer entry is taken (pushed `lease` ahead, so that it comes due
@@ -258,13 +258,13 @@ def _raise_lost_cancellation() -> None:
         raise asyncio.CancelledError("a cancellation that asyncio.wait_for swallowed")
 
 
-async def _wait_tree(store: RedisStore, run_id: str) -> list[str]:
+async def _wait_tree(store: Store, run_id: str) -> list[str]:
     """`run_id` and the paused child runs it waits for, transitively (bounded)."""
     runs = [run_id]
     for run in runs:
         if len(runs) >= 100:
             break
-        raw = (await store.state(run)).get("waiting")
+        raw = (await store.state(run)).waiting
         try:
             waits = msgspec.msgpack.decode(raw, type=list[Waiting]) if raw else []
         except (msgspec.DecodeError, ValueError, RecursionError):

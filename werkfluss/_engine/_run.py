@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from .._context import WorkflowLike
     from .._holder import Holding
     from .._options import Settings
-    from .._store import RedisStore
+    from .._store import Store
     from ._call import ChildDriver
     from ._replay import Replay
 
@@ -46,7 +46,7 @@ class RunBase:
 
     def __init__(
         self,
-        store: RedisStore,
+        store: Store,
         workflow: WorkflowLike,
         run_id: str,
         epoch: int,
