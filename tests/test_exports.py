@@ -17,7 +17,8 @@ PACKAGE = Path(werkfluss.__file__).resolve().parent
 # msgspec Structs keep their module: msgspec resolves their annotations through it.
 STRUCTS = {
     "Settings": "_options", "RetryPolicy": "_options", "ErrorRecord": "_queries", "RunInfo": "_queries",
-    "RunPage": "_queries", "RunSummary": "_queries", "Wait": "_queries",
+    "RunPage": "_queries", "RunSummary": "_queries", "Wait": "_queries", "DeadLetter": "_dead_letters",
+    "QueueDepth": "_dead_letters",
 }  # fmt: skip
 
 

@@ -1,23 +1,28 @@
-"""get_run, list_runs, get_events and resume against real servers."""
+"""get_run, list_runs, get_events, resume and the dead-letter queries against real servers."""
 
 from __future__ import annotations
 
 import logging
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, cast
 
 import anyio
 import pytest
 
 import werkfluss
 from werkfluss import (
+    ConfigurationError,
     RunConflictError,
     RunNotFoundError,
     StepFailedError,
+    dead_letters_async,
     get_events_async,
+    get_run,
     get_run_async,
     hook,
     list_runs_async,
+    queue_depth_async,
+    redrive_async,
     resume_async,
     start_async,
     step,
@@ -139,12 +144,17 @@ async def test_list_runs_pages_through_runs_created_in_one_millisecond(wf: Setti
 
 
 async def test_list_runs_refuses_bad_arguments(wf: Settings) -> None:
-    with pytest.raises(ValueError, match="unknown run status 'done'"):
+    with pytest.raises(ConfigurationError, match="unknown run status 'done'"):
         await list_runs_async(status="done", settings=wf)
-    with pytest.raises(ValueError, match="limit must be at least 1"):
+    with pytest.raises(ConfigurationError, match="limit must be at least 1"):
         await list_runs_async(limit=0, settings=wf)
-    with pytest.raises(ValueError, match="invalid cursor"):
+    with pytest.raises(ConfigurationError, match="invalid cursor"):
         await list_runs_async(cursor="garbage", settings=wf)
+
+
+async def test_a_blocking_query_inside_an_event_loop_names_its_async_twin(wf: Settings) -> None:
+    with pytest.raises(ConfigurationError, match=r"get_run\(\) cannot be called inside a running event loop"):
+        get_run("q-1", settings=wf)
 
 
 async def test_resume_puts_a_failed_run_back_on_the_queue(wf: Settings) -> None:
@@ -152,11 +162,39 @@ async def test_resume_puts_a_failed_run_back_on_the_queue(wf: Settings) -> None:
     store = await open_store(wf)
     before = await store.client.xlen(store.queue_key("queue"))
     assert await resume_async("bad-3", settings=wf) == "failed"
-    entries = await store.client.xrange(store.queue_key("queue"))
+    entries = cast("list[Any]", await store.client.xrange(store.queue_key("queue")))
     assert len(entries) == before + 1 and entries[-1][1][b"r"] == b"bad-3"
     await start_async(twice.options(run_id="q-done", settings=wf), 1)
-    with pytest.raises(RunConflictError, match="'q-done' is completed: there is nothing to resume"):
+    with pytest.raises(RunConflictError, match="'q-done' is completed: there is nothing to resume") as refused:
         await resume_async("q-done", settings=wf)
+    assert refused.value.run_id == "q-done"
+
+
+async def test_dead_letters_are_listed_typed_and_redriven_and_the_queue_depth_counts_messages(wf: Settings) -> None:
+    from werkfluss._dead_letters import WORKERS
+    from werkfluss._take import GROUP
+
+    assert WORKERS == GROUP  # the queries read the group the workers read as
+    assert await dead_letters_async(settings=wf) == []
+    store = await open_store(wf)
+    await store.ensure_group(WORKERS)
+    assert await queue_depth_async(settings=wf) == werkfluss.QueueDepth(waiting=0, in_flight=0)
+    await store.client.xadd(store.queue_key("queue"), {"r": "some-run"})
+    await store.client.xadd(store.queue_key("queue"), {"r": "other-run"})
+    assert await queue_depth_async(settings=wf) == werkfluss.QueueDepth(waiting=2, in_flight=0)
+    [(message, _), _] = await store.read_queue(WORKERS, "q-test", 2, 0.1)
+    assert await queue_depth_async(settings=wf) == werkfluss.QueueDepth(waiting=0, in_flight=2)
+    before = datetime.now(UTC) - timedelta(seconds=5)
+    await store.dead_letter(WORKERS, message, "some-run", "poison (test)")
+    [letter] = await dead_letters_async(settings=wf)
+    assert (letter.run_id, letter.reason, letter.deliveries, letter.source) == ("some-run", "poison (test)", 1, None)
+    assert letter.at is not None and letter.at > before
+    assert letter.fields["r"] == "some-run"
+    assert await queue_depth_async(settings=wf) == werkfluss.QueueDepth(waiting=0, in_flight=1)
+    again = await redrive_async(letter.id, settings=wf)
+    assert again is not None and await dead_letters_async(settings=wf) == []
+    assert await queue_depth_async(settings=wf) == werkfluss.QueueDepth(waiting=1, in_flight=1)
+    assert await redrive_async(letter.id, settings=wf) is None  # gone: nothing re-driven twice
 
 
 async def test_events_carry_no_secret_into_logs_above_debug(wf: Settings, caplog: pytest.LogCaptureFixture) -> None:

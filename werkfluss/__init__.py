@@ -6,11 +6,12 @@ a Ctrl-C or a deploy returns recorded results and executes only the steps
 that did not complete.
 
 This module only re-exports; the implementation lives in private modules,
-from pure (``_errors``, ``_ids``, ``_options``, ``_events``, ``_context``, ``_log``)
-to I/O (``_store``, ``_scripts``, ``_embedded``) to orchestration
-(``_replay``, ``_executor``, ``_runtime``, ``_waits``, ``_wrappers``,
-``_client``, ``_queries``, ``_worker``) to presentation (``_timeline``,
-``_cli``, ``_cli_runs``). ``werkfluss.events`` names the log's events and
+in layers that import only downwards: pure (``_errors``, ``_ids``,
+``_options``, ``_events``, ``_values``, ``_logging``, ``_holder``), the run
+context (``_context``), the store (``_store/``), the engine (``_engine/``),
+the API (``_wrappers``, ``_waits``, ``_sync``, ``_client``, ``_queries``,
+``_dead_letters``) beside the worker (``_worker`` and its helpers), and the
+command line (``_cli/``). ``werkfluss.events`` names the log's events and
 ``werkfluss.testing`` holds helpers for users' test suites.
 """
 
@@ -31,10 +32,22 @@ from ._client import (
     invoke_hook_async,
     pending_hooks,
     pending_hooks_async,
+    resume,
+    resume_async,
     start,
     start_async,
 )
 from ._context import step_key
+from ._dead_letters import (
+    DeadLetter,
+    QueueDepth,
+    dead_letters,
+    dead_letters_async,
+    queue_depth,
+    queue_depth_async,
+    redrive,
+    redrive_async,
+)
 from ._errors import (
     ConfigurationError,
     HistoryTooLargeError,
@@ -66,8 +79,6 @@ from ._queries import (
     get_run_async,
     list_runs,
     list_runs_async,
-    resume,
-    resume_async,
 )
 from ._waits import Hook, hook, race, sleep
 from ._worker import Worker
@@ -75,6 +86,7 @@ from ._wrappers import Step, Workflow, step, workflow
 
 __all__ = [
     "ConfigurationError",
+    "DeadLetter",
     "ErrorRecord",
     "HistoryTooLargeError",
     "Hook",
@@ -85,6 +97,7 @@ __all__ = [
     "NotInWorkflowError",
     "PayloadTooLargeError",
     "PendingHook",
+    "QueueDepth",
     "RetryPolicy",
     "RunCancelledError",
     "RunConflictError",
@@ -104,6 +117,8 @@ __all__ = [
     "Workflow",
     "cancel",
     "cancel_async",
+    "dead_letters",
+    "dead_letters_async",
     "enqueue",
     "enqueue_async",
     "expire_hooks",
@@ -119,7 +134,11 @@ __all__ = [
     "list_runs_async",
     "pending_hooks",
     "pending_hooks_async",
+    "queue_depth",
+    "queue_depth_async",
     "race",
+    "redrive",
+    "redrive_async",
     "resume",
     "resume_async",
     "sleep",

@@ -1,5 +1,5 @@
-"""What a script calls: start, enqueue, invoke_hook, cancel, the hooks' mailboxes
-(each sync and async).
+"""What a script calls to steer runs: start, enqueue, invoke_hook, cancel,
+resume, and the hooks' mailboxes (each sync and async).
 
 Each gets its store from `_store._open` (one per event loop and settings, so
 repeated `start_async` calls reuse their connections); each blocking twin runs
@@ -43,6 +43,8 @@ __all__ = [
     "invoke_hook_async",
     "pending_hooks",
     "pending_hooks_async",
+    "resume",
+    "resume_async",
     "start",
     "start_async",
 ]
@@ -141,9 +143,9 @@ async def enqueue_async(workflow: Workflow[P, R], /, *args: P.args, **kwargs: P.
     started = encode_event(RunStarted(time.time(), workflow.id, msgspec.Raw(args_raw)))
     kind, detail = await store.create(run_id, workflow=workflow.id, started=started, args_digest=args_digest(canonical))
     if kind == "conflict":
-        raise RunConflictError(f"run {run_id!r} belongs to workflow {detail!r}, not {workflow.id!r}")
+        raise RunConflictError(run_id, f"run {run_id!r} belongs to workflow {detail!r}, not {workflow.id!r}")
     if kind == "other-arguments":
-        raise RunConflictError(f"run {run_id!r} was enqueued with other arguments; use another run_id")
+        raise RunConflictError(run_id, f"run {run_id!r} was enqueued with other arguments; use another run_id")
     if kind == "new" or detail == "pending":
         await store.enqueue(run_id)
     elif detail in ("failed", "blocked"):
@@ -248,14 +250,14 @@ async def cancel_async(run_id: str, reason: str = "", *, settings: Settings | No
 
 async def _cancel(store: RedisStore, run_id: str, reason: str, depth: int) -> bool:
     state = await store.state(run_id)
-    waiting = state.get("waiting")
+    waiting = state.waiting
     outcome, parent = await store.cancel(run_id, reason, encode_event(RunCancelled(time.time(), reason)))
     if outcome == "missing":
         raise RunNotFoundError(run_id)
     if outcome == "requested":
         # Its holder may be a caller in this process, on any thread: stop it at once
         # instead of at its next lease renewal.
-        here = live_holding(state.get("holder", b"").decode(errors="replace"))
+        here = live_holding(state.holder)
         if here is not None and here.run_id == run_id:
             here.call(lambda: _stop_here(here, reason))
     elif outcome == "cancelled":
@@ -278,6 +280,33 @@ def _stop_here(holding: Holding, reason: str) -> None:
 def cancel(run_id: str, reason: str = "", *, settings: Settings | None = None) -> bool:
     """Blocking twin of `cancel_async`: cancel run `run_id`."""
     return blocking("cancel", lambda: cancel_async(run_id, reason, settings=settings))
+
+
+async def resume_async(run_id: str, *, settings: Settings | None = None) -> str:
+    """Put run `run_id` back on the queue, for a worker to resume it.
+
+    For a run that failed (after a fix or a transient outage), one that is
+    blocked on a code change, one whose process died, or a paused run that
+    should look at its hooks and timers now. Returns the run's status before.
+
+    Raises:
+        RunNotFoundError: there is no run `run_id`.
+        RunConflictError: the run completed or was cancelled: there is nothing to resume.
+    """
+    check_run_id(run_id)
+    store = await open_store(settings or Settings.from_env())
+    status = await store.status(run_id)
+    if not status:
+        raise RunNotFoundError(run_id)
+    if status in ("completed", "cancelled"):
+        raise RunConflictError(run_id, f"run {run_id!r} is {status}: there is nothing to resume")
+    await store.enqueue(run_id, retry=status in ("failed", "blocked"))
+    return status
+
+
+def resume(run_id: str, *, settings: Settings | None = None) -> str:
+    """Blocking twin of `resume_async`."""
+    return blocking("resume", lambda: resume_async(run_id, settings=settings))
 
 
 @dataclass(frozen=True, slots=True)

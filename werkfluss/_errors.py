@@ -187,7 +187,12 @@ class RunFailedError(WerkflussError):
 
 
 class RunConflictError(WerkflussError):
-    """A run ID is taken by a run of another workflow, or with other arguments."""
+    """A run ID is taken by a run of another workflow, or with other arguments, or
+    the run is in no state for what was asked (resuming a completed run)."""
+
+    def __init__(self, run_id: str, message: str) -> None:
+        super().__init__(message)
+        self.run_id = run_id
 
 
 class RunNotFoundError(WerkflussError, LookupError):

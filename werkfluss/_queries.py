@@ -1,27 +1,31 @@
 """Read what runs did: `get_run`, `list_runs`, `get_events` (each sync and async),
-and `resume` to put a failed or stuck run back on the queue.
+their typed answers (`RunInfo`, `RunSummary`, `RunPage`, `Wait`, `ErrorRecord`),
+and `event_dict`, the JSON form of an event.
 
 Queries only read, and read only data: values in the log are decoded as
 plain msgpack (no user types, nothing imported by name). `get_run` and
 `list_runs` read state hashes and at most a few log entries, so they cost
 the same for a run of ten steps and one of a hundred thousand; only
-`get_events` reads a whole log.
+`get_events` reads a whole log. The answers are msgspec Structs, which
+encode to JSON as they are.
 """
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any, get_args
 
 import msgspec
 
-from ._errors import RunConflictError, RunNotFoundError, StorageError
+from ._errors import ConfigurationError, RunNotFoundError, StorageError
 from ._events import (
     AnyEvent,
     ErrorInfo,
     RunStarted,
+    RunStatus,
     StepCompleted,
     StepFailed,
+    Waiting,
     decode_event,
     decode_waits,
     error_info,
@@ -31,29 +35,34 @@ from ._options import Settings
 from ._store._open import open_store
 from ._sync import blocking
 
+if TYPE_CHECKING:
+    from ._store import RunState, StateField
+
 __all__ = [
     "ErrorRecord",
     "RunInfo",
     "RunPage",
     "RunSummary",
     "Wait",
+    "event_dict",
     "get_events",
     "get_events_async",
     "get_run",
     "get_run_async",
     "list_runs",
     "list_runs_async",
-    "resume",
-    "resume_async",
 ]
 
-STATUSES = ("pending", "running", "paused", "completed", "failed", "blocked", "cancelled")
-_SUMMARY_FIELDS = ("status", "workflow", "created", "updated", "waiting", "parent")
+STATUSES: tuple[RunStatus, ...] = get_args(RunStatus)
+_SUMMARY_FIELDS: tuple[StateField, ...] = ("status", "workflow", "created", "updated", "waiting", "parent")
 _BATCH = 200
 
 
 class Wait(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
-    """One thing a paused run waits for.
+    """One thing a paused run waits for, as the queries read it.
+
+    The read form of the log's `werkfluss.events.Waiting` (what a `RunPaused`
+    event records), with the due time as a UTC datetime.
 
     Attributes:
         kind: ``"hook"``, ``"timer"`` or ``"child"``.
@@ -69,7 +78,11 @@ class Wait(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
 
 
 class ErrorRecord(msgspec.Struct, frozen=True, kw_only=True):
-    """A run's recorded error: the exception's type name, message and traceback text."""
+    """A run's recorded error: the exception's type name, message and traceback text.
+
+    The read form (`RunInfo.error`) of the log's `werkfluss.events.ErrorInfo`
+    (what `StepFailed`, `RunFailed` and `RunBlocked` events record).
+    """
 
     type: str
     message: str
@@ -91,7 +104,7 @@ class RunSummary(msgspec.Struct, frozen=True, kw_only=True):
 
     run_id: str
     workflow: str
-    status: str
+    status: RunStatus
     created: datetime
     updated: datetime
     waiting: list[Wait] = []
@@ -146,7 +159,8 @@ async def get_run_async(run_id: str, *, settings: Settings | None = None) -> Run
     check_run_id(run_id)
     store = await open_store(settings or Settings.from_env())
     state = await store.state(run_id)
-    if not state.get("status"):
+    status = state.status
+    if not status:
         raise RunNotFoundError(run_id)
     head, tail = await store.log_ends(run_id, 4)
     args: list[Any] = []
@@ -157,17 +171,16 @@ async def get_run_async(run_id: str, *, settings: Settings | None = None) -> Run
         if isinstance(call, list) and len(call) == 2 and isinstance(call[0], list) and isinstance(call[1], dict):
             args, kwargs = call
     step = _last_step([_event(body) for body in tail])
-    status = _text(state, "status")
-    error = error_of(error_info(state["error"])) if status in ("failed", "blocked") and state.get("error") else None
-    summary = _summary(run_id, state)
+    error = error_of(error_info(state.error)) if status in ("failed", "blocked") and state.error else None
+    summary = _summary(run_id, state, status)
     return RunInfo(
         **{name: getattr(summary, name) for name in summary.__struct_fields__},
         args=args,
         kwargs=kwargs,
-        result=_plain(state["result"]) if status == "completed" and "result" in state else None,
+        result=_plain(state.result) if status == "completed" and state.result is not None else None,
         error=error,
-        cancel_reason=_text(state, "cancel") if "cancel" in state else None,
-        events=int(_text(state, "n") or 0),
+        cancel_reason=state.cancel,
+        events=state.n,
         last_step=step.step if step else None,
         last_seq=step.seq if step else None,
         attempts=step.attempt if step else 0,
@@ -204,14 +217,14 @@ async def list_runs_async(
     cursor: each call looks at a bounded number of runs.
 
     Raises:
-        ValueError: `status` is not a run status, `limit` is not positive or
-            `cursor` is not one `list_runs` returned.
+        ConfigurationError: `status` is not a run status, `limit` is not positive
+            or `cursor` is not one `list_runs` returned.
         StorageError: Redis/Valkey is unreachable.
     """
     if status is not None and status not in STATUSES:
-        raise ValueError(f"unknown run status {status!r}; one of {', '.join(STATUSES)}")
+        raise ConfigurationError(f"unknown run status {status!r}; one of {', '.join(STATUSES)}")
     if limit < 1:
-        raise ValueError(f"limit must be at least 1, got {limit}")
+        raise ConfigurationError(f"limit must be at least 1, got {limit}")
     top, after = _parse_cursor(cursor)
     store = await open_store(settings or Settings.from_env())
     found: list[RunSummary] = []
@@ -233,12 +246,13 @@ async def list_runs_async(
         for (run_id, score), state in zip(fresh, states, strict=True):
             budget -= 1
             top, after = str(score), run_id
+            found_status = state.status
             if (
-                state.get("status")
-                and (workflow is None or _text(state, "workflow") == workflow)
-                and (status is None or _text(state, "status") == status)
+                found_status
+                and (workflow is None or state.workflow == workflow)
+                and (status is None or found_status == status)
             ):
-                found.append(_summary(run_id, state))
+                found.append(_summary(run_id, state, found_status))
             if len(found) == limit or budget <= 0:
                 return RunPage(runs=found, cursor=f"{top}:{after}")
         if len(batch) < _BATCH:
@@ -265,7 +279,7 @@ def _parse_cursor(cursor: str | None) -> tuple[str, str | None]:
         return "+inf", None
     score, sep, run_id = cursor.partition(":")
     if not sep or not score.isdigit() or not run_id:
-        raise ValueError(f"invalid cursor {cursor!r}: pass the cursor a list_runs page returned")
+        raise ConfigurationError(f"invalid cursor {cursor!r}: pass the cursor a list_runs page returned")
     return score, run_id
 
 
@@ -300,48 +314,36 @@ def get_events(run_id: str, *, settings: Settings | None = None) -> list[AnyEven
     return blocking("get_events", lambda: get_events_async(run_id, settings=settings))
 
 
-# -- resume ----------------------------------------------------------------------------
+# -- the JSON form of events ----------------------------------------------------------
 
 
-async def resume_async(run_id: str, *, settings: Settings | None = None) -> str:
-    """Put run `run_id` back on the queue, for a worker to resume it.
-
-    For a run that failed (after a fix or a transient outage), one that is
-    blocked on a code change, one whose process died, or a paused run that
-    should look at its hooks and timers now. Returns the run's status before.
-
-    Raises:
-        RunNotFoundError: there is no run `run_id`.
-        RunConflictError: the run completed or was cancelled: there is nothing to resume.
-    """
-    check_run_id(run_id)
-    store = await open_store(settings or Settings.from_env())
-    status = await store.status(run_id)
-    if not status:
-        raise RunNotFoundError(run_id)
-    if status in ("completed", "cancelled"):
-        raise RunConflictError(f"run {run_id!r} is {status}: there is nothing to resume")
-    await store.enqueue(run_id, retry=status in ("failed", "blocked"))
-    return status
-
-
-def resume(run_id: str, *, settings: Settings | None = None) -> str:
-    """Blocking twin of `resume_async`."""
-    return blocking("resume", lambda: resume_async(run_id, settings=settings))
+def event_dict(event: AnyEvent) -> dict[str, Any]:
+    """An event as plain JSON-ready data: its kind, then its fields, values decoded."""
+    out: dict[str, Any] = {"kind": type(event).__struct_config__.tag}
+    for name in event.__struct_fields__:
+        value = getattr(event, name)
+        if isinstance(value, msgspec.Raw):
+            value = _plain(value)
+        elif isinstance(value, (ErrorInfo, Waiting)):
+            value = msgspec.structs.asdict(value)
+        elif isinstance(value, list):
+            value = [msgspec.structs.asdict(v) if isinstance(v, Waiting) else v for v in value]
+        out[name] = value
+    return out
 
 
 # -- decoding --------------------------------------------------------------------------
 
 
-def _summary(run_id: str, state: dict[str, bytes]) -> RunSummary:
+def _summary(run_id: str, state: RunState, status: RunStatus) -> RunSummary:
     return RunSummary(
         run_id=run_id,
-        workflow=_text(state, "workflow"),
-        status=_text(state, "status"),
-        created=_time(state.get("created")),
-        updated=_time(state.get("updated")),
-        waiting=_waits(state.get("waiting")),
-        parent=_text(state, "parent") or None,
+        workflow=state.workflow,
+        status=status,
+        created=_time(state.created),
+        updated=_time(state.updated),
+        waiting=_waits(state.waiting),
+        parent=state.parent or None,
     )
 
 
@@ -375,15 +377,11 @@ def _plain(raw: bytes | msgspec.Raw) -> Any:
         return "<undecodable value>"
 
 
-def _time(raw: bytes | None) -> datetime:
+def _time(ms: int) -> datetime:
     try:
-        return datetime.fromtimestamp(int(raw or 0) / 1000, UTC)
+        return datetime.fromtimestamp(ms / 1000, UTC)
     except (ValueError, OverflowError, OSError):
         return datetime.fromtimestamp(0, UTC)
-
-
-def _text(state: dict[str, bytes], name: str) -> str:
-    return state.get(name, b"").decode(errors="replace")
 
 
 def error_of(info: ErrorInfo) -> ErrorRecord:

@@ -26,12 +26,11 @@ import anyio
 
 from .._errors import ConfigurationError, WerkflussError
 from .._ids import registered_workflows
-from .._options import Settings
 from .._queries import STATUSES
 from .._store._embedded import ensure_server, server_status, stop_server
 from .._sync import blocking
 from .._worker import Worker
-from ._commands import dead, hooks, print_json, runs
+from ._commands import dead, hooks, print_json, runs, settings_of
 
 __all__ = ["main", "run"]
 
@@ -102,10 +101,6 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _settings(args: argparse.Namespace) -> Settings:
-    return Settings.from_env(redis_url=args.redis_url, directory=args.dir, prefix=args.prefix)
-
-
 def _import(spec: str) -> None:
     """Import `spec` (``package.module`` or ``package.module:attribute``) for the workflows it defines."""
     module_name, _, attr = spec.partition(":")
@@ -127,7 +122,7 @@ def _worker(args: argparse.Namespace) -> int:
     if not names:
         raise ConfigurationError(f"{', '.join(args.modules)} define no workflows")
     worker = Worker(
-        settings=_settings(args), concurrency=args.concurrency, grace=args.grace, max_deliveries=args.max_deliveries
+        settings=settings_of(args), concurrency=args.concurrency, grace=args.grace, max_deliveries=args.max_deliveries
     )
 
     forced: list[int] = []  # the signal that stopped the worker at once, if one did
@@ -234,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         # Later writes (the interpreter's final flush) go nowhere instead of failing again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except (WerkflussError, ValueError, OSError) as exc:
+    except (WerkflussError, OSError) as exc:
         print(f"werkfluss: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

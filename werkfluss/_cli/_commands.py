@@ -22,21 +22,21 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from .._client import cancel_async, invoke_hook_async, pending_hooks_async
+from .._client import cancel_async, invoke_hook_async, pending_hooks_async, resume_async
 from .._dead_letters import dead_letters_async, redrive_async
 from .._errors import ConfigurationError, RunNotFoundError, WerkflussError
-from .._events import AnyEvent, ErrorInfo, Waiting
 from .._options import Settings, redact
-from .._queries import get_events_async, get_run_async, list_runs_async, resume_async
+from .._queries import event_dict, get_events_async, get_run_async, list_runs_async
 from ._timeline import duration, render
 
 if TYPE_CHECKING:
     import argparse
 
-__all__ = ["dead", "event_dict", "hooks", "print_json", "runs"]
+__all__ = ["dead", "hooks", "print_json", "runs", "settings_of"]
 
 
-def _settings(args: argparse.Namespace) -> Settings:
+def settings_of(args: argparse.Namespace) -> Settings:
+    """The settings a command's connection options (``--redis-url``, ``--dir``, ``--prefix``) name."""
     return Settings.from_env(redis_url=args.redis_url, directory=args.dir, prefix=args.prefix)
 
 
@@ -58,7 +58,7 @@ def _existing(args: argparse.Namespace) -> Settings:
     server merely stopped still has its data (and password): the server is
     started again on it, as `start()` would.
     """
-    settings = _settings(args)
+    settings = settings_of(args)
     if settings.redis_url is None:
         directory = Path(settings.directory).resolve()
         if not (directory / "password").is_file():
@@ -91,24 +91,6 @@ def _when(moment: datetime | float) -> str:
     if isinstance(moment, float):
         moment = datetime.fromtimestamp(moment, UTC)
     return f"{moment:%Y-%m-%d %H:%M:%S}"
-
-
-def event_dict(event: AnyEvent) -> dict[str, Any]:
-    """An event as plain JSON-ready data: its kind, then its fields, values decoded."""
-    out: dict[str, Any] = {"kind": type(event).__struct_config__.tag}
-    for name in event.__struct_fields__:
-        value = getattr(event, name)
-        if isinstance(value, msgspec.Raw):
-            try:
-                value = msgspec.msgpack.decode(value)
-            except (msgspec.DecodeError, ValueError, RecursionError):
-                value = "<undecodable value>"
-        elif isinstance(value, (ErrorInfo, Waiting)):
-            value = msgspec.structs.asdict(value)
-        elif isinstance(value, list):
-            value = [msgspec.structs.asdict(v) if isinstance(v, Waiting) else v for v in value]
-        out[name] = value
-    return out
 
 
 def _colour(choice: str) -> bool:
@@ -175,7 +157,7 @@ async def hooks(args: argparse.Namespace) -> int:
     """``werkfluss hooks send TOKEN JSON`` and ``werkfluss hooks list``."""
     # A payload may be sent before any run exists (it waits in the mailbox): `send`
     # may start a server; `list` only reads.
-    settings = _settings(args) if args.action == "send" else _existing(args)
+    settings = settings_of(args) if args.action == "send" else _existing(args)
     if args.action == "send":
         if args.token is None or args.payload is None:
             raise ConfigurationError("usage: werkfluss hooks send TOKEN JSON  (JSON '-' reads standard input)")

@@ -25,7 +25,7 @@ from ._executor import Paused, RunExecutor, wait_for_wake
 
 if TYPE_CHECKING:
     from .._holder import Holding
-    from .._store import AcquireResult, RedisStore
+    from .._store import AcquireResult, Store
     from ._call import RunCall
 
 __all__ = ["args_digest", "drive", "drive_child", "resumed_from"]
@@ -92,12 +92,13 @@ def _refusal(call: RunCall, attached: Attached) -> Exception:
         return RunCancelledError(run_id, got.cancel or "")
     if got.kind == "conflict":
         return RunConflictError(
-            f"run {run_id!r} belongs to workflow {got.workflow!r}, not {workflow.id!r}; choose another run_id"
+            run_id, f"run {run_id!r} belongs to workflow {got.workflow!r}, not {workflow.id!r}; choose another run_id"
         )
     if got.kind == "other-arguments":
         return RunConflictError(
+            run_id,
             f"run {run_id!r} was started with other arguments; a run ID names one call, so use "
-            f"another run_id for these arguments"
+            f"another run_id for these arguments",
         )
     # Missing and ended: a call creates a missing run and resumes a failed one (retry).
     return StorageError(f"run {run_id!r}: the store answered {got.kind!r} to a start")
@@ -108,7 +109,7 @@ async def drive_child(call: RunCall) -> Any:
     return await drive(call, wait=False)
 
 
-async def _disarm(store: RedisStore, executor: RunExecutor) -> None:
+async def _disarm(store: Store, executor: RunExecutor) -> None:
     """Remove the watchdog wake-up of a run that ended here.
 
     A run that paused replaced it with its own wake-up (or removed it), and the
@@ -124,7 +125,7 @@ async def _disarm(store: RedisStore, executor: RunExecutor) -> None:
         log.info("run %s: could not remove its watchdog wake-up: %s", executor.run_id, exc)
 
 
-async def _wait_for_holder(store: RedisStore, run_id: str, busy: AcquireResult) -> str:
+async def _wait_for_holder(store: Store, run_id: str, busy: AcquireResult) -> str:
     """Wait while another live caller holds the run, here or in another process.
 
     Returns the holder to take over (a caller on this host that is gone),
