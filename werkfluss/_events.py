@@ -52,7 +52,11 @@ __all__ = [
 
 
 class ErrorInfo(msgspec.Struct, frozen=True, array_like=True):
-    """An exception as data: its type name, message and traceback text."""
+    """An exception as data: its type name, message and traceback text.
+
+    The log's form, inside `StepFailed`, `RunFailed` and `RunBlocked`;
+    `get_run` reads a run's error as the equal `werkfluss.ErrorRecord`.
+    """
 
     type: str
     message: str
@@ -137,7 +141,11 @@ class StepFailed(Event, tag="step-failed", frozen=True, array_like=True):
 
 
 class Waiting(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True):
-    """One thing a paused run waits for: a hook's token, a timer's due time, a child run."""
+    """One thing a paused run waits for: a hook's token, a timer's due time, a child run.
+
+    The log's form, inside `RunPaused` (`due` in Unix seconds); the queries
+    read a run's waits as `werkfluss.Wait` (`due` a UTC datetime).
+    """
 
     kind: str  # "hook", "timer" or "child"
     token: str | None = None
