@@ -38,6 +38,8 @@ except ImportError:  # pragma: no cover - depends on the bench environment
     print("dbos is not importable: pip install dbos (into the environment that runs the benchmarks)", file=sys.stderr)
     sys.exit(3)
 
+from _common import parse_ints, runs_per_sample  # bench/ is on sys.path: run as bench/dbos_side.py
+
 QUEUE = "bench"
 CRASH_AT_END = False  # `build`: the process dies after the last step, the run left PENDING
 FINISHED_AT = 0.0  # perf_counter() when a `chain` body last returned in this process
@@ -92,11 +94,6 @@ def launch(db: str, executor_id: str | None = None) -> None:
 
 def emit(result: dict[str, Any]) -> None:
     print(json.dumps(result), flush=True)
-
-
-def runs_per_sample(n: int) -> int:
-    """The same repetition rule as step_overhead.py: 15 runs for N <= 20, 3 for N = 100, 1 for N = 1000."""
-    return max(1, min(15, 300 // max(n, 1)))
 
 
 async def timed_chain(n: int) -> float:
@@ -194,10 +191,6 @@ def cmd_enqueue(args: argparse.Namespace) -> None:
         })  # fmt: skip
     finally:
         client.destroy()
-
-
-def parse_ints(text: str) -> list[int]:
-    return [int(part) for part in text.split(",") if part.strip()]
 
 
 def main() -> None:

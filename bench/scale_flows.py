@@ -1,5 +1,5 @@
-"""Workflows of the scale scenarios (bench/faults_report.py), imported by its worker processes
-as ``werkfluss worker scale_flows`` (cwd or PYTHONPATH: bench/) and by faults_report.py itself.
+"""Workflows of the scale scenarios (bench/scale.py), imported by its worker processes
+as ``werkfluss worker scale_flows`` (cwd or PYTHONPATH: bench/) and by scale.py itself.
 
 Environment of the worker processes:
 

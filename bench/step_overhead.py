@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import cProfile
 import gc
 import importlib.util
@@ -39,24 +38,34 @@ import time
 import timeit
 import uuid
 from dataclasses import dataclass, field
-from importlib.metadata import PackageNotFoundError
-from importlib.metadata import version as dist_version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.to_thread
+import hiredis
 import msgspec
 import redis
 import redis.asyncio as aioredis
+from _common import (
+    DebianRedis,
+    Embedded,
+    ReplaySample,
+    package_version,
+    parse_ints,
+    read_reply,
+    reply_parser,
+    resp,
+    runs_per_sample,
+)
 from tables import fmt, print_table
 
-from werkfluss import Settings, _store, start_async, step, workflow
+from werkfluss import Settings, start_async, step, workflow
 from werkfluss._context import StepContext, current_run, enter_step, exit_step
 from werkfluss._events import StepCompleted, encode_event
-from werkfluss._store import _scripts
-from werkfluss._store._embedded import server_status, stop_server
+from werkfluss._store._embedded import server_status
 from werkfluss._store._open import close_stores, open_store
+from werkfluss._store._run_log import APPEND
 from werkfluss._values import call_digest, convert_value, encode_call, encode_checked
 
 if TYPE_CHECKING:
@@ -124,13 +133,6 @@ def new_run_id(kind: str) -> str:
 
 def median(values: Sequence[float]) -> float:
     return statistics.median(values) if values else float("nan")
-
-
-def package_version(name: str) -> str:
-    try:
-        return dist_version(name)
-    except PackageNotFoundError:
-        return "absent"
 
 
 def step_event_size() -> int:
@@ -210,57 +212,11 @@ class Target:
     version: str = "?"
 
 
-class DebianRedis:
-    """Debian's redis-server on a unix socket in a temp dir, started and stopped by us."""
-
-    def __init__(self, binary: str) -> None:
-        self.binary = binary
-        self.dir = Path(tempfile.mkdtemp(prefix="wfbench-redis-"))
-        self.socket = self.dir / "redis.sock"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> str:
-        argv = [
-            self.binary, "--port", "0", "--unixsocket", str(self.socket), "--unixsocketperm", "700",
-            "--dir", str(self.dir), "--logfile", str(self.dir / "redis.log"),
-            "--appendonly", "yes", "--appendfsync", "everysec", "--save", "",
-        ]  # fmt: skip
-        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 10
-        client = redis.Redis(unix_socket_path=str(self.socket))
-        try:
-            while True:
-                if self.proc.poll() is not None:
-                    err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
-                    raise RuntimeError(f"redis-server exited with {self.proc.returncode}: {err}")
-                with contextlib.suppress(redis.RedisError, OSError):
-                    if client.ping():
-                        break
-                if time.monotonic() > deadline:
-                    raise RuntimeError("redis-server did not answer PING within 10 s")
-                time.sleep(0.02)
-        finally:
-            client.close()
-        return f"unix://{self.socket}"
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()  # SIGTERM: graceful shutdown, flushes the AOF
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if self.proc is not None and self.proc.stderr is not None:
-            self.proc.stderr.close()
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-
 # -- measurements ----------------------------------------------------------------------------
 
 # The same XADD as a step's event, but alone in a script: the script-call floor.
 _TRIVIAL_XADD = "return redis.call('XADD', KEYS[1], ARGV[1], 'e', ARGV[2])"
-_APPEND_STEP_LUA = _scripts.APPEND  # the script of a live step
+_APPEND_STEP_LUA = APPEND.source  # the script of a live step
 # What RedisStore.connect() sets beyond redis-py's defaults.
 _STORE_OPTIONS = ("socket_timeout", "socket_connect_timeout", "health_check_interval", "retry", "retry_on_error")
 
@@ -344,11 +300,6 @@ class RawSample:
     server_us: float | None = None  # the server's own µs per call (INFO commandstats)
 
 
-def runs_per_sample(n: int) -> int:
-    """Short runs are repeated within a repetition (their median is its sample): 15 for N <= 20."""
-    return max(1, min(15, 300 // max(n, 1)))
-
-
 def median_sample(runs: list[RunSample]) -> RunSample:
     """The run with the median wall time (the lower median for an even count)."""
     return sorted(runs, key=lambda r: r.wall)[(len(runs) - 1) // 2]
@@ -365,12 +316,6 @@ async def per_call_us(calls: int, fn: Callable[[], Awaitable[Any]]) -> RawSample
         samples.append(clock() - t0)
     cpu = (time.process_time() - cpu0) / calls * 1e6
     return RawSample(statistics.median(samples) / 1000, cpu, statistics.fmean(samples) / 1000)
-
-
-def resp(*parts: bytes | str | int) -> bytes:
-    """One command in the Redis protocol (RESP2 array of bulk strings)."""
-    raw = [p if isinstance(p, bytes) else str(p).encode() for p in parts]
-    return b"*%d\r\n" % len(raw) + b"".join(b"$%d\r\n%s\r\n" % (len(p), p) for p in raw)
 
 
 def _ping_command(password: str | None, username: str | None) -> tuple[bytes, bytes]:
@@ -423,17 +368,13 @@ async def _stream_us(kwargs: dict[str, Any], calls: int, command: Callable[[], b
         if auth:
             writer.write(auth)
             await reader.readline()
-        replies = []
+        parser = reply_parser()
 
         async def one() -> None:
             writer.write(command())
-            replies.append(await _store._read_reply(reader))
+            await read_reply(reader, parser)
 
-        sample = await per_call_us(calls, one)
-        refused = [reply for reply in replies if isinstance(reply, _store._ErrorReply)]
-        if refused:
-            raise RuntimeError(f"the server refused a hand-packed command: {refused[0].message}")
-        return sample
+        return await per_call_us(calls, one)
     finally:
         writer.close()
 
@@ -449,7 +390,7 @@ async def raw_round_trips(store: RedisStore, calls: int, payload: bytes) -> dict
     for run_id in (script_run, store_run):
         await client.hset(store.key(run_id, "state"), mapping={"epoch": 1, "n": 0})
     append_keys = [store.key(script_run, part) for part in ("state", "log", "steps")]
-    append_script = store._scripts["APPEND"]  # the Lua of a live step, called without RedisStore around it
+    append_script = client.register_script(_APPEND_STEP_LUA)  # a live step's Lua, without RedisStore around it
     ids = {kind: itertools.count(1) for kind in ("xadd", "evalsha", "append_script", "append_step", "plain", "lane")}
     lane_key = f"{store.prefix}rawbench:{tag}:lane"
     # The same server with redis-py's defaults: no socket_timeout (on Python 3.11 redis-py then
@@ -461,12 +402,12 @@ async def raw_round_trips(store: RedisStore, calls: int, payload: bytes) -> dict
     stream_keys = [store.key(stream_run, part) for part in ("state", "log", "steps")]
     sha = await client.script_load(_APPEND_STEP_LUA)
     head = resp("EVALSHA", sha, 3, *stream_keys, 1)[len(b"*7\r\n") :]
-    tail = resp(payload, 10000)[len(b"*2\r\n") :]
+    tail = resp(payload, 10000, "")[len(b"*3\r\n") :]  # event, lease ms, seen (none: no rollback check)
     stream_ids = itertools.count(1)
 
     def append_packed() -> bytes:
         field = b"c%d" % next(stream_ids)
-        return b"*10\r\n" + head + b"$%d\r\n%s\r\n" % (len(field), field) + tail  # 7 + field + 2 parts
+        return b"*11\r\n" + head + b"$%d\r\n%s\r\n" % (len(field), field) + tail  # 7 + field + 3 parts
 
     pool = store.client.connection_pool
     plain_kwargs = {k: v for k, v in kwargs.items() if k not in _STORE_OPTIONS}
@@ -485,7 +426,7 @@ async def raw_round_trips(store: RedisStore, calls: int, payload: bytes) -> dict
         (
             "append_script",
             "evalsha",
-            lambda: append_script(keys=append_keys, args=[1, f"c{next(ids['append_script'])}", payload, 10000]),
+            lambda: append_script(keys=append_keys, args=[1, f"c{next(ids['append_script'])}", payload, 10000, ""]),
         ),
         (
             "append_step",
@@ -496,15 +437,15 @@ async def raw_round_trips(store: RedisStore, calls: int, payload: bytes) -> dict
         (
             "append_plain",
             "evalsha",
-            lambda: plain_script(keys=plain_keys, args=[1, f"c{next(ids['plain'])}", payload, 10000]),
+            lambda: plain_script(keys=plain_keys, args=[1, f"c{next(ids['plain'])}", payload, 10000, ""]),
         ),
     ]
     lane = store._lane  # werkfluss's own path for scripts (None on a cluster)
     if lane is not None:
         # The commands of the first table on the fast lane: the connection kind a step's script uses.
         cases += [
-            ("ping_lane", "ping", lambda: lane.call([b"PING"])),
-            ("xadd_lane", "xadd", lambda: lane.call([b"XADD", lane_key, f"0-{next(ids['lane'])}", b"e", payload])),
+            ("ping_lane", "ping", lambda: lane.call((b"PING",))),
+            ("xadd_lane", "xadd", lambda: lane.call((b"XADD", lane_key, f"0-{next(ids['lane'])}", b"e", payload))),
         ]
     floors = {
         "ping_socket": _blocking_ping_us(kwargs, calls),
@@ -561,14 +502,6 @@ def _is_local(store: RedisStore) -> bool:
     return "path" in kwargs or kwargs.get("host") in ("localhost", "127.0.0.1", "::1")
 
 
-@dataclass
-class ReplaySample:
-    k: int
-    build_s: float
-    replay_s: float
-    extra_mib: float
-
-
 async def replay_case(target: Target, k: int) -> ReplaySample:
     global FAIL_AT_END
     # Past Settings.max_history (51,200 events by default) a run refuses to go on: raise it for K = 100k.
@@ -585,8 +518,8 @@ async def replay_case(target: Target, k: int) -> ReplaySample:
         raise AssertionError("the replay workflow should have failed once")
     build = time.perf_counter() - t0
     store = await open_store(settings)
-    status = (await store.state(bound.run_options.run_id)).get("status")
-    assert status == b"failed", status
+    status = await store.status(bound.run_options.run_id)
+    assert status == "failed", status
     FAIL_AT_END = False
     with RssSampler() as rss:
         t0 = time.perf_counter()
@@ -680,7 +613,7 @@ async def micro_costs(store: RedisStore) -> None:
     encoded = encode_event(event)
     connection = store.client.connection_pool.make_connection()
     keys = [store.key("run", "state"), store.key("run", "log"), store.key("run", "steps")]
-    sha = store._scripts["APPEND"].sha
+    sha = APPEND.sha
     log = logging.getLogger("werkfluss")
 
     def enter_exit() -> None:
@@ -702,12 +635,12 @@ async def micro_costs(store: RedisStore) -> None:
         ("3 x RedisStore.key() f-strings", lambda: [store.key("run", p) for p in ("state", "log", "steps")]),
         ("log.debug(...) while DEBUG is off", lambda: log.debug("run %s: step #%d %s", "run", 500, noop.id)),
         (
-            "werkfluss fast lane pack_command(EVALSHA, 7 args)",
-            lambda: _store.pack_command([b"EVALSHA", sha, 3, *keys, 1, "c500", encoded, 10000]),
+            "hiredis pack_command(EVALSHA, 8 args)",
+            lambda: hiredis.pack_command((b"EVALSHA", sha, 3, *keys, 1, "c500", encoded, 10000, "")),
         ),
         (
-            "redis-py pack_command(EVALSHA, 7 args)",
-            lambda: connection.pack_command("EVALSHA", sha, 3, *keys, 1, "c500", encoded, 10000),
+            "redis-py pack_command(EVALSHA, 8 args)",
+            lambda: connection.pack_command("EVALSHA", sha, 3, *keys, 1, "c500", encoded, 10000, ""),
         ),
     ]
     rows = []
@@ -1106,10 +1039,6 @@ def report_dbos_replay(ours: Sequence[ReplaySample], dbos: Sequence[ReplaySample
     )
 
 
-def parse_ints(text: str) -> list[int]:
-    return [int(part.replace("_", "")) for part in text.split(",") if part.strip()]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeat", type=int, default=5, help="repetitions per configuration (default 5)")
@@ -1147,15 +1076,10 @@ def main() -> None:
         for mode in ("everysec", "always"):
             if mode == "always" and args.no_fsync_always:
                 continue
-            directory = Path(tempfile.mkdtemp(prefix=f"wfbench-{mode}-"))
+            embedded = Embedded(mode, fsync=mode, start=False)  # the store starts it, as in an application
+            cleanup.append(embedded.close)
             label = "embedded" if mode == "everysec" else "embedded fsync=always"
-            targets.append(Target(label, Settings(directory=str(directory), fsync=mode), embedded_dir=directory))
-
-            def stop(directory: Path = directory) -> None:
-                stop_server(directory)
-                shutil.rmtree(directory, ignore_errors=True)
-
-            cleanup.append(stop)
+            targets.append(Target(label, embedded.settings, embedded_dir=embedded.dir))
         if args.redis_url:
             prefix = f"wfbench-{uuid.uuid4().hex[:8]}:"
             targets.append(Target("redis-url", Settings(redis_url=args.redis_url, prefix=prefix)))

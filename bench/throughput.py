@@ -18,13 +18,11 @@ end-to-end latency comes from this machine's one clock.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib.util
 import json
 import os
 import platform
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -32,8 +30,6 @@ import tempfile
 import time
 import uuid
 from dataclasses import dataclass
-from importlib.metadata import PackageNotFoundError
-from importlib.metadata import version as dist_version
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -44,10 +40,10 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
 import bench_flows  # noqa: E402  (the workers import it by this name too)
+from _common import Embedded, package_version, percentile, start_processes, stop_processes, worker_env  # noqa: E402
 from tables import fmt, print_table  # noqa: E402
 
 from werkfluss import Settings, enqueue_async  # noqa: E402
-from werkfluss._store._embedded import ensure_server, stop_server  # noqa: E402
 from werkfluss._store._open import close_stores, open_store  # noqa: E402
 
 if TYPE_CHECKING:
@@ -77,44 +73,6 @@ def sample_from(
     latencies = [f - e for e, f in zip(enqueued, finished, strict=True)]
     wall = max(finished) - min(enqueued) if finished else float("nan")
     return Sample(system, workers, runs, len(finished), wall, enqueue_s, latencies)
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
-
-def start_processes(
-    argv: list[str], env: dict[str, str], count: int, ready: str, logs: Path
-) -> list[subprocess.Popen[bytes]]:
-    """Start `count` processes and wait until each printed `ready` on stderr."""
-    procs = []
-    for i in range(count):
-        log = logs / f"proc-{uuid.uuid4().hex[:6]}-{i}.log"
-        with open(log, "wb") as out:
-            proc = subprocess.Popen(argv, cwd=BENCH, env=env, stdout=out, stderr=subprocess.STDOUT)
-        procs.append(proc)
-        deadline = time.monotonic() + 60
-        while ready not in log.read_text(errors="replace"):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                stop_processes(procs)
-                raise RuntimeError(f"{argv[:4]} did not start: {log.read_text(errors='replace')[-2000:]}")
-            time.sleep(0.05)
-    return procs
-
-
-def stop_processes(procs: Sequence[subprocess.Popen[bytes]]) -> None:
-    for proc in procs:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-    for proc in procs:
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 # -- werkfluss -------------------------------------------------------------------------------------------------------
@@ -149,11 +107,7 @@ async def enqueue_and_wait(settings: Settings, runs: int, patience: float) -> tu
 
 def werkfluss_case(directory: Path, workers: int, runs: int, concurrency: int, logs: Path) -> Sample:
     prefix = f"wftp-{uuid.uuid4().hex[:8]}:"
-    env = {
-        **os.environ, "WERKFLUSS_DIR": str(directory), "WERKFLUSS_PREFIX": prefix,
-        "PYTHONPATH": os.pathsep.join([str(BENCH), os.environ.get("PYTHONPATH", "")]),
-    }  # fmt: skip
-    env.pop("WERKFLUSS_REDIS_URL", None)
+    env = worker_env(directory, prefix)
     argv = [sys.executable, "-m", "werkfluss", "worker", "bench_flows", "--concurrency", str(concurrency),
             "--log-level", "WARNING"]  # fmt: skip
     procs = start_processes(argv, env, workers, "serving", logs)
@@ -254,13 +208,6 @@ def report(samples: Sequence[Sample], runs: int, concurrency: int) -> None:
         print_table("werkfluss / DBOS, workflows per second", ["workers", "werkfluss", "DBOS", "ratio"], ratios, left=2)
 
 
-def package_version(name: str) -> str:
-    try:
-        return dist_version(name)
-    except PackageNotFoundError:
-        return "absent"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=1000, help="workflows per measurement (default 1000)")
@@ -278,13 +225,14 @@ def main() -> None:
     use_dbos = not args.no_dbos and dbos_available()
     if not args.no_dbos and not use_dbos:
         print("DBOS: not importable in this environment, so its rows are skipped (pip install dbos to add them)")
-    directory = Path(tempfile.mkdtemp(prefix="wfbench-tp-"))
+    server = Embedded("tp")
+    directory = server.dir
     logs = Path(tempfile.mkdtemp(prefix="wfbench-tp-logs-"))
     samples: list[Sample] = []
     t0 = time.perf_counter()
     try:
-        running = ensure_server(directory)
-        print(f"embedded server: pid {running.pid}, {directory}")
+        assert server.server is not None
+        print(f"embedded server: pid {server.server.pid}, {directory}")
         for rep in range(args.repeat):
             for workers in counts:  # interleaved, so that noise on the shared cores hits both alike
                 sample = werkfluss_case(directory, workers, args.runs, args.concurrency, logs)
@@ -298,9 +246,7 @@ def main() -> None:
                           flush=True)  # fmt: skip
         report(samples, args.runs, args.concurrency)
     finally:
-        with contextlib.suppress(Exception):
-            stop_server(directory)
-        shutil.rmtree(directory, ignore_errors=True)
+        server.close()
         shutil.rmtree(logs, ignore_errors=True)
     print(f"\ntotal time: {time.perf_counter() - t0:.0f} s")
 

