@@ -392,8 +392,9 @@ async def test_run_id_conflicts_are_refused(wf: Settings) -> None:
         return 2
 
     assert await start_async(first.options(settings=wf, run_id="taken")) == 1
-    with pytest.raises(RunConflictError, match="belongs to workflow"):
+    with pytest.raises(RunConflictError, match="belongs to workflow") as conflict:
         await start_async(second.options(settings=wf, run_id="taken"))
+    assert conflict.value.run_id == "taken"
 
     @workflow
     async def interrupted(n: int) -> int:
