@@ -15,14 +15,14 @@ from ._errors import StorageError
 from ._logging import log
 
 if TYPE_CHECKING:
-    from ._store import RedisStore
+    from ._store import QueueStore
 
 __all__ = ["MOVE_BATCH", "move_due_timers"]
 
 MOVE_BATCH = 100  # due timers moved per script call
 
 
-async def move_due_timers(store: RedisStore, worker: str, poll: float, stopping: anyio.Event) -> None:
+async def move_due_timers(store: QueueStore, worker: str, poll: float, stopping: anyio.Event) -> None:
     """Move due timers to the queue as they come due, until `stopping` is set.
 
     A nudge from the server (a hook delivered, a child ended) moves them at

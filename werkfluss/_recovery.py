@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from ._options import Settings
-    from ._store import RedisStore, RunState, StateField
+    from ._store import RunState, StateField, Store
 
 __all__ = [
     "BATCH",
@@ -67,7 +67,7 @@ class Serving(Protocol):
         """Its settings: the lease."""
 
     @property
-    def store(self) -> RedisStore:
+    def store(self) -> Store:
         """Its connection."""
 
     @property
@@ -131,7 +131,7 @@ async def _sweep_once(worker: Serving, key: str = "sweep", every: float = SWEEP_
     log.info("worker %s: swept %d runs in %.2f s; woke %d that nobody was executing", name, scanned, seconds, woken)
 
 
-async def _queued(store: RedisStore, stopping: Callable[[], bool]) -> set[str] | None:
+async def _queued(store: Store, stopping: Callable[[], bool]) -> set[str] | None:
     while True:
         try:
             return await store.queued_runs(QUEUE_LIMIT)
@@ -143,7 +143,7 @@ async def _queued(store: RedisStore, stopping: Callable[[], bool]) -> set[str] |
 
 
 async def sweep(
-    store: RedisStore, lease: float, queued: set[str], *, stopping: Callable[[], bool], margin: float | None = None
+    store: Store, lease: float, queued: set[str], *, stopping: Callable[[], bool], margin: float | None = None
 ) -> Sweep:
     """Wake every run of the index that is stuck; returns the figures.
 

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from ._options import Settings
-    from ._store import RedisStore
+    from ._store import Store
 
 __all__ = ["GROUP", "Outcome", "dead", "fail_buried", "take"]
 
@@ -41,7 +41,7 @@ Outcome = Literal["ack", "requeue", "keep", "declined", "done"]
 
 
 async def take(
-    store: RedisStore,
+    store: Store,
     settings: Settings,
     worker: str,
     message: str,
@@ -108,7 +108,7 @@ async def take(
         return "requeue" if isinstance(outcome, Released) else "ack"  # ended or paused
 
 
-async def fail_buried(store: RedisStore, settings: Settings, worker: str, run_id: str, reason: str) -> None:
+async def fail_buried(store: Store, settings: Settings, worker: str, run_id: str, reason: str) -> None:
     """Mark the run of a message that went to the dead letters as failed, with the reason.
 
     Its message was delivered too often without finishing (a step that kills
@@ -126,7 +126,7 @@ async def fail_buried(store: RedisStore, settings: Settings, worker: str, run_id
             await store.fail(run_id, got.epoch, ErrorInfo(type="werkfluss.DeadLetter", message=reason))
 
 
-async def dead(store: RedisStore, worker: str, message: str, run_id: str, reason: str) -> Outcome:
+async def dead(store: Store, worker: str, message: str, run_id: str, reason: str) -> Outcome:
     """Move `message` to the dead letters with `reason`."""
     log.error("worker %s: dead-lettering message %s (run %r): %s", worker, message, run_id, reason)
     await store.dead_letter(GROUP, message, run_id, reason)

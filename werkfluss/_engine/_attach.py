@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from .._context import WorkflowLike
     from .._holder import Holding
     from .._options import Settings
-    from .._store import AcquireKind, AcquireResult, RedisStore
+    from .._store import AcquireKind, AcquireResult, Store
     from ._call import ChildDriver, RunCall
 
 __all__ = ["AttachKind", "Attached", "acquire", "args_digest", "attach", "read_replay", "resumed_from"]
@@ -44,7 +44,7 @@ def args_digest(canonical: bytes) -> str:
 
 
 async def acquire(
-    store: RedisStore,
+    store: Store,
     run_id: str,
     holding: Holding,
     lease: float,
@@ -122,7 +122,7 @@ class Attached:
 
 
 async def attach(
-    store: RedisStore,
+    store: Store,
     run_id: str,
     holding: Holding,
     settings: Settings,
@@ -199,7 +199,7 @@ async def attach(
     return Attached("execute", got, executor, args, kwargs, watchdog=watchdog)
 
 
-async def read_replay(store: RedisStore, run_id: str, retry_seq: int | None, retry_index: int) -> Replay:
+async def read_replay(store: Store, run_id: str, retry_seq: int | None, retry_index: int) -> Replay:
     """Read run `run_id`'s log in batches into a replay index.
 
     The final failure of `retry_seq` recorded up to `retry_index` is left

@@ -15,7 +15,7 @@ import msgspec
 if TYPE_CHECKING:
     from .._context import WorkflowLike
     from .._options import Settings
-    from .._store import RedisStore
+    from .._store import Store
 
 __all__ = ["ChildDriver", "RunCall"]
 
@@ -29,7 +29,7 @@ class RunCall(msgspec.Struct, frozen=True, kw_only=True):
     drives this one as its child, ``""`` for a run of its own.
     """
 
-    store: RedisStore
+    store: Store
     workflow: WorkflowLike
     run_id: str
     args: tuple[Any, ...]
