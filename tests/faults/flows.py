@@ -224,6 +224,7 @@ async def approval(n: int) -> str:
 
 # -- R-21, R-03 (pause): a step, a durable sleep, a step -------------------------------------------------------------
 
+
 @workflow(name="faults:nap")
 async def nap(n: int, seconds: float) -> str:
     total = await reserve(n)
