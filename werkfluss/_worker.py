@@ -19,7 +19,7 @@ import functools
 import random
 import time
 from contextlib import AsyncExitStack
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import anyio
 
@@ -34,6 +34,7 @@ from ._store._open import open_store
 from ._take import GROUP, Outcome, fail_buried, take
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable
     from types import TracebackType
 
     from anyio.abc import TaskGroup
@@ -224,7 +225,7 @@ class Worker:
         assert self._tg is not None
         self._tg.start_soon(self._handle, message, fields, slot)
 
-    def _requeue(self, message: str, fields: dict[str, str]) -> Any:
+    def _requeue(self, message: str, fields: dict[str, str]) -> Awaitable[None]:
         return self.store.requeue(GROUP, message, fields.get("r", ""), retry=fields.get("x") == "1")
 
     async def _reclaim(self) -> None:
@@ -390,7 +391,7 @@ class Worker:
             self._empty.set()
             self._empty = anyio.Event()
 
-    async def _quietly(self, call: Any) -> None:
+    async def _quietly(self, call: Awaitable[object]) -> None:
         with anyio.move_on_after(5):
             try:
                 await call
