@@ -376,8 +376,9 @@ def _instrument() -> None:
     test sees every write a worker attempted and what the server answered."""
     from werkfluss._store import RedisStore
 
-    for name in ("append", "finish", "pause"):
-        original = getattr(RedisStore, name)
+    # A run's end (complete, fail, block, mark_cancelled) is one script call in `_finish`: "finish" here.
+    for name, method in (("append", "append"), ("finish", "_finish"), ("pause", "pause")):
+        original = getattr(RedisStore, method)
         signature = inspect.signature(original)
 
         def wrap(original: Any = original, signature: inspect.Signature = signature, name: str = name) -> Any:
@@ -400,7 +401,7 @@ def _instrument() -> None:
 
             return wrapper
 
-        setattr(RedisStore, name, wrap())
+        setattr(RedisStore, method, wrap())
 
 
 if os.environ.get("WF_FAULT_INSTRUMENT") == "1":
