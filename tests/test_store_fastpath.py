@@ -11,6 +11,7 @@ import re
 from typing import TYPE_CHECKING
 
 import anyio
+import hiredis
 import msgspec
 import pytest
 from redis.asyncio.cluster import RedisCluster
@@ -19,6 +20,7 @@ from redis.exceptions import ResponseError
 from werkfluss import Settings, Worker, _store, enqueue_async, start_async, step, workflow
 from werkfluss._errors import StorageError, _Suspend
 from werkfluss._store import _lane, _run_reads
+from werkfluss._store._hooks import TAKE
 from werkfluss._store._open import close_stores, open_store
 from werkfluss._store._run_log import APPEND
 
@@ -57,10 +59,10 @@ def lane_of(store: RedisStore) -> _lane._FastLane:
     return store._lane
 
 
-# -- packing and parsing ------------------------------------------------------------------------------------------
+# -- packing ---------------------------------------------------------------------------------------------------------
 
 
-def test_pack_command_matches_redis_py() -> None:
+def test_hiredis_packs_commands_as_redis_py_does() -> None:
     from redis.asyncio.connection import Connection
 
     parts: list[bytes | str | int | float] = [
@@ -76,36 +78,7 @@ def test_pack_command_matches_redis_py() -> None:
         10000,
         2.5,
     ]
-    assert _lane.pack_command(parts) == b"".join(Connection().pack_command(*parts))
-
-
-@pytest.mark.parametrize(
-    ("raw", "value"),
-    [
-        (b":42\r\n", 42),
-        (b":-1\r\n", -1),
-        (b"$3\r\nabc\r\n", b"abc"),
-        (b"$0\r\n\r\n", b""),
-        (b"$-1\r\n", None),
-        (b"*-1\r\n", None),
-        (b"+OK\r\n", b"OK"),
-        (b"$4\r\na\r\nb\r\n", b"a\r\nb"),
-        (b"*2\r\n:1\r\n*2\r\n$1\r\ne\r\n$-1\r\n", [1, [b"e", None]]),
-        (b"*0\r\n", []),
-    ],
-)
-def test_parse_reply(raw: bytes, value: object) -> None:
-    assert _lane.parse_reply(raw) == (value, len(raw))
-    for cut in range(len(raw)):  # every prefix is incomplete, never a wrong value
-        with pytest.raises(_lane._Incomplete):
-            _lane.parse_reply(raw[:cut])
-
-
-def test_parse_reply_errors_are_data_and_garbage_is_refused() -> None:
-    reply, _ = _lane.parse_reply(b"-NOSCRIPT No matching script\r\n")
-    assert isinstance(reply, _lane._ErrorReply) and reply.message.startswith("NOSCRIPT")
-    with pytest.raises(ValueError):
-        _lane.parse_reply(b"?what\r\n")
+    assert hiredis.pack_command(tuple(parts)) == b"".join(Connection().pack_command(*parts))
 
 
 # -- on a real server ---------------------------------------------------------------------------------------------
@@ -130,6 +103,43 @@ async def test_scripts_go_through_the_lane_and_agree_with_redis_py(store: RedisS
         await store.append("agree", epoch + 1, "c3", b"\x91\x03", 10.0)
     assert [batch async for batch in store.read_log("agree")] == slow
     assert [index for batch in slow for index, _ in batch] == [1, 2, 3]
+
+
+async def test_the_lane_and_redis_py_give_one_reply_shape(store: RedisStore) -> None:
+    lane = lane_of(store)
+    epoch = await new_run(store, "shape")
+    await store.append("shape", epoch, "c1", b"\x91\x01", 10.0)
+    log, state, queue = store.key("shape", "log"), store.key("shape", "state"), f"{store.prefix}{{shape}}:queue"
+    await store.client.xgroup_create(queue, "g", id="0", mkstream=True)
+    await store.client.xadd(queue, {"r": "a"})
+    await store.client.xadd(queue, {"r": "a"})
+    same = [
+        ("XRANGE", log, "-", "+", "COUNT", 10),
+        ("XREVRANGE", log, "+", "-", "COUNT", 1),
+        ("HGET", state, "status"),
+        ("ZADD", store.runs_key, "NX", 1, "shape"),
+        ("ZREM", store.queue_key("timers"), "shape"),
+        ("BLPOP", f"{store.prefix}{{shape}}:nudge", "0.01"),
+        ("XREADGROUP", "GROUP", "g", "c", "COUNT", 1, "BLOCK", 10, "STREAMS", queue, ">"),  # a message each
+        ("XREADGROUP", "GROUP", "g", "c", "COUNT", 1, "BLOCK", 10, "STREAMS", queue, ">"),  # none left: None
+    ]
+    for parts in same:
+        on_lane, through_redis_py = await lane.call(parts), await store._raw.execute_command(*parts)
+        if parts[0] == "XREADGROUP" and on_lane is not None:  # two messages, one shape: {stream: [[id, fields]]}
+            ((stream, ((_, fields),)),), ((stream2, ((_, fields2),)),) = on_lane.items(), through_redis_py.items()
+            assert stream == stream2 == queue.encode() and fields == fields2 == [b"r", b"a"]
+        else:
+            assert on_lane == through_redis_py, parts
+    # A script's false comes back as nil on both paths, RESP3 or not.
+    token = f"{store.prefix}shape"
+    await store.client.xadd(store.hook_key(token, "box"), {"other": "1"})
+    keys, args = [store.hook_key(token, "box"), store.hook_key(token, "meta")], ["shape", "0-0"]
+    on_lane = await store._run(TAKE, keys, args)
+    store._lane = None
+    try:
+        assert await store._run(TAKE, keys, args) == on_lane and on_lane[0] == b"payload" and on_lane[2] is None
+    finally:
+        store._lane = lane
 
 
 async def test_a_long_log_is_read_in_batches_on_the_lane(store: RedisStore) -> None:
@@ -173,12 +183,12 @@ async def test_a_cancelled_call_closes_its_connection_instead_of_reusing_it(stor
     lane = lane_of(store)
     key = f"{store.prefix}{{blocked}}:list"
     with anyio.move_on_after(0.2) as scope:
-        await lane.call([b"BLPOP", key, 5])  # the reply is still owed when the call is cancelled
+        await lane.call((b"BLPOP", key, 5))  # the reply is still owed when the call is cancelled
     assert scope.cancelled_caught
     assert not lane._waiting and all(conn._writer is not None for conn, _ in lane._idle)
     await store.client.rpush(key, "x")  # BLPOP's owed reply would now arrive on that connection
-    assert await lane.call([b"PING"]) == b"PONG"
-    assert await lane.call([b"LPOP", key]) == b"x"  # still there: the cancelled BLPOP is gone with its connection
+    assert await lane.call((b"PING",)) == b"PONG"
+    assert await lane.call((b"LPOP", key)) == b"x"  # still there: the cancelled BLPOP is gone with its connection
 
 
 async def test_a_reply_later_than_the_socket_timeout_misses(store: RedisStore) -> None:
@@ -186,21 +196,21 @@ async def test_a_reply_later_than_the_socket_timeout_misses(store: RedisStore) -
     lane._timeout = 0.2
     key = f"{store.prefix}{{slow}}:list"
     with anyio.fail_after(3):
-        assert await lane.call([b"BLPOP", key, 2]) is _lane._MISS
+        assert await lane.call((b"BLPOP", key, 2)) is _lane._MISS
     assert not lane._waiting
-    assert await lane.call([b"PING"]) == b"PONG"
+    assert await lane.call((b"PING",)) == b"PONG"
 
 
 async def test_a_refused_command_is_a_storage_error_and_the_connection_stays_usable(store: RedisStore) -> None:
     lane = lane_of(store)
     with pytest.raises(ResponseError, match="unknown command"):
-        await lane.call([b"NO-SUCH-COMMAND"])
+        await lane.call((b"NO-SUCH-COMMAND",))
     await store.client.set(store.key("s", "log"), "not a stream")
     with pytest.raises(StorageError, match="refused a command"):
         async for _ in store.read_log("s"):
             pass
     assert len(lane._idle) == 1
-    assert await lane.call([b"PING"]) == b"PONG"
+    assert await lane.call((b"PING",)) == b"PONG"
 
 
 async def test_a_closed_store_closes_the_lane(settings: Settings) -> None:
@@ -210,16 +220,7 @@ async def test_a_closed_store_closes_the_lane(settings: Settings) -> None:
     conns = [conn for conn, _ in lane._idle]
     await close_stores()
     assert conns and all(conn._writer is None for conn in conns)
-    assert await lane.call([b"PING"]) is _lane._MISS
-
-
-async def test_without_hiredis_the_python_parser_serves(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(_lane, "hiredis", None)
-    assert await start_async(chain.options(settings=settings, run_id="no-hiredis"), 30) == 870
-    store = await open_store(settings)
-    events = [body async for batch in store.read_log("no-hiredis") for _, body in batch]
-    assert len(events) == 32
-    await close_stores()
+    assert await lane.call((b"PING",)) is _lane._MISS
 
 
 async def test_workflows_and_workers_run_on_the_lane_without_falling_back(settings: Settings) -> None:
@@ -232,8 +233,8 @@ async def test_workflows_and_workers_run_on_the_lane_without_falling_back(settin
             while [await store.status(run_id) for run_id in ids] != ["completed"] * 5:
                 await anyio.sleep(0.02)
     assert lane_of(store).misses == 0  # every reply was understood: nothing silently took the slow path
-    info = await lane_of(store).call([b"CLIENT", b"INFO"])
-    assert re.search(rb"\bresp=2\b", info)  # whatever protocol redis-py speaks, the lane reads RESP2
+    info = await lane_of(store).call((b"CLIENT", b"INFO"))
+    assert re.search(rb"\bresp=3\b", info)  # the protocol of redis-py's connections, whose reply shapes it gives
     await close_stores()
 
 

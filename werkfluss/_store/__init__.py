@@ -20,7 +20,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Protocol
 
 from . import _hooks, _queue, _run_log, _runs, _timers
-from ._connect import CALL_DEADLINE, SOCKET_TIMEOUT, Script
+from ._connect import Script
+from ._deadline import CALL_DEADLINE, SOCKET_TIMEOUT
 from ._hooks import RedisHooks
 from ._keys import RunState, StateField
 from ._queue import RedisQueue

@@ -1,15 +1,29 @@
-"""The store's connection: connecting, the server checks, deadlines, and calls with their errors mapped.
+"""The store's connection: connecting, the server checks, and calls with their errors mapped.
 
-`Connection` is the base of `RedisStore`'s families (`_runs`, `_hooks`,
-`_queue`): it holds the client, the fast lane and the server's clock, and
-sends every command through `_call` (redis-py, errors as `StorageError`),
-`_fast` (the lane, see `_lane`) or `_run` (a `Script`, on the lane first).
+`Connection` is the base of `RedisStore`'s families (`_runs`, `_run_log`,
+`_run_reads`, `_hooks`, `_timers`, `_queue`): it holds the client, the fast
+lane and the server's clock, and sends every command one of three ways:
+
+- `_call`: a redis-py call, its errors mapped to `StorageError`;
+- `_send`: a command given as its parts, on the fast lane (see `_lane`) or,
+  when the lane misses, the same parts through redis-py (``execute_command``);
+- `_run`: a `Script` by its SHA (``EVALSHA``), on the lane or through
+  redis-py's script object, which loads it on NOSCRIPT.
+
+Both paths of `_send` and `_run` return one shape, the raw reply as hiredis
+parses it: the lane speaks the client's protocol, RESP3 (pinned: redis-py
+before 8 speaks RESP2 by default, whose shapes differ, XREADGROUP's above
+all), and what `_send` hands to redis-py goes through a client whose response
+callbacks for those commands return the reply as it came (`_RAW_COMMANDS`).
+On one server that is a second client on the same connection pool; a
+cluster client's nodes share one callback table, so there it is the store's
+own client (whose ``xrange`` and the like then return raw replies too).
+Timeouts and the one deadline per call are in `_deadline`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import hashlib
 import logging
 import time
@@ -27,118 +41,18 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .._errors import LossyServerWarning, StorageError
 from .._options import redact
+from ._deadline import CALL_DEADLINE, FIRST_CALL_DEADLINE, SOCKET_TIMEOUT, DeadlineRetry, carried, carry
 from ._keys import HOOKS, RUNS, hook_key, queue_key, run_key
-from ._lane import _MISS, _carried, _carry, _FastLane, lane_fits
+from ._lane import _MISS, Arg, _FastLane, lane_fits
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable
-
     from redis.commands.core import AsyncScript
 
 log = logging.getLogger("werkfluss")
 
-Arg = bytes | str | int | float
-"""An argument of a command, as redis-py and the fast lane send it."""
-
-
-# How long werkfluss waits for the server. One attempt waits SOCKET_TIMEOUT for a reply: above the
-# longest blocking read werkfluss issues (the worker's BLPOP for timer nudges, up to its `poll`,
-# 4 s; XREADGROUP BLOCK 1 s) plus a healthy server's stall (an fsync, a fork for a rewrite: a
-# second or two). One call, retries included, waits CALL_DEADLINE at most, from its first attempt
-# on the fast lane to its last through redis-py: long enough to ride out a restart (connections
-# refused, then LOADING), short enough that a worker cut off by a partition (no RST, nothing
-# answers) learns it within seconds, not minutes.
-SOCKET_TIMEOUT = 7.0
-CALL_DEADLINE = 10.0
-# The first call of a connection (is the server there at all?) gives up sooner: a wrong URL or
-# a server that is down is reported in seconds, as it was before the deadline (6 retries).
-_FIRST_CALL_DEADLINE = 5.0
-# Seconds after a fast-lane miss during which redis-py's calls in that task keep the lane's deadline:
-# the call goes on through redis-py at once (a pool's connect, then the command, each a retry loop of
-# its own). The task's next lane call drops it; so does this window, for a call that was abandoned.
-_CARRY_FRESH = 1.0
-
-
-# The deadline of the call this task is making through redis-py (loop time), while it makes it.
-_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("werkfluss_deadline", default=None)
-
-
-class _DeadlineRetry(Retry):
-    """redis-py's `Retry`, bounded by a total deadline per call (`budget` seconds) instead of a count.
-
-    redis-py nests its retries: a command's attempt reconnects, and the reconnect's handshake
-    and the health check's PING retry on their own, each with the same count, so the waits
-    multiply (6 retries took 24 s against a server refusing connections, and a blackholed
-    command 7 times socket_timeout and more). Here the outermost retry loop sets a deadline
-    that nested ones share, and cuts the attempt in flight when it passes: the call raises
-    redis-py's `TimeoutError` (``StorageError`` for werkfluss's callers). Until then failures
-    are retried with backoff, however many, so a restart of a few seconds is ridden out.
-    A call the fast lane tried first gets only what is left of the same deadline.
-
-    `retries` stays a count for what reads it as one: redis-py's failure handlers (they
-    only record metrics past it) and a cluster client, which gets a plain `Retry` anyway.
-    """
-
-    def __init__(self, budget: float, *, retries: int = 1000) -> None:
-        super().__init__(ExponentialBackoff(cap=1.0, base=0.05), retries)
-        self.budget = budget
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, _DeadlineRetry) and self.budget == other.budget and super().__eq__(other)
-
-    __hash__ = Retry.__hash__
-
-    async def call_with_retry(
-        self,
-        do: Callable[[], Awaitable[Any]],
-        fail: Callable[..., Any],
-        is_retryable: Callable[[Exception], bool] | None = None,
-        with_failure_count: bool = False,
-    ) -> Any:
-        """Call `do` until it succeeds, retrying supported errors with backoff, within the deadline."""
-        deadline = _deadline.get()
-        if deadline is not None:  # inside an attempt of an outer call: its deadline is ours
-            return await self._attempts(do, fail, is_retryable, with_failure_count, deadline)
-        loop = asyncio.get_running_loop()
-        now = loop.time()
-        deadline = now + self.budget
-        carried = _carried.get()
-        if carried is not None and now - carried[1] <= _CARRY_FRESH:
-            deadline = min(deadline, carried[0])
-        token = _deadline.set(deadline)
-        try:
-            async with asyncio.timeout_at(deadline):
-                return await self._attempts(do, fail, is_retryable, with_failure_count, deadline)
-        except TimeoutError:
-            # asyncio's, from the deadline (redis-py's own timeouts are its TimeoutError, no builtin one).
-            raise RedisTimeoutError(f"no reply within {self.budget:g} s, retries included") from None
-        finally:
-            _deadline.reset(token)
-
-    async def _attempts(
-        self,
-        do: Callable[[], Awaitable[Any]],
-        fail: Callable[..., Any],
-        is_retryable: Callable[[Exception], bool] | None,
-        with_failure_count: bool,
-        deadline: float,
-    ) -> Any:
-        loop = asyncio.get_running_loop()
-        self._backoff.reset()  # type: ignore[no-untyped-call]
-        failures = 0
-        while True:
-            try:
-                return await do()
-            except self._supported_errors as error:
-                if is_retryable and not is_retryable(error):
-                    raise
-                failures += 1
-                await (fail(error, failures) if with_failure_count else fail(error))
-                backoff = self._backoff.compute(failures)
-                if loop.time() + backoff >= deadline:
-                    raise error
-                if backoff > 0:
-                    await asyncio.sleep(backoff)
+# The commands the store sends as parts (`Connection._send`), on the fast lane or through redis-py: the
+# client sending them through redis-py returns their replies as they came, as the lane does.
+_RAW_COMMANDS = ("BLPOP", "HGET", "XADD", "XRANGE", "XREADGROUP", "XREVRANGE", "ZADD", "ZREM")
 
 
 # The prelude of a script that reads the server's clock: ``now``, in milliseconds.
@@ -218,6 +132,11 @@ class Connection:
         self._scripts: dict[Script, AsyncScript] = {}
         # A cluster client routes each command to the node owning its keys: it keeps redis-py's path.
         self._lane = _FastLane(client) if isinstance(client, aioredis.Redis) and lane_fits(client) else None
+        self._raw = (
+            client if isinstance(client, RedisCluster) else aioredis.Redis(connection_pool=client.connection_pool)
+        )
+        for command in _RAW_COMMANDS:
+            self._raw.set_response_callback(command, _as_sent)
 
     @classmethod
     async def connect(
@@ -234,12 +153,14 @@ class Connection:
             "health_check_interval": 15,
             # Retries re-send commands whose reply was lost: safe, because
             # every write script is idempotent. Bounded by a deadline per call.
-            "retry": _DeadlineRetry(CALL_DEADLINE),
+            "retry": DeadlineRetry(CALL_DEADLINE),
             "retry_on_error": [RedisConnectionError, RedisTimeoutError],
             # redis-py 8 caps a pool at 100 connections and then fails commands with "Too many
             # connections" (it does not wait): a worker running hundreds of runs at once, all
             # retrying after a server restart, needs more. The server's own default limit.
             "max_connections": 10_000,
+            # The protocol whose reply shapes the store reads, on the fast lane and off it.
+            "protocol": 3,
         }
         if url is not None and not url.startswith("unix:"):
             options["socket_keepalive"] = True  # TCP only: notices a peer that vanished
@@ -254,7 +175,7 @@ class Connection:
             client = aioredis.Redis(unix_socket_path=unix_socket, password=password, **options)
         store = cls(client, prefix=prefix, where=where)
         try:
-            _carry(asyncio.get_running_loop().time(), _FIRST_CALL_DEADLINE)
+            carry(asyncio.get_running_loop().time(), FIRST_CALL_DEADLINE)
             # The embedded server is never a cluster; a URL may name any cluster node.
             is_cluster = url is not None and bool((await store._call(client.info("cluster"))).get("cluster_enabled"))
         except BaseException:
@@ -288,7 +209,7 @@ class Connection:
                 await store.close()
             raise
         finally:
-            _carried.set(None)  # the caller's next calls have deadlines of their own
+            carried.set(None)  # the caller's next calls have deadlines of their own
         return store
 
     async def _check_server(self, *, external: bool) -> None:
@@ -394,30 +315,44 @@ class Connection:
         except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
             raise StorageError(f"cannot reach {self.where}: {exc}") from None
         except ResponseError as exc:
-            raise StorageError(f"{self.where} refused a command: {exc}") from None
+            raise self._refused(exc) from None
         except RedisClusterException as exc:
             # Not a RedisError: the cluster client raises it when no node answers
             # or a slot has no node (SlotNotCoveredError).
             raise StorageError(f"cannot use the Redis Cluster at {self.where}: {exc}") from None
 
-    async def _fast(self, parts: list[Arg]) -> Any:
-        """`parts` on the fast lane: the raw reply, or `_MISS` (no lane, or send it through redis-py)."""
-        if self._lane is None:
-            return _MISS
-        try:
-            return await self._lane.call(parts)
-        except ResponseError as exc:
-            raise StorageError(f"{self.where} refused a command: {exc}") from None
+    async def _send(self, *parts: Arg) -> Any:
+        """One command, given as its parts: on the fast lane, else through redis-py; its raw reply."""
+        if self._lane is not None:
+            try:
+                reply = await self._lane.call(parts)
+            except ResponseError as exc:
+                raise self._refused(exc) from None
+            if reply is not _MISS:
+                return reply
+        return await self._call(self._raw.execute_command(*parts))
 
     async def _run(self, script: Script, keys: list[str], args: list[Arg]) -> Any:
-        """`script` with `keys` and `args`: on the fast lane, else through redis-py."""
-        reply = await self._fast([b"EVALSHA", script.packed_sha, len(keys), *keys, *args])
-        if reply is _MISS:
-            # redis-py's script objects run EVALSHA on the node owning the first key
-            # and, on NOSCRIPT (a node that restarted or failed over), SCRIPT LOAD on
-            # every primary before retrying, so they need nothing extra on a cluster.
-            registered = self._scripts.get(script)
-            if registered is None:
-                registered = self._scripts[script] = self.client.register_script(script.source)
-            reply = await self._call(registered(keys=keys, args=args))
-        return reply
+        """`script` with `keys` and `args`: on the fast lane, else through redis-py; its raw reply."""
+        if self._lane is not None:
+            try:
+                reply = await self._lane.call((b"EVALSHA", script.packed_sha, len(keys), *keys, *args))
+            except ResponseError as exc:
+                raise self._refused(exc) from None
+            if reply is not _MISS:
+                return reply
+        # redis-py's script objects run EVALSHA on the node owning the first key
+        # and, on NOSCRIPT (a node that restarted or failed over), SCRIPT LOAD on
+        # every primary before retrying, so they need nothing extra on a cluster.
+        registered = self._scripts.get(script)
+        if registered is None:
+            registered = self._scripts[script] = self.client.register_script(script.source)
+        return await self._call(registered(keys=keys, args=args))
+
+    def _refused(self, exc: ResponseError) -> StorageError:
+        return StorageError(f"{self.where} refused a command: {exc}")
+
+
+def _as_sent(response: Any, **options: Any) -> Any:
+    """A response callback that returns the reply as redis-py read it."""
+    return response

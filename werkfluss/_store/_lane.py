@@ -1,128 +1,56 @@
-"""The fast lane: the store's commands on connections of its own, without redis-py's per-command machinery.
+"""The fast lane: the store's hot commands on connections of its own, without redis-py's per-command machinery.
 
-See `_FastLane`. It reads redis-py's private connection attributes
-(``_reader``, ``_writer``, ``_parser``), which is why pyproject bounds redis-py.
+`_FastLane` packs a command with `hiredis.pack_command`, writes it to a
+connected redis-py connection's stream and reads the reply with a
+`hiredis.Reader`: replies come back raw (bytes, ints, None, lists, dicts for
+RESP3 maps), in the protocol of the client's connections, the shape the
+store's redis-py fallback gives too (see `_connect`). It reads redis-py's private connection attributes (``_reader``,
+``_writer``, ``_parser``), which is why pyproject keeps redis-py below 9.
+
+One connection per command in flight. A connection carries one command at a
+time and goes back to a free list after its reply, so a process holds as many
+lane connections as it has had commands in flight at once: a worker running N
+runs holds up to N (their steps' writes) plus its blocking reads (the timer
+nudge's BLPOP, XREADGROUP), on top of redis-py's own pool. The lane's
+connections are not counted against the pool's ``max_connections``
+(10,000, which only bounds redis-py's pool). On the server they all count
+against ``maxclients``, whose default, 10,000, is the same number: the bench
+saw about 810 server connections for 4 workers x 2,500 runs. Past
+``maxclients`` the server refuses new connections; the lane then stands
+aside for a second (`_LANE_PAUSE`) and redis-py's path, refused too, ends in
+a `StorageError`. Deployments with many workers of high concurrency should
+raise ``maxclients`` (or lower ``concurrency``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
 import logging
 import os
 import time
 from typing import TYPE_CHECKING, Any
 
+import hiredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 
-try:  # redis-py parses replies in C with it when it is installed; so does the fast lane
-    import hiredis
-except ImportError:  # pragma: no cover - a dependency, but the code works without it
-    hiredis = None  # type: ignore[assignment]
+from ._deadline import carried, carry
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
-
     import redis.asyncio as aioredis
     from redis.asyncio.connection import AbstractConnection
 
 log = logging.getLogger("werkfluss")
 
+Arg = bytes | str | int | float
+"""An argument of a command, as redis-py and the fast lane send it."""
+
 _MISS: Any = object()  # the fast lane could not serve a command: send it through redis-py
 _READ_SIZE = 65536
 _LANE_PAUSE = 1.0  # seconds the fast lane stands aside after it could not connect
-
-# ``(deadline, loop time of the miss)`` a fast-lane call hands to redis-py's path when it misses.
-_carried: contextvars.ContextVar[tuple[float, float] | None] = contextvars.ContextVar(
-    "werkfluss_carried_deadline", default=None
-)
-
-
-def _carry(started: float, budget: float | None) -> None:
-    """End the deadline of this task's next redis-py calls at `started` + `budget` (loop time):
-    what is left of a fast-lane call's deadline, or a shorter one for a first call."""
-    if budget is not None:
-        _carried.set((started + budget, asyncio.get_running_loop().time()))
-
-
-class _Incomplete(Exception):
-    """The bytes read so far end inside a reply."""
-
-
-class _ErrorReply:
-    """An error reply (``-ERR ...``) as data, classified later."""
-
-    __slots__ = ("message",)
-
-    def __init__(self, message: str) -> None:
-        self.message = message
-
-
-def _encode_arg(value: Any) -> bytes:
-    """One argument as redis-py's encoder sends it (bytes as they are, str as UTF-8, numbers by repr)."""
-    if isinstance(value, bytes):
-        return value
-    if isinstance(value, str):
-        return value.encode()
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return repr(value).encode()
-    if isinstance(value, (bytearray, memoryview)):
-        return bytes(value)
-    raise TypeError(f"cannot send {type(value).__name__} to Redis")
-
-
-def pack_command(parts: Sequence[Any]) -> bytes:
-    """One command as a RESP array of bulk strings."""
-    out = [b"*%d\r\n" % len(parts)]
-    for part in parts:
-        raw = _encode_arg(part)
-        out.append(b"$%d\r\n%s\r\n" % (len(raw), raw))
-    return b"".join(out)
-
-
-def parse_reply(buf: bytes | bytearray, pos: int = 0) -> tuple[Any, int]:
-    """One RESP2 reply starting at `pos`: ``(value, position after it)``.
-
-    Values come out as redis-py returns them without decoding: bytes,
-    int, None, lists; an error reply is an `_ErrorReply`.
-
-    Raises:
-        _Incomplete: `buf` ends inside the reply.
-        ValueError: the bytes are not RESP2.
-    """
-    end = buf.find(b"\r\n", pos)
-    if end < 0:
-        raise _Incomplete
-    kind = buf[pos]
-    if kind == 36:  # $ bulk string
-        size = int(buf[pos + 1 : end])
-        if size < 0:
-            return None, end + 2
-        stop = end + 2 + size
-        if len(buf) < stop + 2:
-            raise _Incomplete
-        return bytes(buf[end + 2 : stop]), stop + 2
-    if kind == 58:  # : integer
-        return int(buf[pos + 1 : end]), end + 2
-    if kind == 42:  # * array
-        count = int(buf[pos + 1 : end])
-        pos = end + 2
-        if count < 0:
-            return None, pos
-        items = []
-        for _ in range(count):
-            item, pos = parse_reply(buf, pos)
-            items.append(item)
-        return items, pos
-    if kind == 43:  # + simple string
-        return bytes(buf[pos + 1 : end]), end + 2
-    if kind == 45:  # - error
-        return _ErrorReply(bytes(buf[pos + 1 : end]).decode(errors="replace")), end + 2
-    raise ValueError(f"not a RESP2 reply: {bytes(buf[pos : pos + 20])!r}")
 
 
 def lane_fits(client: aioredis.Redis) -> bool:
@@ -199,9 +127,8 @@ class _FastLane:
     async def _connect(self) -> AbstractConnection | None:
         if time.monotonic() < self._paused_until:
             return None
-        # RESP2 whatever the client speaks (redis-py 8 defaults to RESP3): the store reads the
-        # lane's replies in RESP2's shapes (arrays, never maps), and parse_reply speaks RESP2.
-        conn = self._pool.connection_class(**{**self._pool.connection_kwargs, "protocol": 2})
+        # The client's own protocol: a reply has the shape redis-py's path gives it (see _connect).
+        conn = self._pool.connection_class(**self._pool.connection_kwargs)
         conn.retry = Retry(NoBackoff(), 0)  # one attempt: redis-py's own path does the retrying
         self._open.add(conn)
         try:
@@ -260,7 +187,7 @@ class _FastLane:
         if self._waiting:
             self._watchdog = loop.call_at(min(self._waiting.values()), self._watch)
 
-    async def call(self, parts: Sequence[Any]) -> Any:
+    async def call(self, parts: tuple[Arg, ...]) -> Any:
         """Send one command; returns its reply, or `_MISS` to use redis-py instead.
 
         Raises:
@@ -268,15 +195,16 @@ class _FastLane:
         """
         if self.closed or not self.enabled:
             return _MISS
-        if _carried.get() is not None:  # a new call: the deadline of the last one is no longer ours
-            _carried.set(None)
-        command = pack_command(parts)  # before taking a connection: an argument may not encode
+        if carried.get() is not None:  # a new call: the deadline of the last one is no longer ours
+            carried.set(None)
+        # Before taking a connection: an argument may not encode. (hiredis's stub types a 1-tuple.)
+        command = hiredis.pack_command(parts)  # type: ignore[arg-type]
         loop = asyncio.get_running_loop()
         now = loop.time()  # one clock read per call: idle times and the reply's deadline
         conn = self._reuse(now) or await self._connect()
         if conn is None:
             self.misses += 1
-            _carry(now, self._budget)
+            carry(now, self._budget)
             return _MISS
         reader, writer = conn._reader, conn._writer
         assert reader is not None and writer is not None
@@ -292,7 +220,7 @@ class _FastLane:
             done = True
         except (OSError, ValueError, EOFError):
             self.misses += 1
-            _carry(now, self._budget)
+            carry(now, self._budget)
             return _MISS
         finally:
             if done and not self.closed:
@@ -301,56 +229,38 @@ class _FastLane:
             else:
                 self._drop(conn)
         if isinstance(reply, _ErrorReply):
-            error = (
-                self._parser.parse_error(reply.message) if self._parser is not None else ResponseError(reply.message)
-            )
+            message = str(reply)
+            error = self._parser.parse_error(message) if self._parser is not None else ResponseError(message)
             if isinstance(error, (NoScriptError, RedisConnectionError)):
                 self.misses += not isinstance(error, NoScriptError)
-                _carry(now, self._budget)
+                carry(now, self._budget)
                 return _MISS
             raise error
         return reply
 
 
 async def _read_reply(reader: asyncio.StreamReader) -> Any:
-    """Read exactly one reply (the lane never has more than one outstanding).
+    """Read exactly one reply (the lane never has more than one outstanding), an error reply as an `_ErrorReply`.
 
-    With hiredis its C parser reads it (far faster on long replies such as a
-    log batch); without, `parse_reply`.
+    Raises:
+        EOFError: the server closed the connection.
+        ValueError: the bytes are not RESP, or more follow the reply.
     """
-    if hiredis is not None:
-        parser = hiredis.Reader(notEnoughData=_MISS, replyError=_HiredisReplyError)
-        while True:
-            chunk = await reader.read(_READ_SIZE)
-            if not chunk:
-                raise EOFError("the server closed the connection")
-            parser.feed(chunk)
-            try:
-                reply = parser.gets()
-            except hiredis.ProtocolError as exc:
-                raise ValueError(str(exc)) from None
-            if reply is not _MISS:
-                if parser.has_data():
-                    raise ValueError("unexpected bytes after a reply")
-                return _ErrorReply(str(reply)) if isinstance(reply, _HiredisReplyError) else reply
-    data: bytes | bytearray = await reader.read(_READ_SIZE)
+    parser = hiredis.Reader(notEnoughData=_MISS, replyError=_ErrorReply)
     while True:
-        if not data:
+        chunk = await reader.read(_READ_SIZE)
+        if not chunk:
             raise EOFError("the server closed the connection")
+        parser.feed(chunk)
         try:
-            reply, end = parse_reply(data)
-        except _Incomplete:
-            more = await reader.read(_READ_SIZE)
-            if not more:
-                raise EOFError("the server closed the connection") from None
-            if not isinstance(data, bytearray):
-                data = bytearray(data)
-            data += more  # in place: a long reply grows in linear time
-            continue
-        if end != len(data):
-            raise ValueError("unexpected bytes after a reply")
-        return reply
+            reply = parser.gets()
+        except hiredis.ProtocolError as exc:
+            raise ValueError(str(exc)) from None
+        if reply is not _MISS:
+            if parser.has_data():
+                raise ValueError("unexpected bytes after a reply")
+            return reply
 
 
-class _HiredisReplyError(Exception):
-    """An error reply, as hiredis hands it over."""
+class _ErrorReply(Exception):
+    """An error reply (``-ERR ...``), as hiredis hands it over: its text is the message, classified later."""

@@ -8,19 +8,16 @@ to the dead letters (``P{q}:dead``) with its last error (``P{q}:errors``).
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
-
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from typing import TYPE_CHECKING
 
 from .._errors import StorageError
-from ._connect import NOW, Arg, Connection, Script, text
-from ._keys import DEAD, ERRORS, PROBATION, QUEUE
-from ._lane import _MISS
+from ._connect import NOW, Connection, Script, text
+from ._keys import DEAD, ERRORS, PROBATION, QUEUE, RETRY, RUN
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
+
+    from ._lane import Arg
 
 # KEYS: queue, dead, errors, probation. ARGV: group, consumer, min idle ms, how many
 # to look at, max deliveries, cursor ('-' at first), '1' if this consumer may take a
@@ -209,8 +206,8 @@ class RedisQueue(Connection):
         runs: set[str] = set()
         start = "-"
         while True:
-            entries = await self._call(self.client.xrange(key, min=start, max="+", count=1000))
-            runs.update(_fields(fields).get("r", "") for _, fields in entries)
+            entries = await self._send("XRANGE", key, start, "+", "COUNT", 1000)
+            runs.update(_fields(fields).get(RUN, "") for _, fields in entries)
             if len(entries) < 1000:
                 runs.discard("")
                 return runs
@@ -221,30 +218,24 @@ class RedisQueue(Connection):
     async def ensure_group(self, group: str) -> None:
         """Create the consumer group (reading from the start of the queue) if missing."""
         try:
-            await self.client.xgroup_create(self.queue_key(QUEUE), group, id="0", mkstream=True)
-        except ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise StorageError(f"{self.where} refused to create the consumer group: {exc}") from None
-        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-            raise StorageError(f"cannot reach {self.where}: {exc}") from None
+            await self._call(self.client.xgroup_create(self.queue_key(QUEUE), group, id="0", mkstream=True))
+        except StorageError as exc:
+            if "BUSYGROUP" not in str(exc):  # it exists: what was asked for
+                raise
 
     async def enqueue(self, run_id: str, *, retry: bool = False) -> str:
         """Put "run or resume `run_id`" on the queue; returns the message ID."""
-        fields: dict[str, str] = {"r": run_id, **({"x": "1"} if retry else {})}
-        message = await self._fast([b"XADD", self.queue_key(QUEUE), b"*", *(p for kv in fields.items() for p in kv)])
-        if message is _MISS:
-            message = await self._call(self.client.xadd(self.queue_key(QUEUE), fields))  # type: ignore[arg-type]
-        return text(message)
+        flag = (RETRY, "1") if retry else ()
+        return text(await self._send("XADD", self.queue_key(QUEUE), "*", RUN, run_id, *flag))
 
     async def read_queue(self, group: str, consumer: str, count: int, block: float) -> list[tuple[str, dict[str, str]]]:
         """Up to `count` new messages for `consumer`, waiting up to `block` seconds."""
         key, ms = self.queue_key(QUEUE), int(block * 1000)
-        reply = await self._fast(
-            [b"XREADGROUP", b"GROUP", group, consumer, b"COUNT", count, b"BLOCK", ms, b"STREAMS", key, b">"]
+        reply = await self._send(
+            "XREADGROUP", "GROUP", group, consumer, "COUNT", count, "BLOCK", ms, "STREAMS", key, ">"
         )
-        if reply is _MISS:
-            reply = await self._call(self.client.xreadgroup(group, consumer, {key: ">"}, count=count, block=ms))
-        return [(text(i), _fields(f)) for _, entries in reply or [] for i, f in entries]
+        # RESP3 answers with a map, stream -> entries (None when BLOCK ran out).
+        return [(text(i), _fields(f)) for entries in (reply or {}).values() for i, f in entries]
 
     async def reclaim(
         self, group: str, consumer: str, min_idle: float, count: int, max_deliveries: int, *, suspect: bool = True,
@@ -321,7 +312,7 @@ class RedisQueue(Connection):
 
     async def dead_letters(self, limit: int) -> list[tuple[str, dict[str, str]]]:
         """The dead letters, oldest first."""
-        entries = await self._call(self.client.xrange(self.queue_key(DEAD), count=limit))
+        entries = await self._send("XRANGE", self.queue_key(DEAD), "-", "+", "COUNT", limit)
         return [(text(i), _fields(f)) for i, f in entries]
 
     async def redrive(self, dead_id: str) -> str:
@@ -338,8 +329,7 @@ class RedisQueue(Connection):
         return 0, 0
 
 
-def _fields(raw: Any) -> dict[str, str]:
-    """A stream entry's fields: a dict from redis-py, a flat list from a script or the fast lane."""
-    if isinstance(raw, list):
-        raw = dict(zip(raw[::2], raw[1::2], strict=False))
-    return {text(k): text(v) for k, v in (raw or {}).items()}
+def _fields(raw: list[bytes] | None) -> dict[str, str]:
+    """A stream entry's fields, from the flat ``[field, value, ...]`` list of its raw reply."""
+    flat = raw or []
+    return {text(k): text(v) for k, v in zip(flat[::2], flat[1::2], strict=False)}

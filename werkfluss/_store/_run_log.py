@@ -9,13 +9,17 @@ elsewhere from what the log has. A live step is one `append`: the hot path.
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 import msgspec
 
 from .._errors import _Suspend
 from .._events import ErrorInfo, RunBlocked, RunCancelled, RunCompleted, RunFailed, RunStatus, encode_event
-from ._connect import NOW, Arg, Connection, Script, text
+from ._connect import NOW, Connection, Script, text
 from ._keys import CANCEL, ERROR, LOG, RESULT, STATE, STEPS
+
+if TYPE_CHECKING:
+    from ._lane import Arg
 
 # A holder also says how long it has seen the log (the 'seen' argument, '' for no
 # check): a log shorter than that was rolled back under it (a server restarted from an

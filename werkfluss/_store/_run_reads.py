@@ -4,12 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from redis.exceptions import ResponseError
-
-from .._errors import StorageError
 from ._connect import Connection, text
-from ._keys import LOG, STATE, RunState, StateField
-from ._lane import _MISS
+from ._keys import EVENT, LOG, STATE, STATUS, RunState, StateField
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -27,10 +23,10 @@ class RedisRunReads(Connection):
     async def log_ends(self, run_id: str, newest: int) -> tuple[bytes | None, list[bytes | None]]:
         """The run's first event and its `newest` last ones (newest first), undecoded."""
         key = self.key(run_id, LOG)
-        first = await self._call(self.client.xrange(key, count=1))
-        last = await self._call(self.client.xrevrange(key, count=newest))
-        head = (first[0][1] or {}).get(b"e") if first else None
-        return head, [(fields or {}).get(b"e") for _, fields in last]
+        first = await self._send("XRANGE", key, "-", "+", "COUNT", 1)
+        last = await self._send("XREVRANGE", key, "+", "-", "COUNT", newest)
+        head = _field(first[0][1], EVENT) if first else None
+        return head, [_field(fields, EVENT) for _, fields in last]
 
     async def runs_by_time(self, top: str, offset: int, count: int) -> list[tuple[str, int]]:
         """``(run ID, creation ms)`` from the run index, newest first, created at or before `top`
@@ -53,10 +49,7 @@ class RedisRunReads(Connection):
 
     async def status(self, run_id: str) -> str:
         """The run's status, ``""`` if there is no such run."""
-        status = await self._fast([b"HGET", self.key(run_id, STATE), b"status"])
-        if status is _MISS:
-            status = await self._call(self.client.hget(self.key(run_id, STATE), "status"))
-        return text(status or b"")
+        return text(await self._send("HGET", self.key(run_id, STATE), STATUS) or b"")
 
     async def read_log(self, run_id: str) -> AsyncIterator[list[tuple[int, bytes | None]]]:
         """The run's log in batches of ``(index, encoded event)``, oldest first.
@@ -67,29 +60,18 @@ class RedisRunReads(Connection):
         key = self.key(run_id, LOG)
         start = "-"
         while True:
-            entries = _MISS
-            if self._lane is not None:
-                try:
-                    entries = await self._lane.call([b"XRANGE", key, start, b"+", b"COUNT", _LOG_BATCH])
-                except ResponseError as exc:
-                    raise StorageError(f"{self.where} refused a command: {exc}") from None
-            if entries is _MISS:
-                parsed = await self._call(self.client.xrange(key, min=start, max="+", count=_LOG_BATCH))
-                entries = [(entry_id, [k for kv in (fields or {}).items() for k in kv]) for entry_id, fields in parsed]
+            entries = await self._send("XRANGE", key, start, "+", "COUNT", _LOG_BATCH)
             if not entries:
                 return
-            yield [(_entry_index(entry_id), _field(fields, b"e")) for entry_id, fields in entries]
+            yield [(_entry_index(entry_id), _field(fields, EVENT)) for entry_id, fields in entries]
             if len(entries) < _LOG_BATCH:
                 return
             start = f"({text(entries[-1][0])}"
 
-    # -- hooks ------------------------------------------------------------------------
 
-
-def _entry_index(entry_id: bytes | str) -> int:
+def _entry_index(entry_id: bytes) -> int:
     """The sequence part of a stream entry ID: ``0-<n>`` is event index n."""
-    raw = entry_id if isinstance(entry_id, bytes) else entry_id.encode()
-    return int(raw[raw.index(b"-") + 1 :])
+    return int(entry_id[entry_id.index(b"-") + 1 :])
 
 
 def _field(fields: list[bytes] | None, name: bytes) -> bytes | None:

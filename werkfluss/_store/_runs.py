@@ -10,11 +10,13 @@ a worker's. A new run also enters the run index (``Pruns``).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, cast
+from typing import TYPE_CHECKING, Literal, cast
 
-from ._connect import NOW, Arg, Connection, Script, text
+from ._connect import NOW, Connection, Script, text
 from ._keys import LOG, STATE
-from ._lane import _MISS
+
+if TYPE_CHECKING:
+    from ._lane import Arg
 
 # KEYS: state, log. ARGV: holder, lease_ms, workflow ('' accepts any), run-started
 # event ('' never creates), run-resumed event, holder to take over ('' none),
@@ -172,8 +174,7 @@ class RedisRuns(Connection):
 
     async def _index_run(self, run_id: str, created_ms: int) -> None:
         """Add a new run to the index of runs by creation time."""
-        if await self._fast([b"ZADD", self.runs_key, b"NX", created_ms, run_id]) is _MISS:
-            await self._call(self.client.zadd(self.runs_key, {run_id: created_ms}, nx=True))
+        await self._send("ZADD", self.runs_key, "NX", created_ms, run_id)
 
     async def acquire(
         self,

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import time
 
-from ._connect import NOW, SOCKET_TIMEOUT, Connection, Script
+from ._connect import NOW, Connection, Script
+from ._deadline import SOCKET_TIMEOUT
 from ._keys import NUDGE, QUEUE, SWEEP, TIMERS
-from ._lane import _MISS
 
 # Wake-ups are pushed: a timer entry that is due at once, or sooner than every other,
 # also leaves a nudge in the list KEYS[2] (at most one: LTRIM), for which each
@@ -118,8 +118,7 @@ class RedisTimers(Connection):
     async def unschedule(self, run_id: str) -> None:
         """Remove the run's timer entry."""
         # On the fast lane: every start() run that ends removes its watchdog (see _runtime.drive).
-        if await self._fast([b"ZREM", self.queue_key(TIMERS), run_id]) is _MISS:
-            await self._call(self.client.zrem(self.queue_key(TIMERS), run_id))
+        await self._send("ZREM", self.queue_key(TIMERS), run_id)
 
     async def due(self, run_ids: list[str]) -> list[float | None]:
         """When each run is due next (Unix time), None for no entry."""
@@ -141,10 +140,7 @@ class RedisTimers(Connection):
         key = self.queue_key(NUDGE)
         # Within the socket timeout, which a longer BLPOP would run into.
         seconds = f"{min(max(block, 0.001), SOCKET_TIMEOUT - 2):.3f}"
-        reply = await self._fast([b"BLPOP", key, seconds])
-        if reply is _MISS:
-            reply = await self._call(self.client.blpop([key], timeout=float(seconds)))
-        return reply is not None
+        return await self._send("BLPOP", key, seconds) is not None
 
     async def claim_sweep(self, holder: str, seconds: float, *, key: str = SWEEP) -> bool:
         """Whether `holder` may sweep the run index for stuck runs now: one sweep per
