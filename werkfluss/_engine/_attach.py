@@ -151,10 +151,12 @@ async def attach(
     got = await acquire(store, run_id, holding, settings.lease, call=call, retry=retry, take_over=take_over)
     if got.kind not in ("new", "resumed"):
         return Attached(got.kind, got)
-    found = call.workflow if call is not None else workflows(got.workflow) if workflows is not None else None
-    if found is None:
+    if call is not None:
+        workflow: WorkflowLike | None = call.workflow
+    else:
+        workflow = workflows(got.workflow) if workflows is not None else None
+    if workflow is None:
         return Attached("undefined", got)
-    workflow = found
     watchdog = call is not None and not call.parent
     if watchdog:
         await store.wake(run_id, time.time() + settings.lease)
@@ -172,17 +174,8 @@ async def attach(
     if got.kind == "new":
         note(INFO, "run.started", run_id, "run %s (%s) started", run_id, workflow.id)
     else:
-        detail = f" on worker {worker}" if worker else f": {replay.count} events in the log"
-        note(
-            INFO,
-            "run.resumed",
-            run_id,
-            "run %s (%s) resumed %s%s",
-            run_id,
-            workflow.id,
-            resumed_from(got.previous),
-            detail,
-        )
+        how = resumed_from(got.previous) + (f" on worker {worker}" if worker else f": {replay.count} events in the log")
+        note(INFO, "run.resumed", run_id, "run %s (%s) resumed %s", run_id, workflow.id, how)
     executor = RunExecutor(
         store,
         workflow,
