@@ -58,12 +58,30 @@ def test_only_the_structs_keep_their_private_module() -> None:
 
 
 def test_every_public_name_is_in_all() -> None:
+    for name in werkfluss.__all__:
+        getattr(werkfluss, name)  # the package binds its names on first use
     public = {
         name
         for name, obj in vars(werkfluss).items()
         if not name.startswith("_") and name != "annotations" and not isinstance(obj, type(werkfluss))
     }
     assert public == set(werkfluss.__all__)
+    assert set(werkfluss.__all__) <= set(dir(werkfluss))
+
+
+def test_import_werkfluss_loads_neither_redis_nor_anyio() -> None:
+    # pytest imports the package for its plugin in every run where werkfluss is installed.
+    code = (
+        "import sys, werkfluss; print(sorted({m.split('.')[0] for m in sys.modules} & {'redis', 'anyio', 'hiredis'}))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+
+
+def test_an_unknown_name_is_an_attribute_error() -> None:
+    with pytest.raises(AttributeError, match="no_such_thing"):
+        werkfluss.no_such_thing  # noqa: B018
 
 
 def test_star_import_gives_exactly_all() -> None:

@@ -17,37 +17,11 @@ command line (``_cli/``). ``werkfluss.events`` names the log's events and
 
 from __future__ import annotations
 
-from msgspec import Struct as _Struct
+import importlib as _importlib
+import typing as _typing
 
-from . import events as events  # the module werkfluss.events: the log's event types
-from ._client import (
-    PendingHook,
-    cancel,
-    cancel_async,
-    enqueue,
-    enqueue_async,
-    expire_hooks,
-    expire_hooks_async,
-    invoke_hook,
-    invoke_hook_async,
-    pending_hooks,
-    pending_hooks_async,
-    resume,
-    resume_async,
-    start,
-    start_async,
-)
-from ._context import step_key
-from ._dead_letters import (
-    DeadLetter,
-    QueueDepth,
-    dead_letters,
-    dead_letters_async,
-    queue_depth,
-    queue_depth_async,
-    redrive,
-    redrive_async,
-)
+# The errors are imported at once (they are light): their names show as
+# werkfluss.X in a traceback even when nothing has touched werkfluss.X yet.
 from ._errors import (
     ConfigurationError,
     HistoryTooLargeError,
@@ -66,23 +40,54 @@ from ._errors import (
     StorageError,
     WerkflussError,
 )
-from ._options import RetryPolicy, Settings
-from ._queries import (
-    ErrorRecord,
-    RunInfo,
-    RunPage,
-    RunSummary,
-    Wait,
-    get_events,
-    get_events_async,
-    get_run,
-    get_run_async,
-    list_runs,
-    list_runs_async,
-)
-from ._waits import Hook, hook, race, sleep
-from ._worker import Worker
-from ._wrappers import Step, Workflow, step, workflow
+
+if _typing.TYPE_CHECKING:
+    from . import events as events
+    from ._client import (
+        PendingHook,
+        cancel,
+        cancel_async,
+        enqueue,
+        enqueue_async,
+        expire_hooks,
+        expire_hooks_async,
+        invoke_hook,
+        invoke_hook_async,
+        pending_hooks,
+        pending_hooks_async,
+        resume,
+        resume_async,
+        start,
+        start_async,
+    )
+    from ._context import step_key
+    from ._dead_letters import (
+        DeadLetter,
+        QueueDepth,
+        dead_letters,
+        dead_letters_async,
+        queue_depth,
+        queue_depth_async,
+        redrive,
+        redrive_async,
+    )
+    from ._options import RetryPolicy, Settings
+    from ._queries import (
+        ErrorRecord,
+        RunInfo,
+        RunPage,
+        RunSummary,
+        Wait,
+        get_events,
+        get_events_async,
+        get_run,
+        get_run_async,
+        list_runs,
+        list_runs_async,
+    )
+    from ._waits import Hook, hook, race, sleep
+    from ._worker import Worker
+    from ._wrappers import Step, Workflow, step, workflow
 
 __all__ = [
     "ConfigurationError",
@@ -149,10 +154,96 @@ __all__ = [
     "workflow",
 ]
 
-# Show public names as werkfluss.X in reprs and tracebacks. msgspec Structs
-# keep their module: msgspec resolves their annotations through it.
-for _name in __all__:
-    _obj = globals()[_name]
-    if not (isinstance(_obj, type) and issubclass(_obj, _Struct)):
-        _obj.__module__ = "werkfluss"
-del _name, _obj
+# Where each public name is defined. Everything but the errors loads on first
+# use (PEP 562), so `import werkfluss` -- which pytest does for the plugin in
+# every run where werkfluss is installed -- does not import redis and anyio.
+_DEFINED_IN = {
+    **dict.fromkeys(
+        (
+            "DeadLetter",
+            "QueueDepth",
+            "dead_letters",
+            "dead_letters_async",
+            "queue_depth",
+            "queue_depth_async",
+            "redrive",
+            "redrive_async",
+        ),
+        "_dead_letters",
+    ),
+    **dict.fromkeys(
+        (
+            "PendingHook",
+            "cancel",
+            "cancel_async",
+            "enqueue",
+            "enqueue_async",
+            "expire_hooks",
+            "expire_hooks_async",
+            "invoke_hook",
+            "invoke_hook_async",
+            "pending_hooks",
+            "pending_hooks_async",
+            "resume",
+            "resume_async",
+            "start",
+            "start_async",
+        ),
+        "_client",
+    ),
+    **dict.fromkeys(
+        (
+            "ErrorRecord",
+            "RunInfo",
+            "RunPage",
+            "RunSummary",
+            "Wait",
+            "get_events",
+            "get_events_async",
+            "get_run",
+            "get_run_async",
+            "list_runs",
+            "list_runs_async",
+        ),
+        "_queries",
+    ),
+    **dict.fromkeys(("Hook", "hook", "race", "sleep"), "_waits"),
+    **dict.fromkeys(("Step", "Workflow", "step", "workflow"), "_wrappers"),
+    "RetryPolicy": "_options",
+    "Settings": "_options",
+    "Worker": "_worker",
+    "step_key": "_context",
+}
+
+
+def _publish(names: list[str], module: _typing.Any) -> None:
+    """Bind `names` of `module` here, shown as werkfluss.X in reprs and tracebacks.
+
+    msgspec Structs keep their module: msgspec resolves their annotations through it.
+    """
+    import msgspec
+
+    for name in names:
+        obj = getattr(module, name)
+        if not (isinstance(obj, type) and issubclass(obj, msgspec.Struct)):
+            obj.__module__ = "werkfluss"
+        globals()[name] = obj
+
+
+def __getattr__(name: str) -> _typing.Any:
+    if name == "events":
+        return _importlib.import_module(".events", __name__)
+    where = _DEFINED_IN.get(name)
+    if where is None:
+        raise AttributeError(f"module 'werkfluss' has no attribute {name!r}")
+    module = _importlib.import_module(f".{where}", __name__)
+    # All of the module's public names at once: a Step made by step() is then werkfluss.Step too.
+    _publish([n for n, w in _DEFINED_IN.items() if w == where], module)
+    return globals()[name]
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__, "events"})
+
+
+_publish([n for n in __all__ if n.endswith(("Error", "Warning"))], _importlib.import_module("._errors", __name__))
