@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     from anyio.abc import TaskGroup
 
     from ._engine._executor import RunExecutor
-    from ._store import RedisStore
+    from ._store import Store
 
 __all__ = ["GROUP", "Worker"]
 
@@ -92,7 +92,7 @@ class Worker:
         self.poll = poll
         self.name = process_holder()
         self.processed = 0  # messages finished (acked, dead-lettered or handed back)
-        self._store: RedisStore | None = None
+        self._store: Store | None = None
         self._tg: TaskGroup | None = None
         self._exit = AsyncExitStack()  # what leaving the worker undoes: its task group
         self._slots = anyio.Semaphore(concurrency)
@@ -115,7 +115,7 @@ class Worker:
         return self._stopping.is_set()
 
     @property
-    def store(self) -> RedisStore:
+    def store(self) -> Store:
         """The connection this worker uses (after it started)."""
         if self._store is None:
             raise RuntimeError("the worker has not started; use 'async with Worker()'")
