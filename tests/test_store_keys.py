@@ -33,6 +33,7 @@ def test_the_layout_lists_every_key_and_no_other() -> None:
 def test_the_layout_lists_every_state_field_in_order() -> None:
     assert _documented_fields() == list(_keys.STATE_FIELDS)
     assert RunState.__struct_fields__ == _keys.STATE_FIELDS
+    assert set(_keys._KINDS) == set(_keys.STATE_FIELDS)  # each decodes as its kind
 
 
 def _calls(source: str) -> list[tuple[str, str, list[str]]]:
@@ -77,10 +78,19 @@ def test_scripts_are_listed_once_by_family() -> None:
 
 def test_a_state_hash_reads_into_a_run_state_whatever_it_holds() -> None:
     state = RunState.from_hash(
-        {b"status": b"paused", b"n": b"7", b"lease": b"junk", b"failed_seq": b"", b"retry_seq": b"3",
-         b"holder": b"h\xff", b"waiting": b"\x90", b"other": b"kept out"}
-    )  # fmt: skip
-    assert state == RunState(status="paused", n=7, lease=0, failed_seq=None, retry_seq=3, holder="h\ufffd",
-                             waiting=b"\x90")  # fmt: skip
+        {
+            b"status": b"paused",
+            b"n": b"7",
+            b"lease": b"junk",
+            b"failed_seq": b"",
+            b"retry_seq": b"3",
+            b"holder": b"h\xff",
+            b"waiting": b"\x90",
+            b"other": b"kept out",
+        }
+    )
+    assert state == RunState(
+        status="paused", n=7, lease=0, failed_seq=None, retry_seq=3, holder="h\ufffd", waiting=b"\x90"
+    )
     assert RunState.from_hash({}).status == ""
     assert RunState.from_hash({"status": b"failed", "error": None}).error is None  # HMGET's absent field

@@ -94,9 +94,24 @@ RESULT, ERROR, CANCEL, WAITING = "result", "error", "cancel", "waiting"
 FAILED_SEQ, RETRY_SEQ, RETRY_INDEX = "failed_seq", "retry_seq", "retry_index"
 
 StateField = Literal[
-    "status", "workflow", "holder", "lease", "epoch", "n", "created", "updated", "args", "parent", "result", "error",
-    "cancel", "waiting", "failed_seq", "retry_seq", "retry_index",
-]  # fmt: skip
+    "status",
+    "workflow",
+    "holder",
+    "lease",
+    "epoch",
+    "n",
+    "created",
+    "updated",
+    "args",
+    "parent",
+    "result",
+    "error",
+    "cancel",
+    "waiting",
+    "failed_seq",
+    "retry_seq",
+    "retry_index",
+]
 """A field of a run's state hash."""
 
 STATE_FIELDS: tuple[StateField, ...] = get_args(StateField)
@@ -173,8 +188,21 @@ def _number(value: bytes | str, *, optional: bool) -> int | None:
 
 # How each field decodes: bytes (kept encoded), str, int (0 if not a number) or None (an int or None).
 _KINDS: dict[str, type | None] = {
-    "status": str, "workflow": str, "holder": str, "args": str, "parent": str, "cancel": str,
-    "lease": int, "epoch": int, "n": int, "created": int, "updated": int, "retry_index": int,
-    "failed_seq": None, "retry_seq": None,
-    "result": bytes, "error": bytes, "waiting": bytes,
-}  # fmt: skip
+    "status": str,
+    "workflow": str,
+    "holder": str,
+    "args": str,
+    "parent": str,
+    "cancel": str,
+    "lease": int,
+    "epoch": int,
+    "n": int,
+    "created": int,
+    "updated": int,
+    "retry_index": int,
+    "failed_seq": None,
+    "retry_seq": None,
+    "result": bytes,
+    "error": bytes,
+    "waiting": bytes,
+}

@@ -238,9 +238,16 @@ class RedisQueue(Connection):
         return [(text(i), _fields(f)) for entries in (reply or {}).values() for i, f in entries]
 
     async def reclaim(
-        self, group: str, consumer: str, min_idle: float, count: int, max_deliveries: int, *, suspect: bool = True,
+        self,
+        group: str,
+        consumer: str,
+        min_idle: float,
+        count: int,
+        max_deliveries: int,
+        *,
+        suspect: bool = True,
         held: Sequence[str] = (),
-    ) -> tuple[list[tuple[str, dict[str, str], bool]], list[tuple[str, str]]]:  # fmt: skip
+    ) -> tuple[list[tuple[str, dict[str, str], bool]], list[tuple[str, str]]]:
         """Claim messages idle longer than `min_idle` seconds (their worker is gone),
         dead-lettering those delivered `max_deliveries` times.
 
@@ -257,9 +264,16 @@ class RedisQueue(Connection):
         # Only messages idle past the lease come back from the scan: normally none at all.
         while wanted > 0 or suspect:
             args: list[Arg] = [
-                group, consumer, int(min_idle * 1000), max(wanted, 16), max_deliveries, cursor, "1" if suspect else "",
-                wanted, *held,
-            ]  # fmt: skip
+                group,
+                consumer,
+                int(min_idle * 1000),
+                max(wanted, 16),
+                max_deliveries,
+                cursor,
+                "1" if suspect else "",
+                wanted,
+                *held,
+            ]
             nxt, entries, dead = await self._run(RECLAIM, keys, args)
             for i, f, flag in entries:
                 claimed.append((text(i), _fields(f), bool(int(flag))))

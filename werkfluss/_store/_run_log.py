@@ -200,6 +200,9 @@ def _seen(seen: int | None) -> Arg:
 def _refused(run_id: str, code: int) -> _Suspend:
     """What a run write refused with `code` (-1 fenced, -2 rolled back) raises."""
     if code == -2:
-        return _Suspend(run_id, "the server's log of this run is shorter than this process saw (the server came "
-                        "back from an older state); this one stops, and the run resumes from the log")  # fmt: skip
+        return _Suspend(
+            run_id,
+            "the server's log of this run is shorter than this process saw (the server came "
+            "back from an older state); this one stops, and the run resumes from the log",
+        )
     return _Suspend(run_id, "another process took this run over; this one stops writing")

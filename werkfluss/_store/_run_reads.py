@@ -32,9 +32,10 @@ class RedisRunReads(Connection):
         """``(run ID, creation ms)`` from the run index, newest first, created at or before `top`
         (a score, ``+inf`` or ``(<score>`` for strictly before), skipping `offset`."""
         batch = await self._call(
-            self.client.zrange(self.runs_key, top, "-inf", desc=True, byscore=True, offset=offset, num=count,
-                               withscores=True)
-        )  # fmt: skip
+            self.client.zrange(
+                self.runs_key, top, "-inf", desc=True, byscore=True, offset=offset, num=count, withscores=True
+            )
+        )
         return [(text(member), int(score)) for member, score in batch]
 
     async def states(self, run_ids: list[str], fields: tuple[StateField, ...]) -> list[RunState]:

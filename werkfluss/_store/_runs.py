@@ -200,9 +200,17 @@ class RedisRuns(Connection):
         own process) is reported busy even past its lease.
         """
         args: list[Arg] = [
-            holder, int(lease * 1000), workflow, started, resumed, take_over, args_digest, "1" if retry else "", parent,
+            holder,
+            int(lease * 1000),
+            workflow,
+            started,
+            resumed,
+            take_over,
+            args_digest,
+            "1" if retry else "",
+            parent,
             process,
-        ]  # fmt: skip
+        ]
         reply = await self._run(ACQUIRE, self._run_keys(run_id, STATE, LOG), args)
         kind = text(reply[0])
         if kind == "new":

@@ -117,7 +117,7 @@ class RedisTimers(Connection):
 
     async def unschedule(self, run_id: str) -> None:
         """Remove the run's timer entry."""
-        # On the fast lane: every start() run that ends removes its watchdog (see _runtime.drive).
+        # On the fast lane: every start() run that ends removes its watchdog (see _engine._drive).
         await self._send("ZREM", self.queue_key(TIMERS), run_id)
 
     async def due(self, run_ids: list[str]) -> list[float | None]:
