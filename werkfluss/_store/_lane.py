@@ -4,8 +4,9 @@
 connected redis-py connection's stream and reads the reply with a
 `hiredis.Reader`: replies come back raw (bytes, ints, None, lists, dicts for
 RESP3 maps), in the protocol of the client's connections, the shape the
-store's redis-py fallback gives too (see `_connect`). It reads redis-py's private connection attributes (``_reader``,
-``_writer``, ``_parser``), which is why pyproject keeps redis-py below 9.
+store's redis-py fallback gives too (see `_connect`). It reads redis-py's
+private connection attributes (``_reader``, ``_writer``, ``_parser``), which
+is why pyproject keeps redis-py below 9.
 
 One connection per command in flight. A connection carries one command at a
 time and goes back to a free list after its reply, so a process holds as many
@@ -70,7 +71,7 @@ class _FastLane:
     redis-py spends more client CPU on one command than the server spends
     running a step's script: packing, the retry wrapper, the pool's lock
     and checks, an ``asyncio.wait_for`` around each send (Python < 3.12).
-    The lane writes hand-packed RESP to a connected redis-py connection's
+    The lane writes the packed command to a connected redis-py connection's
     stream and parses the reply itself. Each connection carries one command
     at a time; idle ones wait in a free list, so concurrent runs use one each.
 
