@@ -74,7 +74,7 @@ try:
 except ImportError:  # pragma: no cover - checked in main()
     psutil = None
 
-GROUP = "workers"  # werkfluss._worker.GROUP
+GROUP = "workers"  # werkfluss._store._keys.GROUP
 T0 = time.monotonic()
 
 

@@ -28,8 +28,8 @@ import redis
 
 from werkfluss import Settings, enqueue_async
 from werkfluss._events import AnyEvent, RunResumed, Waiting, decode_event
-from werkfluss._recovery import sweep
 from werkfluss._store._open import close_stores, open_store
+from werkfluss._worker._recovery import sweep
 
 from .conftest import ROOT, wait_for
 from .faults.harness import report

@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 import msgspec
 
 from ._options import Settings
+from ._store._keys import GROUP
 from ._store._open import open_store
 from ._sync import blocking
 
@@ -27,9 +28,6 @@ __all__ = [
     "redrive",
     "redrive_async",
 ]
-
-# The workers' consumer group on the queue stream (`Worker` reads as it).
-WORKERS = "workers"
 
 
 class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
@@ -107,7 +105,7 @@ async def queue_depth_async(*, settings: Settings | None = None) -> QueueDepth:
         StorageError: Redis/Valkey is unreachable.
     """
     store = await open_store(settings or Settings.from_env())
-    waiting, in_flight = await store.queue_depth(WORKERS)
+    waiting, in_flight = await store.queue_depth(GROUP)
     return QueueDepth(waiting=waiting, in_flight=in_flight)
 
 

@@ -73,6 +73,9 @@ QUEUE, TIMERS, NUDGE, DEAD, ERRORS, PROBATION, SWEEP = (
 )
 # Keys without a hash tag: P<name>.
 RUNS, HOOKS = "runs", "hooks"
+# The workers' consumer group on the queue stream: every worker reads as it, and
+# the queue's depth and dead letters are counted against it.
+GROUP = "workers"
 
 RUN_PARTS = (STATE, LOG, STEPS)
 HOOK_PARTS = (BOX, META, DELIVERY_KEYS)

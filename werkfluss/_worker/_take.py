@@ -18,24 +18,24 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Literal
 
-from ._engine._attach import acquire, attach
-from ._engine._drive import drive_child
-from ._engine._executor import Released, RunExecutor, fails
-from ._errors import ConfigurationError
-from ._events import ErrorInfo
-from ._holder import holding
-from ._ids import check_run_id, registered_workflow
-from ._logging import log
+from .._engine._attach import acquire, attach
+from .._engine._drive import drive_child
+from .._engine._executor import Released, RunExecutor, fails
+from .._errors import ConfigurationError
+from .._events import ErrorInfo
+from .._holder import holding
+from .._ids import check_run_id, registered_workflow
+from .._logging import log
+from .._store._keys import GROUP
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from ._options import Settings
-    from ._store import Store
+    from .._options import Settings
+    from .._store import Store
 
 __all__ = ["GROUP", "Outcome", "dead", "fail_buried", "take"]
 
-GROUP = "workers"  # the queue's consumer group
 
 Outcome = Literal["ack", "requeue", "keep", "declined", "done"]
 

@@ -25,16 +25,16 @@ from typing import TYPE_CHECKING, Protocol
 
 import anyio
 
-from ._errors import ConfigurationError, StorageError
-from ._holder import holder_is_dead
-from ._ids import check_run_id
-from ._logging import log
+from .._errors import ConfigurationError, StorageError
+from .._holder import holder_is_dead
+from .._ids import check_run_id
+from .._logging import log
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from ._options import Settings
-    from ._store import RunState, StateField, Store
+    from .._options import Settings
+    from .._store import RunState, StateField, Store
 
 __all__ = [
     "BATCH",

@@ -11,11 +11,11 @@ from typing import TYPE_CHECKING
 
 import anyio
 
-from ._errors import StorageError
-from ._logging import log
+from .._errors import StorageError
+from .._logging import log
 
 if TYPE_CHECKING:
-    from ._store import QueueStore
+    from .._store import QueueStore
 
 __all__ = ["MOVE_BATCH", "move_due_timers"]
 

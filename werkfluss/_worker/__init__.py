@@ -23,14 +23,14 @@ from typing import TYPE_CHECKING
 
 import anyio
 
+from .._engine._executor import fails
+from .._errors import ConfigurationError, StorageError, _Suspend
+from .._holder import process_holder
+from .._logging import log
+from .._options import Settings
+from .._store._open import open_store
 from ._due_timers import move_due_timers
-from ._engine._executor import fails
-from ._errors import ConfigurationError, StorageError, _Suspend
-from ._holder import process_holder
-from ._logging import log
-from ._options import Settings
 from ._recovery import recover_stuck_runs, sweep_after_outage
-from ._store._open import open_store
 from ._take import GROUP, Outcome, fail_buried, take
 
 if TYPE_CHECKING:
@@ -39,8 +39,8 @@ if TYPE_CHECKING:
 
     from anyio.abc import TaskGroup
 
-    from ._engine._executor import RunExecutor
-    from ._store import Store
+    from .._engine._executor import RunExecutor
+    from .._store import Store
 
 __all__ = ["GROUP", "Worker"]
 
