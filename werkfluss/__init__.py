@@ -10,9 +10,10 @@ in layers that import only downwards: pure (``_errors``, ``_ids``,
 ``_options``, ``_events``, ``_values``, ``_logging``, ``_holder``), the run
 context (``_context``), the store (``_store/``), the engine (``_engine/``),
 the API (``_wrappers``, ``_waits``, ``_sync``, ``_client``, ``_queries``,
-``_dead_letters``) beside the worker (``_worker`` and its helpers), and the
-command line (``_cli/``). ``werkfluss.events`` names the log's events and
-``werkfluss.testing`` holds helpers for users' test suites.
+``_dead_letters``) beside the worker (``_worker/``), and the command line
+(``_cli/``); ``tests/test_exports.py`` checks every import against these
+layers. ``werkfluss.events`` names the log's events and ``werkfluss.testing``
+holds helpers for users' test suites.
 """
 
 from __future__ import annotations
