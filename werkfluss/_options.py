@@ -211,9 +211,18 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         ``WERKFLUSS_HOLD`` and ``WERKFLUSS_SETTLE``;
         keyword arguments that are not ``None`` win."""
         values: dict[str, object] = {}
-        for name, field_type in (("lease", float), ("max_payload", int), ("history_warning", int),
-                                 ("max_history", int), ("redis_url", str), ("directory", str), ("prefix", str),
-                                 ("fsync", str), ("hold", float), ("settle", float)):  # fmt: skip
+        for name, field_type in (
+            ("lease", float),
+            ("max_payload", int),
+            ("history_warning", int),
+            ("max_history", int),
+            ("redis_url", str),
+            ("directory", str),
+            ("prefix", str),
+            ("fsync", str),
+            ("hold", float),
+            ("settle", float),
+        ):
             variable = _env_variable(name)
             raw = os.environ.get(variable)
             if not raw:

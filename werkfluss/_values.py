@@ -125,8 +125,10 @@ def first_difference(recorded: bytes, args: tuple[Any, ...], kwargs: dict[str, A
     if len(before_args) != len(now_args):
         return f"recorded {len(before_args)} positional arguments, now {len(now_args)}"
     pairs = [(f"argument {i}", a, b) for i, (a, b) in enumerate(zip(before_args, now_args, strict=True))]
-    pairs += [(f"argument {k!r}", before_kwargs.get(k, _MISSING), now_kwargs.get(k, _MISSING))
-              for k in sorted(set(before_kwargs) | set(now_kwargs))]  # fmt: skip
+    pairs += [
+        (f"argument {k!r}", before_kwargs.get(k, _MISSING), now_kwargs.get(k, _MISSING))
+        for k in sorted(set(before_kwargs) | set(now_kwargs))
+    ]
     for path, a, b in pairs:
         found = _differs(path, a, b)
         if found:

@@ -46,9 +46,16 @@ _BAR = WIDTH - (_SEQ + _NAME + _OUTCOME + _TRIES + _TIME + 5) - 2  # 5 gaps, 2 b
 _RESET = "\033[0m"
 _ANSI = re.compile(r"\033\[[0-9;]*m")
 _COLOURS = {
-    "executed": "\033[32m", "replayed": "\033[36m", "failed": "\033[31m", "retrying": "\033[33m",
-    "paused": "\033[33m", "sleep": "\033[34m", "mark": "\033[35m", "dim": "\033[2m", "bold": "\033[1m",
-}  # fmt: skip
+    "executed": "\033[32m",
+    "replayed": "\033[36m",
+    "failed": "\033[31m",
+    "retrying": "\033[33m",
+    "paused": "\033[33m",
+    "sleep": "\033[34m",
+    "mark": "\033[35m",
+    "dim": "\033[2m",
+    "bold": "\033[1m",
+}
 
 
 @dataclass(frozen=True)
@@ -123,14 +130,41 @@ def rows(events: list[AnyEvent], *, now: float | None = None) -> list[Row]:
                 if event.final and event.error.traceback:
                     row.notes.extend(event.error.traceback.rstrip("\n").splitlines())
         elif isinstance(event, HookReceived):
-            out.append(Row("hook", event.seq, f"hook:{event.token}", "received", start=event.time, end=event.time,
-                           spans=[(event.time, event.time, "mark")]))  # fmt: skip
+            out.append(
+                Row(
+                    "hook",
+                    event.seq,
+                    f"hook:{event.token}",
+                    "received",
+                    start=event.time,
+                    end=event.time,
+                    spans=[(event.time, event.time, "mark")],
+                )
+            )
         elif isinstance(event, TimerStarted):
-            out.append(Row("sleep", event.seq, "sleep", f"{duration(event.due - event.time)}", start=event.time,
-                           end=event.due, spans=[(event.time, event.due, "sleep")]))  # fmt: skip
+            out.append(
+                Row(
+                    "sleep",
+                    event.seq,
+                    "sleep",
+                    f"{duration(event.due - event.time)}",
+                    start=event.time,
+                    end=event.due,
+                    spans=[(event.time, event.due, "sleep")],
+                )
+            )
         elif isinstance(event, RaceWon):
-            out.append(Row("race", event.seq, "race", f"won by #{event.index}", start=event.time, end=event.time,
-                           spans=[(event.time, event.time, "mark")]))  # fmt: skip
+            out.append(
+                Row(
+                    "race",
+                    event.seq,
+                    "race",
+                    f"won by #{event.index}",
+                    start=event.time,
+                    end=event.time,
+                    spans=[(event.time, event.time, "mark")],
+                )
+            )
         elif isinstance(event, RunPaused):
             pause = Row("pause", None, "paused", "", start=event.time, end=event.time)
             pause.notes.append(f"waiting for {describe(event.waits)}")
@@ -276,8 +310,14 @@ def _log_form(wait: Wait) -> Waiting:
 
 
 def _status_colour(status: str) -> str:
-    return {"completed": "executed", "cancelled": "dim", "blocked": "failed", "running": "retrying",
-            "pending": "dim", "received": "mark"}.get(status, status)  # fmt: skip
+    return {
+        "completed": "executed",
+        "cancelled": "dim",
+        "blocked": "failed",
+        "running": "retrying",
+        "pending": "dim",
+        "received": "mark",
+    }.get(status, status)
 
 
 class _Paint:
