@@ -235,6 +235,13 @@ async def test_server_status_json(tmp_path: Path, cli: Cli) -> None:
 # -- errors: one line, exit code 1, no traceback ---------------------------------------------------------------------
 
 
+async def test_a_bad_log_level_is_a_usage_error_without_a_traceback(cli: Cli) -> None:
+    done = await cli("worker", "os", "--log-level", "bogus")
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert "argument --log-level: invalid choice: 'BOGUS'" in done.stderr
+    one_line_error(await cli("worker", "os", "--log-level", "debug"), "os defines no workflows")
+
+
 async def test_unknown_run_ids_are_one_line_errors(wf: Settings, cli: Cli) -> None:
     for action in ("show", "cancel", "resume"):
         one_line_error(await cli("runs", action, "ghost"), "there is no run 'ghost'")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, cast
 
@@ -211,3 +212,19 @@ async def test_events_carry_no_secret_into_logs_above_debug(wf: Settings, caplog
     failure = [r for r in records if getattr(r, "werkfluss_event", None) == "run.failed"][-1]
     assert failure.werkfluss_run == "bad-4"  # type: ignore[attr-defined]
     assert not any(isinstance(e, RunFailed) for e in await get_events_async("ok-2", settings=wf))
+
+
+async def test_listing_and_redriving_refuse_bad_arguments_by_name(wf: Settings) -> None:
+    for limit in (0, -1, 1.5, None, True):
+        with pytest.raises(ConfigurationError, match=rf"limit must be at least 1.*, got {re.escape(repr(limit))}"):
+            await dead_letters_async(limit=limit, settings=wf)  # type: ignore[arg-type]
+        with pytest.raises(ConfigurationError, match="limit must be at least 1"):
+            await werkfluss.pending_hooks_async(limit=limit, settings=wf)  # type: ignore[arg-type]
+        with pytest.raises(ConfigurationError, match="limit must be at least 1"):
+            await list_runs_async(limit=limit, settings=wf)  # type: ignore[arg-type]
+    for bad in ("garbage", "1-", "-1", 5):
+        with pytest.raises(ConfigurationError, match=f"{bad!r} is not a dead letter ID"):
+            await redrive_async(bad, settings=wf)  # type: ignore[arg-type]
+    assert await redrive_async("1-1", settings=wf) is None  # well formed, just not there
+    with pytest.raises(ConfigurationError, match="the worker has not started"):
+        werkfluss.Worker(settings=wf).store  # noqa: B018

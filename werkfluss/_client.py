@@ -20,7 +20,7 @@ from ._errors import ConfigurationError, HookClosedError, RunConflictError, RunN
 from ._events import RunCancelled, RunStarted, decode_waits, encode_event
 from ._holder import Holding, live_holding
 from ._ids import check_run_id, check_token, derive_run_id
-from ._options import Settings, parse_duration
+from ._options import Settings, check_limit, parse_duration
 from ._store._open import open_store
 from ._sync import blocking
 from ._values import encode_checked, encode_run_call
@@ -328,7 +328,13 @@ class PendingHook:
 
 
 async def pending_hooks_async(*, limit: int = 100, settings: Settings | None = None) -> list[PendingHook]:
-    """Hook tokens with payloads no run has taken yet, oldest delivery first."""
+    """Hook tokens with payloads no run has taken yet, oldest delivery first (at most `limit`).
+
+    Raises:
+        ConfigurationError: `limit` is not a whole number of at least 1.
+        StorageError: Redis/Valkey is unreachable.
+    """
+    check_limit(limit)
     store = await open_store(settings or Settings.from_env())
     found = await store.pending_hooks(limit)
     return [PendingHook(token, count, last, owner or None) for token, last, count, owner in found if count]

@@ -9,11 +9,13 @@ and steer only the queue's keys, never a run's log.
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 
 import msgspec
 
-from ._options import Settings
+from ._errors import ConfigurationError
+from ._options import Settings, check_limit
 from ._store._keys import GROUP
 from ._store._open import open_store
 from ._sync import blocking
@@ -28,6 +30,9 @@ __all__ = [
     "redrive",
     "redrive_async",
 ]
+
+# A stream entry ID, as the dead letters stream numbers its entries.
+_ENTRY_ID = re.compile(r"[0-9]+-[0-9]+")
 
 
 class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
@@ -69,8 +74,10 @@ async def dead_letters_async(*, limit: int = 100, settings: Settings | None = No
     """The queue's dead letters, oldest first (at most `limit`).
 
     Raises:
+        ConfigurationError: `limit` is not a whole number of at least 1.
         StorageError: Redis/Valkey is unreachable.
     """
+    check_limit(limit)
     store = await open_store(settings or Settings.from_env())
     return [_letter(dead_id, fields) for dead_id, fields in await store.dead_letters(limit)]
 
@@ -87,8 +94,13 @@ async def redrive_async(dead_id: str, *, settings: Settings | None = None) -> st
     Returns the new message's ID, or None when there is no such dead letter.
 
     Raises:
+        ConfigurationError: `dead_id` is not a dead letter ID (as `dead_letters` lists them).
         StorageError: Redis/Valkey is unreachable.
     """
+    if not isinstance(dead_id, str) or _ENTRY_ID.fullmatch(dead_id) is None:
+        raise ConfigurationError(
+            f"{dead_id!r} is not a dead letter ID: IDs look like '1764590000000-0', as dead_letters() lists them"
+        )
     store = await open_store(settings or Settings.from_env())
     return await store.redrive(dead_id) or None
 

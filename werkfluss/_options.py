@@ -16,7 +16,7 @@ import msgspec
 
 from ._errors import ConfigurationError
 
-__all__ = ["RetryPolicy", "Settings", "StepOptions", "parse_duration", "redact"]
+__all__ = ["RetryPolicy", "Settings", "StepOptions", "check_limit", "parse_duration", "redact"]
 
 Backoff = Literal["exponential", "linear", "constant"]
 
@@ -96,6 +96,19 @@ def step_options(retries: int | RetryPolicy, timeout: float | None, check_args: 
 
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
 _DURATION = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h|d|w)\s*")
+
+
+def check_limit(limit: int) -> int:
+    """`limit` as a count of things to list: an int of at least 1.
+
+    Raises:
+        ConfigurationError: It is not.
+    """
+    if isinstance(limit, bool) or not isinstance(limit, int):
+        raise ConfigurationError(f"limit must be at least 1 and a whole number, got {limit!r}")
+    if limit < 1:
+        raise ConfigurationError(f"limit must be at least 1, got {limit}")
+    return limit
 
 
 def parse_duration(duration: float | timedelta | str, *, what: str = "duration") -> float:

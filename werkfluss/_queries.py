@@ -31,7 +31,7 @@ from ._events import (
     error_info,
 )
 from ._ids import check_run_id
-from ._options import Settings
+from ._options import Settings, check_limit
 from ._store._open import open_store
 from ._sync import blocking
 
@@ -223,8 +223,7 @@ async def list_runs_async(
     """
     if status is not None and status not in STATUSES:
         raise ConfigurationError(f"unknown run status {status!r}; one of {', '.join(STATUSES)}")
-    if limit < 1:
-        raise ConfigurationError(f"limit must be at least 1, got {limit}")
+    check_limit(limit)
     top, after = _parse_cursor(cursor)
     store = await open_store(settings or Settings.from_env())
     found: list[RunSummary] = []

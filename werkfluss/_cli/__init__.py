@@ -80,7 +80,13 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--concurrency", type=int, default=32, help="runs executed at once (default 32)")
     worker.add_argument("--grace", type=float, default=10.0, help="seconds to let runs stop on shutdown (default 10)")
     worker.add_argument("--max-deliveries", type=int, default=5, help="deliveries before a dead letter (default 5)")
-    worker.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    worker.add_argument(
+        "--log-level",
+        default="INFO",
+        type=str.upper,
+        choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"),
+        help="logging level (default INFO)",
+    )
     _connection(worker)
 
     dead = commands.add_parser("dead", help="list or re-drive the queue's dead letters")
@@ -115,12 +121,14 @@ def _import(spec: str) -> None:
 
 
 def _worker(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for spec in args.modules:
         _import(spec)
     names = registered_workflows()
     if not names:
-        raise ConfigurationError(f"{', '.join(args.modules)} define no workflows")
+        raise ConfigurationError(
+            f"{', '.join(args.modules)} {'defines' if len(args.modules) == 1 else 'define'} no workflows"
+        )
     worker = Worker(
         settings=settings_of(args), concurrency=args.concurrency, grace=args.grace, max_deliveries=args.max_deliveries
     )

@@ -118,7 +118,7 @@ class Worker:
     def store(self) -> Store:
         """The connection this worker uses (after it started)."""
         if self._store is None:
-            raise RuntimeError("the worker has not started; use 'async with Worker()'")
+            raise ConfigurationError("the worker has not started; use 'async with Worker()'")
         return self._store
 
     async def __aenter__(self) -> Worker:
