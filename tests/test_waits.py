@@ -276,6 +276,45 @@ async def test_losing_steps_are_cancelled(wf: Settings) -> None:
     assert completed == [note.id]
 
 
+@workflow
+async def waits_for_approval(order: str) -> str:
+    return str(await hook(token=f"child-approve:{order}"))
+
+
+@step
+async def long_child_step() -> str:
+    await anyio.sleep(30)
+    return "never"
+
+
+@workflow
+async def busy_child() -> str:
+    return await long_child_step()
+
+
+@workflow
+async def child_race(order: str, mode: str) -> int:
+    if mode == "paused":  # the child pauses on its hook, the sleep wins
+        winner, _ = await race(waits_for_approval(order), sleep(0.2))
+    else:  # the child is inside a step when a quick step wins
+        winner, _ = await race(busy_child(), note("quick"))
+    return winner
+
+
+@pytest.mark.parametrize("mode", ["paused", "running"])
+async def test_a_child_run_that_loses_a_race_is_cancelled(wf: Settings, mode: str) -> None:
+    parent = f"child-race-{mode}"
+    with anyio.fail_after(20):
+        assert await start_async(child_race.options(settings=wf, run_id=parent), wf.prefix, mode) == 1
+        # The child race's first racer is seq 1: its run is the parent's first child.
+        await until_status(wf, f"{parent}/1", "cancelled")
+    cancelled = [e for e in await events(wf, f"{parent}/1") if isinstance(e, RunCancelled)]
+    assert [c.reason for c in cancelled] == [f"it lost race #3 of run {parent!r}"]
+    # A rerun of the parent returns its recorded result and leaves the loser as it is.
+    assert await start_async(child_race.options(settings=wf, run_id=parent), wf.prefix, mode) == 1
+    assert len([e for e in await events(wf, f"{parent}/1") if isinstance(e, RunCancelled)]) == 1
+
+
 # --- parallel steps -----------------------------------------------------------------------------------------------
 
 

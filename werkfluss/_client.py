@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 import msgspec
 
 from ._engine._call import RunCall
+from ._engine._cancel import cancel_run
 from ._engine._drive import args_digest, drive
 from ._errors import ConfigurationError, HookClosedError, RunConflictError, RunNotFoundError
-from ._events import RunCancelled, RunStarted, decode_waits, encode_event
-from ._holder import Holding, live_holding
+from ._events import RunStarted, encode_event
 from ._ids import check_run_id, check_token, derive_run_id
 from ._options import Settings, check_limit, parse_duration
 from ._store._open import open_store
@@ -29,7 +29,6 @@ from ._wrappers import Step, Workflow
 if TYPE_CHECKING:
     from datetime import timedelta
 
-    from ._store import RedisStore
 
 __all__ = [
     "PendingHook",
@@ -245,36 +244,7 @@ async def cancel_async(run_id: str, reason: str = "", *, settings: Settings | No
     """
     check_run_id(run_id)
     store = await open_store(settings or Settings.from_env())
-    return await _cancel(store, run_id, reason, depth=0)
-
-
-async def _cancel(store: RedisStore, run_id: str, reason: str, depth: int) -> bool:
-    state = await store.state(run_id)
-    waiting = state.waiting
-    outcome, parent = await store.cancel(run_id, reason, encode_event(RunCancelled(time.time(), reason)))
-    if outcome == "missing":
-        raise RunNotFoundError(run_id)
-    if outcome == "requested":
-        # Its holder may be a caller in this process, on any thread: stop it at once
-        # instead of at its next lease renewal.
-        here = live_holding(state.holder)
-        if here is not None and here.run_id == run_id:
-            here.call(lambda: _stop_here(here, reason))
-    elif outcome == "cancelled":
-        await store.unschedule(run_id)
-        if parent:
-            await store.wake(parent)
-    if waiting and depth < 20:
-        for wait in decode_waits(waiting) or []:
-            if wait.kind == "child" and wait.run:
-                await _cancel(store, wait.run, reason or f"parent run {run_id!r} was cancelled", depth + 1)
-    return outcome in ("cancelled", "requested")
-
-
-def _stop_here(holding: Holding, reason: str) -> None:
-    executor = holding.executor
-    if executor is not None:
-        executor.request_cancel(reason)
+    return await cancel_run(store, run_id, reason)
 
 
 def cancel(run_id: str, reason: str = "", *, settings: Settings | None = None) -> bool:

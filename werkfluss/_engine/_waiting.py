@@ -16,9 +16,10 @@ from typing import Any, cast
 import anyio
 import msgspec
 
-from .._errors import HookConflictError, NonDeterminismError, SerializationError
+from .._errors import HookConflictError, NonDeterminismError, RunNotFoundError, SerializationError
 from .._events import HookReceived, RaceWon, TimerStarted, Waiting
 from .._values import decode_value
+from ._cancel import cancel_run
 from ._pause import Busy
 from ._run import RunBase
 from ._steps import StepCalls
@@ -126,9 +127,12 @@ class WaitCalls(RunBase):
         except NonDeterminismError:
             _close(awaitables)  # never to be awaited: no "never awaited" warnings
             raise
+        children = {i: child for i, awaitable in enumerate(awaitables) if (child := _child_run(awaitable))}
         index = self.replay.races.get(seq)
         if index is not None:
             _close(awaitables, but=index)
+            if self.live:  # the process that recorded the winner may have died before the losers were cancelled
+                await self._cancel_losers(seq, children, index)
             return index, await awaitables[index]
         if not self.live:
             for awaitable in awaitables:
@@ -148,6 +152,7 @@ class WaitCalls(RunBase):
                 value, error = None, exc
             await self.record(f"r{seq}", RaceWon(time.time(), seq, ready))
             self.replay.races[seq] = ready
+            await self._cancel_losers(seq, children, ready)
             if error is not None:
                 raise error
             return ready, value
@@ -173,9 +178,22 @@ class WaitCalls(RunBase):
         index, value, error = won[0]
         await self.record(f"r{seq}", RaceWon(time.time(), seq, index))
         self.replay.races[seq] = index
+        await self._cancel_losers(seq, children, index)
         if error is not None:
             raise error
         return index, value
+
+    async def _cancel_losers(self, seq: int, children: dict[int, str], winner: int) -> None:
+        """Cancel the child runs that lost race `seq`: a child that had paused (on a hook,
+        a long sleep) would otherwise stay paused with nobody to wait for it."""
+        for i, child in children.items():
+            if i == winner:
+                continue
+            with Busy(self._activity):
+                try:
+                    await cancel_run(self.store, child, f"it lost race #{seq} of run {self.run_id!r}")
+                except RunNotFoundError:
+                    pass  # it never started: nothing to cancel
 
     def _ends_from_log(self, awaitable: Awaitable[Any]) -> bool:
         """Whether racer `awaitable` (a step, child, sleep or hook of this run, not started
@@ -194,6 +212,16 @@ class WaitCalls(RunBase):
         if code.co_qualname == "Hook._next" and hook is not None:
             return (hook.seq, hook._received + 1) in self.replay.hooks
         return False
+
+
+def _child_run(awaitable: Awaitable[Any]) -> str | None:
+    """The run ID of racer `awaitable` if it is a child workflow's call not started yet."""
+    code = getattr(awaitable, "cr_code", None)
+    frame = getattr(awaitable, "cr_frame", None)
+    if code is not StepCalls.run_child.__code__ or frame is None:
+        return None
+    child = frame.f_locals.get("child_id")
+    return child if isinstance(child, str) else None
 
 
 def _close(awaitables: list[Awaitable[Any]], *, but: int | None = None) -> None:

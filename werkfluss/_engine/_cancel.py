@@ -1,0 +1,60 @@
+"""Cancel a run from any process, and the child runs it waits for.
+
+`cancel()` calls this for a user; a race calls it for a child run that lost
+(the losers of a race are cancelled, a child run as much as a step).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+from .._errors import RunNotFoundError
+from .._events import RunCancelled, decode_waits, encode_event
+from .._holder import live_holding
+
+if TYPE_CHECKING:
+    from .._holder import Holding
+    from .._store import Store
+
+__all__ = ["cancel_run"]
+
+# How deep a cancel follows child runs: deeper trees are cancelled by their own
+# runs' next step (a cancelled parent's child finds it when it wakes the parent).
+_MAX_DEPTH = 20
+
+
+async def cancel_run(store: Store, run_id: str, reason: str, *, depth: int = 0) -> bool:
+    """Cancel run `run_id` and the child runs it is waiting for.
+
+    Returns False when the run had already completed or been cancelled.
+
+    Raises:
+        RunNotFoundError: there is no run `run_id`.
+    """
+    state = await store.state(run_id)
+    waiting = state.waiting
+    outcome, parent = await store.cancel(run_id, reason, encode_event(RunCancelled(time.time(), reason)))
+    if outcome == "missing":
+        raise RunNotFoundError(run_id)
+    if outcome == "requested":
+        # Its holder may be a caller in this process, on any thread: stop it at once
+        # instead of at its next lease renewal.
+        here = live_holding(state.holder)
+        if here is not None and here.run_id == run_id:
+            here.call(lambda: _stop_here(here, reason))
+    elif outcome == "cancelled":
+        await store.unschedule(run_id)
+        if parent:
+            await store.wake(parent)
+    if waiting and depth < _MAX_DEPTH:
+        for wait in decode_waits(waiting) or []:
+            if wait.kind == "child" and wait.run:
+                await cancel_run(store, wait.run, reason or f"parent run {run_id!r} was cancelled", depth=depth + 1)
+    return outcome in ("cancelled", "requested")
+
+
+def _stop_here(holding: Holding, reason: str) -> None:
+    executor = holding.executor
+    if executor is not None:
+        executor.request_cancel(reason)
