@@ -32,7 +32,7 @@ from werkfluss import (
 from werkfluss._store._open import open_store
 from werkfluss.events import HookReceived, RunFailed, RunPaused, RunStarted, StepCompleted, StepFailed
 
-from .shop_flows import SECRET, attempts, run_checkout
+from .shop_flows import SECRET, attempts, checkout, run_checkout
 
 if TYPE_CHECKING:
     from werkfluss import Settings
@@ -212,6 +212,17 @@ async def test_events_carry_no_secret_into_logs_above_debug(wf: Settings, caplog
     failure = [r for r in records if getattr(r, "werkfluss_event", None) == "run.failed"][-1]
     assert failure.werkfluss_run == "bad-4"  # type: ignore[attr-defined]
     assert not any(isinstance(e, RunFailed) for e in await get_events_async("ok-2", settings=wf))
+
+
+async def test_a_rerun_of_a_completed_run_logs_a_structured_record(
+    wf: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    first = await run_checkout(wf, "ok-rerun")
+    caplog.set_level(logging.INFO, logger="werkfluss")
+    assert await start_async(checkout.options(run_id="ok-rerun", settings=wf), "ok-rerun") == first
+    [record] = [r for r in caplog.records if getattr(r, "werkfluss_event", None) == "run.recorded"]
+    assert record.werkfluss_run == "ok-rerun"  # type: ignore[attr-defined]
+    assert "is complete: returning its recorded result" in record.getMessage()
 
 
 async def test_listing_and_redriving_refuse_bad_arguments_by_name(wf: Settings) -> None:

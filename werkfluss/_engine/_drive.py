@@ -10,6 +10,7 @@ and while the run pauses.
 from __future__ import annotations
 
 import time
+from logging import INFO
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -18,7 +19,7 @@ from .._errors import RunCancelledError, RunConflictError, RunFailedError, Stora
 from .._events import error_info
 from .._holder import holder_is_dead, live_holding
 from .._holder import holding as new_holding
-from .._logging import log
+from .._logging import log, note
 from .._values import decode_value
 from ._attach import Attached, args_digest, attach, resumed_from
 from ._executor import Paused, RunExecutor, wait_for_wake
@@ -62,7 +63,8 @@ async def drive(call: RunCall, *, wait: bool = True, holding: Holding | None = N
             continue
         if attached.kind == "completed":
             workflow = call.workflow
-            log.info("run %s (%s) is complete: returning its recorded result", run_id, workflow.id)
+            message = "run %s (%s) is complete: returning its recorded result"
+            note(INFO, "run.recorded", run_id, message, run_id, workflow.id)
             return decode_value(attached.got.result, workflow.return_type(), owner=workflow.id, where="result")
         executor = attached.executor
         if executor is None:
