@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import random
 import signal
@@ -135,6 +136,26 @@ async def test_stopping_a_worker_hands_unfinished_runs_back_at_a_step_boundary(w
         del os.environ["WF_STEP_DELAY"]
     executed = Counter(key for key, _, _ in ledger(Path(os.environ["WF_LEDGER"])))
     assert set(executed.values()) == {1}  # the step running at shutdown finished and was recorded
+
+
+async def test_a_stop_now_says_once_that_runs_are_handed_back(wf: Settings, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="werkfluss")
+    os.environ["WF_STEP_DELAY"] = "5"
+    try:
+        run_id = await enqueue_async(worker_flows.five.options(settings=wf), 300)
+        worker = Worker(settings=wf, grace=10)
+        store = await open_store(wf)
+        async with worker:
+            with anyio.fail_after(10):
+                while await store.status(run_id) != "running":
+                    await anyio.sleep(0.01)
+            worker.stop()
+            worker.stop(now=True)  # a second Ctrl-C: no grace
+    finally:
+        del os.environ["WF_STEP_DELAY"]
+    messages = [r.getMessage() for r in caplog.records if r.name == "werkfluss"]
+    assert any("stopping now: 1 runs are handed back unfinished" in m for m in messages), messages
+    assert not [m for m in messages if "did not stop within" in m]  # it did not wait out the grace
 
 
 async def test_a_graceful_stop_lets_a_parallel_step_finish_while_a_sibling_retries(wf: Settings) -> None:

@@ -183,7 +183,7 @@ class Worker:
             with anyio.move_on_after(self.grace) as self._grace_scope:
                 await self._empty.wait()
             self._grace_scope = None
-        if self._held:
+        if self._held and not self._now:  # after a stop "now", stop() already said they are handed back
             count = len(self._held)
             log.warning("worker %s: %d runs did not stop within %g s; handing them back", self.name, count, self.grace)
 
