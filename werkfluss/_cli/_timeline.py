@@ -130,41 +130,12 @@ def rows(events: list[AnyEvent], *, now: float | None = None) -> list[Row]:
                 if event.final and event.error.traceback:
                     row.notes.extend(event.error.traceback.rstrip("\n").splitlines())
         elif isinstance(event, HookReceived):
-            out.append(
-                Row(
-                    "hook",
-                    event.seq,
-                    f"hook:{event.token}",
-                    "received",
-                    start=event.time,
-                    end=event.time,
-                    spans=[(event.time, event.time, "mark")],
-                )
-            )
+            out.append(_moment("hook", event.seq, f"hook:{event.token}", "received", event.time))
         elif isinstance(event, TimerStarted):
-            out.append(
-                Row(
-                    "sleep",
-                    event.seq,
-                    "sleep",
-                    f"{duration(event.due - event.time)}",
-                    start=event.time,
-                    end=event.due,
-                    spans=[(event.time, event.due, "sleep")],
-                )
-            )
+            sleep = duration(event.due - event.time)
+            out.append(_moment("sleep", event.seq, "sleep", sleep, event.time, end=event.due, span="sleep"))
         elif isinstance(event, RaceWon):
-            out.append(
-                Row(
-                    "race",
-                    event.seq,
-                    "race",
-                    f"won by #{event.index}",
-                    start=event.time,
-                    end=event.time,
-                    spans=[(event.time, event.time, "mark")],
-                )
-            )
+            out.append(_moment("race", event.seq, "race", f"won by #{event.index}", event.time))
         elif isinstance(event, RunPaused):
             pause = Row("pause", None, "paused", "", start=event.time, end=event.time)
             pause.notes.append(f"waiting for {describe(event.waits)}")
@@ -209,6 +180,14 @@ def _end_row(event: RunCompleted | RunFailed | RunBlocked | RunCancelled) -> Row
     row.start = row.end = event.time
     row.spans = [(event.time, event.time, "mark")]
     return row
+
+
+def _moment(
+    kind: str, seq: int, name: str, outcome: str, start: float, *, end: float | None = None, span: str = "mark"
+) -> Row:
+    """A row of one span: a mark at `start`, or a bar from `start` to `end`."""
+    end = start if end is None else end
+    return Row(kind, seq, name, outcome, start=start, end=end, spans=[(start, end, span)])
 
 
 def _one_line(text: str) -> str:

@@ -33,14 +33,7 @@ async def move_due_timers(store: QueueStore, worker: str, poll: float, stopping:
         try:
             moved, wait = await store.move_due(MOVE_BATCH)
         except Exception as exc:
-            log.warning(
-                "worker %s: cannot move due timers, retrying: %s",
-                worker,
-                exc,
-                exc_info=not isinstance(exc, StorageError),
-            )
-            with anyio.move_on_after(1.0):
-                await stopping.wait()
+            await _retry_later(worker, "move due timers", exc, stopping)
             continue
         if moved:
             log.debug("worker %s moved %d due timers to the queue", worker, moved)
@@ -52,11 +45,11 @@ async def move_due_timers(store: QueueStore, worker: str, poll: float, stopping:
         try:
             await store.wait_for_nudge(timeout)
         except Exception as exc:
-            log.warning(
-                "worker %s: cannot wait for timers, retrying: %s",
-                worker,
-                exc,
-                exc_info=not isinstance(exc, StorageError),
-            )
-            with anyio.move_on_after(1.0):
-                await stopping.wait()
+            await _retry_later(worker, "wait for timers", exc, stopping)
+
+
+async def _retry_later(worker: str, what: str, exc: Exception, stopping: anyio.Event) -> None:
+    """Log that the timer loop cannot `what` yet, and give the server a second (or the stop)."""
+    log.warning("worker %s: cannot %s, retrying: %s", worker, what, exc, exc_info=not isinstance(exc, StorageError))
+    with anyio.move_on_after(1.0):
+        await stopping.wait()
