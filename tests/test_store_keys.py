@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 
-from werkfluss._store import SCRIPTS, RunState, _hooks, _keys, _queue, _run_log, _runs, _timers
+from werkfluss._store import SCRIPTS, RunState, _flow, _hooks, _keys, _queue, _run_log, _runs, _timers
 
 DOC = _keys.__doc__ or ""
 
@@ -71,7 +71,7 @@ def test_every_state_field_a_run_script_touches_is_a_known_field() -> None:
 
 
 def test_scripts_are_listed_once_by_family() -> None:
-    families = (_runs.SCRIPTS, _run_log.SCRIPTS, _hooks.SCRIPTS, _timers.SCRIPTS, _queue.SCRIPTS)
+    families = (_runs.SCRIPTS, _run_log.SCRIPTS, _hooks.SCRIPTS, _timers.SCRIPTS, _queue.SCRIPTS, _flow.SCRIPTS)
     assert SCRIPTS == tuple(script for family in families for script in family)
     assert len({script.sha for script in SCRIPTS}) == len({script.name for script in SCRIPTS}) == len(SCRIPTS)
 

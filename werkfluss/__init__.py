@@ -86,6 +86,7 @@ if _typing.TYPE_CHECKING:
         list_runs,
         list_runs_async,
     )
+    from ._queues import Queue
     from ._waits import Hook, hook, race, sleep
     from ._worker import Worker
     from ._wrappers import Step, Workflow, step, workflow
@@ -103,6 +104,7 @@ __all__ = [
     "NotInWorkflowError",
     "PayloadTooLargeError",
     "PendingHook",
+    "Queue",
     "QueueDepth",
     "RetryPolicy",
     "RunCancelledError",
@@ -210,6 +212,7 @@ _DEFINED_IN = {
     ),
     **dict.fromkeys(("Hook", "hook", "race", "sleep"), "_waits"),
     **dict.fromkeys(("Step", "Workflow", "step", "workflow"), "_wrappers"),
+    "Queue": "_queues",
     "RetryPolicy": "_options",
     "Settings": "_options",
     "Worker": "_worker",

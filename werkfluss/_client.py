@@ -21,6 +21,7 @@ from ._errors import ConfigurationError, HookClosedError, RunConflictError, RunN
 from ._events import RunStarted, encode_event
 from ._ids import check_run_id, check_token, derive_run_id
 from ._options import Settings, check_limit, parse_duration
+from ._queues import DEFAULT_PRIORITY
 from ._store._open import open_store
 from ._sync import blocking
 from ._values import encode_checked, encode_run_call
@@ -28,6 +29,8 @@ from ._wrappers import Step, Workflow
 
 if TYPE_CHECKING:
     from datetime import timedelta
+
+    from ._store import Store
 
 
 __all__ = [
@@ -97,6 +100,12 @@ async def start_async(workflow: Workflow[P, R], /, *args: P.args, **kwargs: P.kw
         ConfigurationError: `workflow` is not a workflow (a step, say).
     """
     _check_workflow(workflow, "start_async")
+    queued = workflow.run_options.queued()
+    if queued:
+        raise ConfigurationError(
+            f"{', '.join(queued)}: options of enqueue(), where a run waits in its queue; "
+            f"start() executes the run here at once"
+        )
     settings = workflow.run_options.settings or Settings.from_env()
     encoded = encode_run_call(workflow.id, args, kwargs, limit=settings.max_payload)
     run_id = workflow.run_options.run_id or derive_run_id(workflow.id, encoded[1])
@@ -104,7 +113,14 @@ async def start_async(workflow: Workflow[P, R], /, *args: P.args, **kwargs: P.kw
     # Another caller of this run in this process (a task, a thread, a worker) is
     # told apart by its holder name: drive waits for it and returns its result.
     call = RunCall(
-        store=store, workflow=workflow, run_id=run_id, args=args, kwargs=kwargs, encoded=encoded, settings=settings
+        store=store,
+        workflow=workflow,
+        run_id=run_id,
+        args=args,
+        kwargs=kwargs,
+        encoded=encoded,
+        settings=settings,
+        queue=workflow.queue_tag(run_id),
     )
     result: R = await drive(call)
     return result
@@ -121,35 +137,76 @@ def start(workflow: Workflow[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
 
 
 async def enqueue_async(workflow: Workflow[P, R], /, *args: P.args, **kwargs: P.kwargs) -> str:
-    """Put a run of `workflow` on the queue and return its run ID at once.
+    """Put a run of `workflow` on its queue and return its run ID at once.
 
-    Any worker that has the workflow (``werkfluss worker MODULE``) runs it.
-    The run ID is chosen like `start_async`'s, so enqueueing the same call
-    twice reaches the same run: an existing run is not started again (a
-    failed or blocked one is put back on the queue to resume).
+    Any worker that serves the queue and has the workflow (``werkfluss worker
+    MODULE``) runs it, as the queue's limits allow. The run ID is chosen like
+    `start_async`'s, so enqueueing the same call twice reaches the same run:
+    an existing run is not started again (a failed or blocked one is put
+    back on the queue to resume). With ``options(dedup=ID)``, a run
+    enqueued with that ID that has not ended is returned instead of a new
+    one; ``options(delay=..., at=...)`` leaves the run ``pending`` until then.
 
     Raises:
         RunConflictError: the run ID belongs to another workflow or other arguments.
         SerializationError: an argument cannot be stored.
         StorageError: Redis/Valkey is unreachable.
-        ConfigurationError: `workflow` is not a workflow (a step, say).
+        ConfigurationError: `workflow` is not a workflow (a step, say), a priority is
+            given on a queue declared without ``priority=True``, or another process
+            declares the queue differently.
     """
     _check_workflow(workflow, "enqueue_async")
-    settings = workflow.run_options.settings or Settings.from_env()
+    options = workflow.run_options
+    queue = options.queue or workflow.queue
+    if options.priority is not None and not queue.priority:
+        raise ConfigurationError(
+            f"priority={options.priority} for a run of {workflow.id!r}, but queue {queue.name!r} is declared "
+            f"without priority=True"
+        )
+    settings = options.settings or Settings.from_env()
     args_raw, canonical = encode_run_call(workflow.id, args, kwargs, limit=settings.max_payload)
-    run_id = workflow.run_options.run_id or derive_run_id(workflow.id, canonical)
+    run_id = options.run_id or derive_run_id(workflow.id, canonical)
     store = await open_store(settings)
+    await store.ensure_queue(queue)
+    # A deduplication ID routes like a key: its runs share a partition, where it is claimed.
+    tag = queue.tag_for(options.key if options.key is not None else options.dedup, run_id)
+    if options.dedup is not None:
+        holder = await _deduplicate(store, options.dedup, run_id, tag)
+        if holder is not None:
+            return holder
+    delay = options.delay or (max(options.at - time.time(), 0.0) if options.at is not None else 0.0)
     started = encode_event(RunStarted(time.time(), workflow.id, msgspec.Raw(args_raw)))
-    kind, detail = await store.create(run_id, workflow=workflow.id, started=started, args_digest=args_digest(canonical))
+    kind, detail, home = await store.create(
+        run_id, workflow=workflow.id, started=started, args_digest=args_digest(canonical), queue=tag, delay=delay
+    )
     if kind == "conflict":
         raise RunConflictError(run_id, f"run {run_id!r} belongs to workflow {detail!r}, not {workflow.id!r}")
     if kind == "other-arguments":
         raise RunConflictError(run_id, f"run {run_id!r} was enqueued with other arguments; use another run_id")
-    if kind == "new" or detail == "pending":
-        await store.enqueue(run_id)
+    priority = options.priority if options.priority is not None else DEFAULT_PRIORITY
+    meta = f"{priority}|1|{options.key or ''}" if queue.limited else ""
+    if kind == "new":
+        await store.submit(run_id, queue=tag, meta=meta, delay=delay)
+    elif detail == "pending":  # its enqueue may have died before queueing it
+        await store.submit(run_id, queue=home or tag, meta=meta, delay=delay)
     elif detail in ("failed", "blocked"):
-        await store.enqueue(run_id, retry=True)
+        await store.submit(run_id, queue=home or tag, retry=True)
     return run_id
+
+
+_ENDED = frozenset({"", "completed", "failed", "cancelled"})  # "" no such run (its enqueue died first)
+
+
+async def _deduplicate(store: Store, dedup: str, run_id: str, tag: str) -> str | None:
+    """The run that holds deduplication ID `dedup` and has not ended, or None once
+    `run_id` holds it (taking it over from an ended run)."""
+    holder = await store.claim_dedup(dedup, run_id, queue=tag)
+    if not holder:
+        return None
+    if await store.status(holder) not in _ENDED:
+        return holder
+    # Ended: the ID is free again. Another enqueue may take it over first: then its run is returned.
+    return await store.claim_dedup(dedup, run_id, queue=tag, previous=holder) or None
 
 
 def enqueue(workflow: Workflow[P, R], /, *args: P.args, **kwargs: P.kwargs) -> str:
@@ -218,7 +275,7 @@ async def invoke_hook_async(
     if owner:
         # A duplicate whose payload still waits wakes the run too: the first sender may
         # have died before its wake-up.
-        await store.wake(owner)
+        await store.wake(owner, queue=await store.queue_of(owner))
     return stored
 
 
@@ -265,12 +322,13 @@ async def resume_async(run_id: str, *, settings: Settings | None = None) -> str:
     """
     check_run_id(run_id)
     store = await open_store(settings or Settings.from_env())
-    status = await store.status(run_id)
+    state = await store.state(run_id)
+    status = state.status
     if not status:
         raise RunNotFoundError(run_id)
     if status in ("completed", "cancelled"):
         raise RunConflictError(run_id, f"run {run_id!r} is {status}: there is nothing to resume")
-    await store.enqueue(run_id, retry=status in ("failed", "blocked"))
+    await store.enqueue(run_id, retry=status in ("failed", "blocked"), queue=state.queue)
     return status
 
 

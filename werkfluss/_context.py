@@ -73,6 +73,9 @@ class WorkflowLike(Protocol):
     def decode_call(self, raw: bytes) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """Recorded ``[args, kwargs]``, decoded to the body's parameter types."""
 
+    def queue_tag(self, run_id: str, key: str | None = None) -> str:
+        """The tag of the queue partition a new run `run_id` (of `key`) belongs to."""
+
 
 class Runner(Protocol):
     """What the calls in a workflow body ask of the run they are in: each takes the

@@ -17,11 +17,13 @@ import msgspec
 from ._context import current_run, current_step
 from ._errors import ConfigurationError, NotInWorkflowError, SerializationError
 from ._ids import callable_id, check_run_id, child_run_id, register
-from ._options import RetryPolicy, Settings, StepOptions, step_options
+from ._options import RetryPolicy, Settings, StepOptions, parse_duration, step_options
+from ._queues import MAX_PRIORITY, Queue, default_queue, queue_named
 from ._values import decode_value
 
 if typing.TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Coroutine
+    from datetime import datetime, timedelta
 
 __all__ = ["Step", "Workflow", "step", "workflow"]
 
@@ -106,14 +108,44 @@ class Step(_Wrapper, Generic[P, R]):
         return f"<werkfluss step {self.id}>"
 
 
-class RunOptions:
-    """Options of one start of a workflow: its run ID and storage settings."""
+_MAX_KEY = 256  # characters of a flow-control key or a deduplication ID
 
-    __slots__ = ("run_id", "settings")
+
+class RunOptions:
+    """Options of one start of a workflow: its run ID, storage settings, and how it
+    waits in its queue (key, priority, delay, deduplication ID; `enqueue` only)."""
+
+    __slots__ = ("at", "dedup", "delay", "key", "priority", "queue", "run_id", "settings")
 
     def __init__(self, run_id: str | None = None, settings: Settings | None = None) -> None:
         self.run_id = run_id
         self.settings = settings
+        self.key: str | None = None
+        self.priority: int | None = None
+        self.delay: float | None = None
+        self.at: float | None = None  # Unix time
+        self.dedup: str | None = None
+        self.queue: Queue | None = None
+
+    def queued(self) -> list[str]:
+        """The names of the options only `enqueue` takes that are set."""
+        names = ("key", "priority", "delay", "at", "dedup")
+        return [name for name in names if getattr(self, name) is not None]
+
+
+def _text_option(value: object, what: str) -> str:
+    if not isinstance(value, str) or not 1 <= len(value) <= _MAX_KEY:
+        raise ConfigurationError(f"invalid {what} {value!r}: use a string of 1 to {_MAX_KEY} characters")
+    return value
+
+
+def _when(at: datetime | float) -> float:
+    """Unix time from a timezone-aware datetime or a number."""
+    if isinstance(at, (int, float)) and not isinstance(at, bool):
+        return float(at)
+    if hasattr(at, "timestamp") and getattr(at, "tzinfo", None) is not None:
+        return float(at.timestamp())
+    raise ConfigurationError(f"invalid at={at!r}: use a timezone-aware datetime or a Unix time")
 
 
 @final
@@ -127,31 +159,76 @@ class Workflow(_Wrapper, Generic[P, R]):
     fn: Callable[P, Awaitable[R]]
 
     def __init__(
-        self, fn: Callable[P, Awaitable[R]], *, name: str | None, run_options: RunOptions | None = None
+        self,
+        fn: Callable[P, Awaitable[R]],
+        *,
+        name: str | None,
+        run_options: RunOptions | None = None,
+        queue: Queue | str | None = None,
     ) -> None:
         # A bound copy (`options()`) is the same definition: only the original claims the ID.
         self._wrap(fn, "workflow", name, claim=run_options is None)
         self.run_options = run_options or RunOptions()
+        self.queue: Queue = default_queue() if queue is None else queue_named(queue)
+
+    def queue_tag(self, run_id: str, key: str | None = None) -> str:
+        """The tag of the queue partition a new run `run_id` (of `key`) of this workflow goes to."""
+        queue = self.run_options.queue or self.queue
+        return queue.tag_for(key if key is not None else self.run_options.key, run_id)
 
     def options(
-        self, *, run_id: str | None = None, redis_url: str | None = None, settings: Settings | None = None
+        self,
+        *,
+        run_id: str | None = None,
+        redis_url: str | None = None,
+        settings: Settings | None = None,
+        queue: Queue | str | None = None,
+        key: str | None = None,
+        priority: int | None = None,
+        delay: float | timedelta | str | None = None,
+        at: datetime | float | None = None,
+        dedup: str | None = None,
     ) -> Workflow[P, R]:
-        """This workflow with run options, for `start()` and friends.
+        """This workflow with run options, for `start()`, `enqueue()` and friends.
 
         Args:
             run_id: The run's ID (default: derived from the workflow ID and the
                 encoded arguments, so the same call reaches the same run).
             redis_url: Shorthand for ``settings=Settings.from_env(redis_url=...)``.
             settings: Where the log lives (default: `Settings.from_env()`).
+            queue: The queue this run goes to, instead of the workflow's.
+            key: The run's flow-control key (a customer, a tenant): the queue's
+                `per_key` and `key_rate` limits count runs per key, and keys
+                take turns. `enqueue` only, like the options below.
+            priority: 0 (first) to 9 (last), default 5, on a queue declared
+                with ``priority=True``.
+            delay: Start no sooner than this (seconds, a `timedelta`, ``"10m"``).
+            at: Start no sooner than this moment (an aware `datetime` or Unix time).
+            dedup: A deduplication ID: while a run enqueued with it has not
+                ended, enqueueing another with it returns that run's ID.
         """
         if run_id is not None:
             check_run_id(run_id)
         if redis_url is not None:
             settings = Settings.from_env(redis_url=redis_url)
+        old = self.run_options
         merged = RunOptions(
-            run_id if run_id is not None else self.run_options.run_id,
-            settings if settings is not None else self.run_options.settings,
+            run_id if run_id is not None else old.run_id,
+            settings if settings is not None else old.settings,
         )
+        merged.queue = queue_named(queue) if queue is not None else old.queue
+        merged.key = _text_option(key, "key") if key is not None else old.key
+        merged.dedup = _text_option(dedup, "dedup ID") if dedup is not None else old.dedup
+        if priority is not None:
+            if isinstance(priority, bool) or not isinstance(priority, int) or not 0 <= priority <= MAX_PRIORITY:
+                raise ConfigurationError(
+                    f"invalid priority {priority!r}: use a whole number from 0 (first) to {MAX_PRIORITY}"
+                )
+        merged.priority = priority if priority is not None else old.priority
+        merged.delay = parse_duration(delay, what="delay") if delay is not None else old.delay
+        merged.at = _when(at) if at is not None else old.at
+        if merged.delay is not None and merged.at is not None:
+            raise ConfigurationError("give a run either delay= or at=, not both")
         bound = Workflow.__new__(Workflow)
         bound.__dict__.update(self.__dict__)
         bound.run_options = merged
@@ -253,20 +330,24 @@ def step(
 @overload
 def workflow(fn: Callable[P, Awaitable[R]], /) -> Workflow[P, R]: ...
 @overload
-def workflow(*, name: str | None = None) -> Callable[[Callable[P, Awaitable[R]]], Workflow[P, R]]: ...
 def workflow(
-    fn: Callable[P, Awaitable[R]] | None = None, /, *, name: str | None = None
+    *, name: str | None = None, queue: Queue | str | None = None
+) -> Callable[[Callable[P, Awaitable[R]]], Workflow[P, R]]: ...
+def workflow(
+    fn: Callable[P, Awaitable[R]] | None = None, /, *, name: str | None = None, queue: Queue | str | None = None
 ) -> Workflow[P, R] | Callable[[Callable[P, Awaitable[R]]], Workflow[P, R]]:
     """Make an async function a durable workflow.
 
     Args:
         fn: The async function (when used bare: ``@workflow`` or ``workflow(fn)``).
         name: The workflow ID (default ``module:qualname``).
+        queue: The `Queue` (or a declared queue's name) its enqueued runs wait
+            in (default: the ``"default"`` queue, with no limits).
     """
     if fn is not None:
-        return Workflow(fn, name=name)
+        return Workflow(fn, name=name, queue=queue)
 
     def decorate(f: Callable[P, Awaitable[R]]) -> Workflow[P, R]:
-        return Workflow(f, name=name)
+        return Workflow(f, name=name, queue=queue)
 
     return decorate

@@ -52,6 +52,7 @@ async def acquire(
     call: RunCall | None = None,
     retry: bool = True,
     take_over: str = "",
+    route: str = "",
 ) -> AcquireResult:
     """Take run `run_id` over for `holding`.
 
@@ -63,14 +64,16 @@ async def acquire(
     A holder that is provably gone (a process on this host that died, or a
     caller in this one that stopped without handing the run back) is taken
     over at once, before its lease runs out: nobody else will ever release
-    the run. `take_over` names one to take over from the start.
+    the run. `take_over` names one to take over from the start. A worker
+    passes the queue partition its message came from (`route`): a run of
+    another queue is found ``elsewhere``, not taken.
     """
-    workflow = digest = parent = ""
+    workflow = digest = parent = queue = ""
     started = b""
     if call is not None:
         # Stored as given (the body sees a dict's keys in the caller's order); compared canonically.
         args_raw, canonical = call.encoded
-        workflow, parent, digest = call.workflow.id, call.parent, args_digest(canonical)
+        workflow, parent, digest, queue = call.workflow.id, call.parent, args_digest(canonical), call.queue
         started = encode_event(RunStarted(time.time(), workflow, msgspec.Raw(args_raw), parent or None))
     while True:
         got = await store.acquire(
@@ -85,6 +88,8 @@ async def acquire(
             retry=retry,
             parent=parent,
             process=holder_prefix(),
+            queue=queue,
+            route=route,
         )
         if got.kind != "busy" or take_over or not holder_is_dead(got.holder):
             return got
@@ -133,6 +138,7 @@ async def attach(
     retry: bool = True,
     take_over: str = "",
     worker: str = "",
+    route: str = "",
 ) -> Attached:
     """Acquire run `run_id` (see `acquire`) and, when it is this caller's to execute,
     read its log and build its executor (see `Attached`).
@@ -148,7 +154,9 @@ async def attach(
     Raises:
         StorageError: Redis/Valkey is unreachable.
     """
-    got = await acquire(store, run_id, holding, settings.lease, call=call, retry=retry, take_over=take_over)
+    got = await acquire(
+        store, run_id, holding, settings.lease, call=call, retry=retry, take_over=take_over, route=route
+    )
     if got.kind not in ("new", "resumed"):
         return Attached(got.kind, got)
     if call is not None:
@@ -157,9 +165,10 @@ async def attach(
         workflow = workflows(got.workflow) if workflows is not None else None
     if workflow is None:
         return Attached("undefined", got)
+    queue = got.queue or (call.queue if call is not None else "")
     watchdog = call is not None and not call.parent
     if watchdog:
-        await store.wake(run_id, time.time() + settings.lease)
+        await store.wake(run_id, time.time() + settings.lease, queue=queue)
     try:
         replay = await read_replay(store, run_id, got.retry_seq, got.retry_index) if got.kind == "resumed" else Replay()
         if call is not None:
@@ -188,6 +197,7 @@ async def attach(
         parent=parent,
         inline=call is not None and bool(call.parent),
         holding=holding,
+        queue=queue,
     )
     return Attached("execute", got, executor, args, kwargs, watchdog=watchdog)
 

@@ -26,7 +26,8 @@ class RunCall(msgspec.Struct, frozen=True, kw_only=True):
     `encoded` is the arguments encoded twice: as given (stored, so the body
     sees a dict's keys in the caller's order) and canonically (compared, to
     refuse another call under the same run ID). `parent` is the run that
-    drives this one as its child, ``""`` for a run of its own.
+    drives this one as its child, ``""`` for a run of its own; `queue` the tag
+    of the queue partition a new run belongs to (``""``: the default queue).
     """
 
     store: Store
@@ -37,6 +38,7 @@ class RunCall(msgspec.Struct, frozen=True, kw_only=True):
     encoded: tuple[bytes, bytes]
     settings: Settings
     parent: str = ""
+    queue: str = ""
 
 
 # How an executor drives a child run (`_drive.drive_child`, handed in: the engine's driver

@@ -44,9 +44,10 @@ async def cancel_run(store: Store, run_id: str, reason: str, *, depth: int = 0) 
         if here is not None and here.run_id == run_id:
             here.call(lambda: _stop_here(here, reason))
     elif outcome == "cancelled":
-        await store.unschedule(run_id)
+        await store.unschedule(run_id, queue=state.queue)
+        await store.forget_waiting(run_id, queue=state.queue)
         if parent:
-            await store.wake(parent)
+            await store.wake(parent, queue=await store.queue_of(parent))
     if waiting and depth < _MAX_DEPTH:
         for wait in decode_waits(waiting) or []:
             if wait.kind == "child" and wait.run:

@@ -122,7 +122,7 @@ async def _disarm(store: Store, executor: RunExecutor) -> None:
     if not executor.ended or executor.replay.paused:
         return
     try:
-        await store.unschedule(executor.run_id)
+        await store.unschedule(executor.run_id, queue=executor.queue)
     except StorageError as exc:
         log.info("run %s: could not remove its watchdog wake-up: %s", executor.run_id, exc)
 

@@ -248,15 +248,17 @@ class RunExecutor(StepCalls, WaitCalls):
         # A child driven by its parent's process needs no wake-up call: the
         # parent is awaiting it. One resumed on its own wakes its parent, and
         # first sets a later wake-up in case this process dies in between.
+        parent_queue = ""
         if self.parent and not self.inline:
-            await self.store.wake(self.parent, time.time() + self.lease)
+            parent_queue = await self.store.queue_of(self.parent)
+            await self.store.wake(self.parent, time.time() + self.lease, queue=parent_queue)
         await record()
         self.ended = True
         self._progressed()
         if self.replay.paused:  # only a run that paused can have a timer entry left
-            await self.store.unschedule(self.run_id)
+            await self.store.unschedule(self.run_id, queue=self.queue)
         if self.parent and not self.inline:
-            await self.store.wake(self.parent)
+            await self.store.wake(self.parent, queue=parent_queue)
 
     async def _park(self, waits: list[Waiting]) -> Any:
         """Record that the run waits for `waits`, and arrange to be woken."""
@@ -276,9 +278,9 @@ class RunExecutor(StepCalls, WaitCalls):
                 woken = woken or await self.store.status(wait.run) != "paused"
         dues = [w.due for w in waits if w.due is not None]
         if woken:
-            await self.store.wake(self.run_id)
+            await self.store.wake(self.run_id, queue=self.queue)
         else:
-            await self.store.reschedule(self.run_id, min(dues) if dues else None)
+            await self.store.reschedule(self.run_id, min(dues) if dues else None, queue=self.queue)
         self.replay.paused = True
         self._note(INFO, "run.paused", "run %s (%s) paused, waiting for %s", self.workflow.id, describe(waits))
         return Paused(waits)

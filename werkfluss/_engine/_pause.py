@@ -226,12 +226,14 @@ async def wait_for_wake(store: Store, run_id: str, lease: float, *, caller: bool
     ``start()`` itself, outside any run's body, where a Ctrl-C must not be lost.
     """
     delay = 0.02
-    runs = await _wait_tree(store, run_id)
+    tree = await _wait_tree(store, run_id)
     while await store.status(run_id) == "paused":
         now = store.now()
-        dues = await store.due(runs)
-        for run, due in zip(runs, dues, strict=True):
-            if due is not None and due <= now and await store.claim_timer(run, lease):
+        dues: list[float | None] = []
+        for run, queue in tree:
+            dues.extend(await store.due([run], queue=queue))
+        for (run, queue), due in zip(tree, dues, strict=True):
+            if due is not None and due <= now and await store.claim_timer(run, lease, queue=queue):
                 return
         # Wake-ups by hooks arrive any time: look again soon, backing off; a timer is waited for exactly.
         soonest = min((due for due in dues if due is not None), default=None)
@@ -258,16 +260,19 @@ def _raise_lost_cancellation() -> None:
         raise asyncio.CancelledError("a cancellation that asyncio.wait_for swallowed")
 
 
-async def _wait_tree(store: Store, run_id: str) -> list[str]:
-    """`run_id` and the paused child runs it waits for, transitively (bounded)."""
-    runs = [run_id]
+async def _wait_tree(store: Store, run_id: str) -> list[tuple[str, str]]:
+    """`run_id` and the paused child runs it waits for, transitively (bounded), each
+    with the tag of its queue partition (where its timer lives)."""
+    runs, tree = [run_id], []
     for run in runs:
         if len(runs) >= 100:
             break
-        raw = (await store.state(run)).waiting
+        state = await store.state(run)
+        tree.append((run, state.queue))
+        raw = state.waiting
         try:
             waits = msgspec.msgpack.decode(raw, type=list[Waiting]) if raw else []
         except (msgspec.DecodeError, ValueError, RecursionError):
             waits = []
         runs.extend(w.run for w in waits if w.kind == "child" and w.run and w.run not in runs)
-    return runs
+    return tree

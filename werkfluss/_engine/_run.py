@@ -59,8 +59,10 @@ class RunBase:
         inline: bool = False,
         holding: Holding | None = None,
         frontier: Frontier = "execute",
+        queue: str = "",
     ) -> None:
         self.store = store
+        self.queue = queue  # the tag of its queue partition: its timers and wake-ups live there
         self.workflow = workflow
         self.run_id = run_id
         self.epoch = epoch

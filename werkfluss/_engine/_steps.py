@@ -180,6 +180,7 @@ class StepCalls(RunBase):
             encoded=encoded,
             settings=self.settings,
             parent=self.run_id,
+            queue=workflow.queue_tag(child_id),
         )
         while True:
             try:

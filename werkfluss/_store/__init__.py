@@ -6,9 +6,10 @@ module with the Lua it sends, and all on one connection (`_connect`):
 - `_runs` (who holds a run), `_run_log` (what it records: the hot path) and
   `_run_reads` (what its keys hold): ``P{R}:state``, ``:log``, ``:steps``, the run index;
 - `_hooks`: a hook token's mailbox (``P{hook:T}:...``);
-- `_timers` and `_queue`: the shared queue, its timers and dead letters (``P{q}:...``).
+- `_timers`, `_queue` and `_flow`: each queue partition's stream, timers, dead
+  letters and flow control (``P{q}:...``, ``P{q:N}:...``).
 
-Each family is one Redis Cluster hash slot per run, token or queue, and a
+Each family is one Redis Cluster hash slot per run, token or queue partition, and a
 script never touches two families, so each is atomic on a cluster too. The
 key layout and every state field are in `_keys`; the fast lane, the store's
 own path for hot commands, in `_lane`. Every run write first compares the
@@ -19,9 +20,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Protocol
 
-from . import _hooks, _queue, _run_log, _runs, _timers
+from . import _flow, _hooks, _queue, _run_log, _runs, _timers
 from ._connect import Script
 from ._deadline import CALL_DEADLINE, SOCKET_TIMEOUT
+from ._flow import RedisFlow
 from ._hooks import RedisHooks
 from ._keys import RunState, StateField
 from ._queue import RedisQueue
@@ -34,6 +36,7 @@ if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Sequence
 
     from .._events import ErrorInfo
+    from .._queues import Queue
 
 __all__ = [
     "CALL_DEADLINE",
@@ -51,7 +54,14 @@ __all__ = [
     "Store",
 ]
 
-SCRIPTS: tuple[Script, ...] = (*_runs.SCRIPTS, *_run_log.SCRIPTS, *_hooks.SCRIPTS, *_timers.SCRIPTS, *_queue.SCRIPTS)
+SCRIPTS: tuple[Script, ...] = (
+    *_runs.SCRIPTS,
+    *_run_log.SCRIPTS,
+    *_hooks.SCRIPTS,
+    *_timers.SCRIPTS,
+    *_queue.SCRIPTS,
+    *_flow.SCRIPTS,
+)
 """Every Lua script the store runs, by family (for tools naming an ``EVALSHA`` by its SHA)."""
 
 
@@ -76,12 +86,16 @@ class RunStore(Protocol):
         retry: bool = True,
         parent: str = "",
         process: str = "",
+        queue: str = "",
+        route: str = "",
     ) -> AcquireResult:
         """Create run `run_id` or take it over."""
         ...
 
-    async def create(self, run_id: str, *, workflow: str, started: bytes, args_digest: str) -> tuple[str, str]:
-        """Create a pending run for the queue."""
+    async def create(
+        self, run_id: str, *, workflow: str, started: bytes, args_digest: str, queue: str = "", delay: float = 0
+    ) -> tuple[str, str, str]:
+        """Create a pending run for the queue: ``(kind, detail, its queue)``."""
         ...
 
     async def renew(self, run_id: str, epoch: int, lease: float) -> tuple[bool, str | None]:
@@ -138,6 +152,10 @@ class RunStore(Protocol):
         """The run's status, ``""`` if there is no such run."""
         ...
 
+    async def queue_of(self, run_id: str) -> str:
+        """The tag of the run's queue partition (``q``: the default queue)."""
+        ...
+
     async def log_ends(self, run_id: str, newest: int) -> tuple[bytes | None, list[bytes | None]]:
         """The run's first event and its `newest` last ones (newest first), undecoded."""
         ...
@@ -184,33 +202,34 @@ class HookStore(Protocol):
 
 
 class QueueStore(Protocol):
-    """What workers and waits ask of the shared queue, its timers and dead letters."""
+    """What workers and waits ask of a queue partition (its tag is `queue`, ``q`` the default queue's):
+    its stream, timers, dead letters and flow control."""
 
-    async def wake(self, run_id: str, at: float | None = None) -> None:
+    async def wake(self, run_id: str, at: float | None = None, *, queue: str = ...) -> None:
         """Make run `run_id` due at Unix time `at` (default now), unless it is due sooner."""
         ...
 
-    async def reschedule(self, run_id: str, at: float | None) -> None:
+    async def reschedule(self, run_id: str, at: float | None, *, queue: str = ...) -> None:
         """Set (or with None remove) the run's timer, keeping a wake-up that is already due."""
         ...
 
-    async def unschedule(self, run_id: str) -> None:
+    async def unschedule(self, run_id: str, *, queue: str = ...) -> None:
         """Remove the run's timer entry."""
         ...
 
-    async def due(self, run_ids: list[str]) -> list[float | None]:
+    async def due(self, run_ids: list[str], *, queue: str = ...) -> list[float | None]:
         """When each run is due next (Unix time), None for no entry."""
         ...
 
-    async def claim_timer(self, run_id: str, push: float) -> bool:
+    async def claim_timer(self, run_id: str, push: float, *, queue: str = ...) -> bool:
         """Take the run's due timer entry by pushing it `push` seconds ahead."""
         ...
 
-    async def move_due(self, limit: int = 100) -> tuple[int, float | None]:
-        """Move due timers to the queue: ``(moved, seconds until the next is due)``."""
+    async def move_due(self, limit: int = 100, *, queue: str = ...) -> tuple[int, float | None]:
+        """Move due timers and delayed starts to the queue: ``(moved, seconds until the next is due)``."""
         ...
 
-    async def wait_for_nudge(self, block: float) -> bool:
+    async def wait_for_nudge(self, block: float, *, queue: str = ...) -> bool:
         """Block up to `block` seconds for a nudge; returns whether one came."""
         ...
 
@@ -218,20 +237,61 @@ class QueueStore(Protocol):
         """Whether `holder` may sweep the run index for stuck runs now."""
         ...
 
-    async def queued_runs(self, limit: int) -> set[str] | None:
-        """The runs with a message in the queue, or None when it holds more than `limit`."""
+    async def queued_runs(self, limit: int, *, queue: str = ...) -> set[str] | None:
+        """The runs with a message in the queue (or waiting for admission or a delayed
+        start), or None when it holds more than `limit` messages."""
         ...
 
-    async def ensure_group(self, group: str) -> None:
+    async def ensure_group(self, group: str, *, queue: str = ...) -> None:
         """Create the consumer group if missing."""
         ...
 
-    async def enqueue(self, run_id: str, *, retry: bool = False) -> str:
-        """Put "run or resume `run_id`" on the queue; returns the message ID."""
+    async def enqueue(self, run_id: str, *, retry: bool = False, queue: str = ...) -> None:
+        """Put "run or resume `run_id`" on the queue (on one with limits: to wait for admission)."""
         ...
 
-    async def read_queue(self, group: str, consumer: str, count: int, block: float) -> list[tuple[str, dict[str, str]]]:
+    async def submit(self, run_id: str, *, queue: str, retry: bool = False, meta: str = "", delay: float = 0) -> int:
+        """Enqueue with the run's meta (priority, key) and an optional delay; returns when it is due (ms)."""
+        ...
+
+    async def read_queue(
+        self, group: str, consumer: str, count: int, block: float, *, queue: str = ...
+    ) -> list[tuple[str, dict[str, str]]]:
         """Up to `count` new messages for `consumer`, waiting up to `block` seconds."""
+        ...
+
+    async def admit(
+        self, group: str, consumer: str, count: int, *, queue: str
+    ) -> tuple[list[tuple[str, dict[str, str]]], float | None, int]:
+        """Admit up to `count` runs of a limited queue and read them for `consumer`."""
+        ...
+
+    async def wait_for_bell(self, block: float, *, queue: str) -> bool:
+        """Block up to `block` seconds until a limited queue may admit a run."""
+        ...
+
+    async def declare_queue(self, tag: str, config: dict[str, str], *, stands: float = ...) -> str | None:
+        """Store (or refresh) a queue partition's limits; returns None, or a different recent declaration."""
+        ...
+
+    async def ensure_queue(self, queue: Queue, *, refresh: bool = False) -> None:
+        """Declare `queue`'s limits on the server, once per connection (again with `refresh`)."""
+        ...
+
+    async def known_queues(self) -> dict[str, int]:
+        """The queues declared on this server (with limits): name -> partitions."""
+        ...
+
+    async def queue_config(self, tag: str) -> dict[str, str]:
+        """A queue partition's stored declaration and counters."""
+        ...
+
+    async def claim_dedup(self, dedup: str, run_id: str, *, queue: str, previous: str = "") -> str:
+        """Claim a deduplication ID for `run_id`; ``""`` if claimed, else the run holding it."""
+        ...
+
+    async def forget_waiting(self, run_id: str, *, queue: str) -> None:
+        """Stop a run from waiting for admission or its delayed start."""
         ...
 
     async def reclaim(
@@ -244,47 +304,48 @@ class QueueStore(Protocol):
         *,
         suspect: bool = True,
         held: Sequence[str] = (),
+        queue: str = ...,
     ) -> tuple[list[tuple[str, dict[str, str], bool]], list[tuple[str, str]]]:
         """Claim messages idle longer than `min_idle` seconds, dead-lettering the too often delivered."""
         ...
 
-    async def end_probation(self, consumer: str, message: str) -> None:
+    async def end_probation(self, consumer: str, message: str, *, queue: str = ...) -> None:
         """`consumer`'s suspect `message` proved itself (or ended)."""
         ...
 
-    async def touch(self, group: str, consumer: str, ids: list[str]) -> set[str]:
+    async def touch(self, group: str, consumer: str, ids: list[str], *, queue: str = ...) -> set[str]:
         """Reset the idle time of messages `consumer` still owns; returns those."""
         ...
 
-    async def ack(self, group: str, *ids: str) -> None:
-        """Acknowledge and delete messages whose progress is in the log."""
+    async def ack(self, group: str, message: str, run_id: str = "", *, ended: bool = False, queue: str = ...) -> None:
+        """Acknowledge and delete a message whose progress is in the log, freeing its run's slot."""
         ...
 
-    async def requeue(self, group: str, message: str, run_id: str, *, retry: bool = False) -> None:
+    async def requeue(self, group: str, message: str, run_id: str, *, retry: bool = False, queue: str = ...) -> None:
         """Hand a message back as a fresh one, readable at once."""
         ...
 
-    async def note_error(self, message: str, error: str) -> None:
+    async def note_error(self, message: str, error: str, *, queue: str = ...) -> None:
         """Remember the last error a worker hit on `message`."""
         ...
 
-    async def dead_letter(self, group: str, message: str, run_id: str, reason: str) -> None:
+    async def dead_letter(self, group: str, message: str, run_id: str, reason: str, *, queue: str = ...) -> None:
         """Move `message` to the dead letters with `reason`."""
         ...
 
-    async def bury(self, run_id: str, source: str, reason: str) -> None:
+    async def bury(self, run_id: str, source: str, reason: str, *, queue: str = ...) -> None:
         """Add a dead letter for something other than a queue message."""
         ...
 
-    async def dead_letters(self, limit: int) -> list[tuple[str, dict[str, str]]]:
+    async def dead_letters(self, limit: int, *, queue: str = ...) -> list[tuple[str, dict[str, str]]]:
         """The dead letters, oldest first."""
         ...
 
-    async def redrive(self, dead_id: str) -> str:
-        """Put a dead letter's run back on the queue; returns the new message ID or ``""``."""
+    async def redrive(self, dead_id: str, *, queue: str = ...) -> str:
+        """Put a dead letter's run back on its queue; returns the dead letter's ID or ``""``."""
         ...
 
-    async def queue_depth(self, group: str) -> tuple[int, int]:
+    async def queue_depth(self, group: str, *, queue: str = ...) -> tuple[int, int]:
         """``(messages not yet delivered, messages pending)`` for `group`."""
         ...
 
@@ -293,7 +354,7 @@ class Store(RunStore, HookStore, QueueStore, Protocol):
     """All three: what an executing run asks of the store (`RedisStore` is one)."""
 
 
-class RedisStore(RedisRuns, RedisRunLog, RedisRunReads, RedisHooks, RedisTimers, RedisQueue):
+class RedisStore(RedisRuns, RedisRunLog, RedisRunReads, RedisHooks, RedisTimers, RedisQueue, RedisFlow):
     """The run log and run state, hooks, timers and the queue on one Redis/Valkey server or one Redis Cluster.
 
     Connect with `RedisStore.connect`; on a cluster every script's keys share

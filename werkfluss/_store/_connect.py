@@ -42,7 +42,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from .._errors import LossyServerWarning, StorageError
 from .._options import redact
 from ._deadline import CALL_DEADLINE, FIRST_CALL_DEADLINE, SOCKET_TIMEOUT, DeadlineRetry, carried, carry
-from ._keys import HOOKS, RUNS, hook_key, queue_key, run_key
+from ._keys import DEFAULT_TAG, HOOKS, RUNS, hook_key, queue_key, run_key
 from ._lane import _MISS, Arg, _FastLane, lane_fits
 
 if TYPE_CHECKING:
@@ -82,6 +82,12 @@ def text(value: Any) -> str:
     # Anything may be written into a stream; a byte that is not UTF-8 must not
     # stop a reader (a worker would read the same message forever).
     return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+
+def entry_fields(raw: list[bytes] | None) -> dict[str, str]:
+    """A stream entry's fields, from the flat ``[field, value, ...]`` list of its raw reply."""
+    flat = raw or []
+    return {text(k): text(v) for k, v in zip(flat[::2], flat[1::2], strict=False)}
 
 
 def _logging_reaches(logger: logging.Logger, level: int) -> bool:
@@ -290,9 +296,9 @@ class Connection:
         """The key of `part` (box, meta, keys) of hook `token`."""
         return hook_key(self.prefix, token, part)
 
-    def queue_key(self, part: str) -> str:
-        """The key of `part` (queue, timers, nudge, dead, errors, probation, sweep) of the shared queue."""
-        return queue_key(self.prefix, part)
+    def queue_key(self, part: str, tag: str = DEFAULT_TAG) -> str:
+        """The key of `part` (queue, timers, nudge, dead, ...) of queue partition `tag` (see `_keys`)."""
+        return queue_key(self.prefix, part, tag)
 
     def _run_keys(self, run_id: str, *parts: str) -> list[str]:
         return [self.key(run_id, part) for part in parts]

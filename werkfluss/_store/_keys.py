@@ -1,8 +1,11 @@
 """Every key, hash field and stream field werkfluss writes, and a run's state as a type.
 
 Key layout (``P`` is the prefix; ``{R}`` is the run ID, ``{hook:T}`` the hook
-token, ``{q}`` the queue, each a Redis Cluster hash tag: the keys of one run, of
-one token, and of the queue share a slot each, so one script may touch them):
+token, ``{q}`` a queue, each a Redis Cluster hash tag: the keys of one run, of
+one token, and of one queue share a slot each, so one script may touch them).
+``{q}`` is the default queue's tag; a declared queue N has ``{q:N}``, or
+``{q:N:<i>}`` for each partition i when it has several: every queue part below
+exists per tag.
 
     P{R}:state       hash     the run's state: the fields below, read as `RunState`
     P{R}:log         stream   the run's events, field ``e``; entry ID ``0-<n>`` is event index n
@@ -14,6 +17,7 @@ one token, and of the queue share a slot each, so one script may touch them):
                               ``last`` (delivery times, ms)
     P{hook:T}:keys   hash     delivery key -> ``<entry>/<nonce>`` of its payload
     Phooks           zset     tokens with payloads waiting, by last delivery (ms)
+    Pqueues          hash     declared queue name -> its partitions
     P{q}:queue       stream   consumer group ``workers``: "run or resume run ``r``", with
                               ``x`` (may resume a failed run) and ``d`` (deliveries before
                               a hand-back)
@@ -24,6 +28,24 @@ one token, and of the queue share a slot each, so one script may touch them):
     P{q}:errors      hash     message ID -> the last error a worker hit on it
     P{q}:probation   hash     worker -> the suspect message it runs on probation
     P{q}:sweep       string   which worker sweeps for stuck runs now (expires)
+    P{q}:delayed     zset     run -> when its delayed start is due (ms)
+    P{q}:delayedx    hash     run -> ``1``: a delayed run that may resume a failed run
+    P{q}:config      hash     a declared queue's limits (see `Queue.config`), ``declared``
+                              (its spelling), ``seen``, and counters ``seq``, ``turn``,
+                              ``ready`` (admitted messages no worker has read)
+    P{q}:meta        hash     run -> ``<priority>|<1 if its next admission starts it>|<key>``
+    P{q}:wait        hash     run -> ``1`` if it may resume a failed run: runs waiting for admission
+    P{q}:k:<key>     zset     the runs of one key waiting for admission, by priority then arrival
+    P{q}:ring        zset     keys with a run that may start, by its priority, then their turn
+    P{q}:later       zset     keys whose rate window is full -> when it reopens (ms)
+    P{q}:active      hash     run -> key: admitted runs, each holding a slot until its message is done
+    P{q}:running     hash     key -> its admitted runs
+    P{q}:again       hash     run -> retry flag: a wake-up that came while the run held its slot
+    P{q}:rate        zset     the queue's starts in the rate window (ms)
+    P{q}:rate:<key>  zset     one key's starts in its rate window (ms)
+    P{q}:bell        list     at most one "a run may be admitted", for a worker's BLPOP
+    P{q}:dedup       hash     deduplication ID -> the run that holds it
+    P{q}:dedupof     hash     run -> its deduplication ID
 
 State fields (``P{R}:state``):
 
@@ -44,6 +66,8 @@ State fields (``P{R}:state``):
     failed_seq   the step whose failure failed the run (``""`` for none)
     retry_seq    that step, on the run's retry: it executes again instead of replaying
     retry_index  the log index up to which recorded failures are replayed
+    queue        the tag of the queue partition it belongs to (``""``: the default queue)
+    due          when its delayed start is due (ms; absent for a run that starts at once)
 """
 
 from __future__ import annotations
@@ -71,16 +95,24 @@ QUEUE, TIMERS, NUDGE, DEAD, ERRORS, PROBATION, SWEEP = (
     "probation",
     "sweep",
 )
+# A queue's flow-control parts (`_flow`): P{q}:<part>, and per key P{q}:k:<key>, P{q}:rate:<key>.
+DELAYED, DELAYEDX, CONFIG, META, WAIT, RING, LATER = "delayed", "delayedx", "config", "meta", "wait", "ring", "later"
+ACTIVE, RUNNING, AGAIN, RATE, BELL, DEDUP, DEDUPOF = "active", "running", "again", "rate", "bell", "dedup", "dedupof"
+KEY_WAITING, KEY_RATE = "k:", "rate:"
+DEFAULT_TAG = "q"
 # Keys without a hash tag: P<name>.
-RUNS, HOOKS = "runs", "hooks"
+RUNS, HOOKS, QUEUES = "runs", "hooks", "queues"
 # The workers' consumer group on the queue stream: every worker reads as it, and
 # the queue's depth and dead letters are counted against it.
 GROUP = "workers"
 
 RUN_PARTS = (STATE, LOG, STEPS)
 HOOK_PARTS = (BOX, META, DELIVERY_KEYS)
-QUEUE_PARTS = (QUEUE, TIMERS, NUDGE, DEAD, ERRORS, PROBATION, SWEEP)
-UNTAGGED = (RUNS, HOOKS)
+QUEUE_PARTS = (
+    *(QUEUE, TIMERS, NUDGE, DEAD, ERRORS, PROBATION, SWEEP, DELAYED, DELAYEDX, CONFIG, META, WAIT),
+    *(RING, LATER, ACTIVE, RUNNING, AGAIN, RATE, BELL, DEDUP, DEDUPOF),
+)
+UNTAGGED = (RUNS, HOOKS, QUEUES)
 
 # Stream entry fields: a log event, a hook payload, a queue message's run, its "may
 # resume a failed run" flag and its deliveries before a hand-back.
@@ -95,6 +127,7 @@ STATUS, WORKFLOW, HOLDER, LEASE, EPOCH, N = "status", "workflow", "holder", "lea
 CREATED, UPDATED, ARGS, PARENT = "created", "updated", "args", "parent"
 RESULT, ERROR, CANCEL, WAITING = "result", "error", "cancel", "waiting"
 FAILED_SEQ, RETRY_SEQ, RETRY_INDEX = "failed_seq", "retry_seq", "retry_index"
+QUEUE_TAG, DUE = "queue", "due"
 
 StateField = Literal[
     "status",
@@ -114,6 +147,8 @@ StateField = Literal[
     "failed_seq",
     "retry_seq",
     "retry_index",
+    "queue",
+    "due",
 ]
 """A field of a run's state hash."""
 
@@ -130,9 +165,9 @@ def hook_key(prefix: str, token: str, part: str) -> str:
     return f"{prefix}{{hook:{token}}}:{part}"
 
 
-def queue_key(prefix: str, part: str) -> str:
-    """The key of `part` (queue, timers, nudge, dead, errors, probation, sweep) of the shared queue."""
-    return f"{prefix}{{q}}:{part}"
+def queue_key(prefix: str, part: str, tag: str = DEFAULT_TAG) -> str:
+    """The key of `part` (queue, timers, nudge, dead, ...) of queue partition `tag` (``q``: the default queue)."""
+    return f"{prefix}{{{tag or DEFAULT_TAG}}}:{part}"
 
 
 class RunState(msgspec.Struct, frozen=True, kw_only=True):
@@ -159,6 +194,8 @@ class RunState(msgspec.Struct, frozen=True, kw_only=True):
     failed_seq: int | None = None
     retry_seq: int | None = None
     retry_index: int = 0
+    queue: str = ""
+    due: int | None = None
 
     @classmethod
     def from_hash(cls, raw: Mapping[Any, bytes | None]) -> RunState:
@@ -197,6 +234,8 @@ _KINDS: dict[str, type | None] = {
     "args": str,
     "parent": str,
     "cancel": str,
+    "queue": str,
+    "due": None,
     "lease": int,
     "epoch": int,
     "n": int,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ._connect import Connection, text
-from ._keys import EVENT, LOG, STATE, STATUS, RunState, StateField
+from ._keys import DEFAULT_TAG, EVENT, LOG, QUEUE_TAG, STATE, STATUS, RunState, StateField
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -51,6 +51,10 @@ class RedisRunReads(Connection):
     async def status(self, run_id: str) -> str:
         """The run's status, ``""`` if there is no such run."""
         return text(await self._send("HGET", self.key(run_id, STATE), STATUS) or b"")
+
+    async def queue_of(self, run_id: str) -> str:
+        """The tag of the run's queue partition (``q`` for the default queue, or no such run)."""
+        return text(await self._send("HGET", self.key(run_id, STATE), QUEUE_TAG) or b"") or DEFAULT_TAG
 
     async def read_log(self, run_id: str) -> AsyncIterator[list[tuple[int, bytes | None]]]:
         """The run's log in batches of ``(index, encoded event)``, oldest first.

@@ -23,23 +23,31 @@ if TYPE_CHECKING:
 # digest of the arguments ('' skips the check), '1' to resume a failed or
 # blocked run, parent run ('' none), the caller's process prefix ('' none): a
 # holder under it is busy even past its lease, since only that process can
-# tell whether it still executes (it passes the holder to take over if not).
+# tell whether it still executes (it passes the holder to take over if not),
+# the tag of the queue partition a new run belongs to ('' the default queue), and
+# the tag a worker's message came from ('' any): a run of another queue partition
+# is reported 'elsewhere', not taken (a wake-up that reached the wrong queue).
 ACQUIRE = Script(
     "ACQUIRE",
     NOW
     + """
 local holder, lease_ms, workflow, started, resumed = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local take_over, args, retry, parent, process = ARGV[6], ARGV[7], ARGV[8], ARGV[9], ARGV[10]
-local cur = redis.call('HMGET', KEYS[1], 'status', 'workflow', 'holder', 'lease', 'cancel')
+local queue, route = ARGV[11], ARGV[12]
+local cur = redis.call('HMGET', KEYS[1], 'status', 'workflow', 'holder', 'lease', 'cancel', 'queue')
 if not cur[1] then
   if started == '' then return {'missing'} end
   redis.call('HSET', KEYS[1], 'status', 'running', 'workflow', workflow, 'holder', holder,
              'lease', now + tonumber(lease_ms), 'epoch', 1, 'n', 1, 'created', now, 'updated', now,
              'args', args, 'parent', parent)
+  if queue ~= '' then redis.call('HSET', KEYS[1], 'queue', queue) end
   redis.call('XADD', KEYS[2], '0-1', 'e', started)
   return {'new', 1, now}
 end
 if workflow ~= '' and cur[2] ~= workflow then return {'conflict', cur[2]} end
+local home = cur[6] or ''
+if home == '' then home = 'q' end
+if route ~= '' and route ~= home then return {'elsewhere', home} end
 if args ~= '' and redis.call('HGET', KEYS[1], 'args') ~= args then return {'other-arguments'} end
 local status = cur[1]
 if status == 'completed' then return {'completed', redis.call('HGET', KEYS[1], 'result')} end
@@ -47,41 +55,44 @@ if status == 'cancelled' then return {'cancelled', cur[5] or ''} end
 if (status == 'failed' or status == 'blocked') and retry ~= '1' then return {'ended', status} end
 if status == 'running' and cur[3] ~= '' and cur[3] ~= holder and cur[3] ~= take_over
    and (tonumber(cur[4]) > now or (process ~= '' and string.sub(cur[3], 1, #process) == process)) then
-  return {'busy', cur[3], tonumber(cur[4]) - now, cur[2]}
+  return {'busy', cur[3], tonumber(cur[4]) - now, cur[2], cur[6] or ''}
 end
 local epoch = redis.call('HINCRBY', KEYS[1], 'epoch', 1)
 local n = redis.call('HINCRBY', KEYS[1], 'n', 1)
 redis.call('XADD', KEYS[2], '0-' .. n, 'e', resumed)
 redis.call('HSET', KEYS[1], 'status', 'running', 'holder', holder,
            'lease', now + tonumber(lease_ms), 'updated', now)
-redis.call('HDEL', KEYS[1], 'waiting')
+redis.call('HDEL', KEYS[1], 'waiting', 'due')
 if status == 'failed' then
   -- Remember which step failed the run: the replay re-executes it instead
   -- of replaying its recorded failure (failures recorded up to index n).
   redis.call('HSET', KEYS[1], 'retry_seq', redis.call('HGET', KEYS[1], 'failed_seq') or '', 'retry_index', n)
 end
 local more = redis.call('HMGET', KEYS[1], 'retry_seq', 'retry_index')
-return {'resumed', epoch, status, more[1] or '', more[2] or '', cur[2], cur[5] or ''}
+return {'resumed', epoch, status, more[1] or '', more[2] or '', cur[2], cur[5] or '', cur[6] or ''}
 """,
 )
 
-# KEYS: state, log. ARGV: workflow, run-started event, digest of the arguments.
+# KEYS: state, log. ARGV: workflow, run-started event, digest of the arguments,
+# its queue partition's tag ('' the default queue), ms until its delayed start (0 none).
 # Creates a pending run for the queue; an existing run is reported, not touched.
 CREATE = Script(
     "CREATE",
     NOW
     + """
-local workflow, started, args = ARGV[1], ARGV[2], ARGV[3]
-local cur = redis.call('HMGET', KEYS[1], 'status', 'workflow')
+local workflow, started, args, queue, delay = ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
+local cur = redis.call('HMGET', KEYS[1], 'status', 'workflow', 'queue')
 if not cur[1] then
   redis.call('HSET', KEYS[1], 'status', 'pending', 'workflow', workflow, 'holder', '', 'lease', 0,
              'epoch', 0, 'n', 1, 'created', now, 'updated', now, 'args', args, 'parent', '')
+  if queue ~= '' then redis.call('HSET', KEYS[1], 'queue', queue) end
+  if delay > 0 then redis.call('HSET', KEYS[1], 'due', now + delay) end
   redis.call('XADD', KEYS[2], '0-1', 'e', started)
-  return {'new', now}
+  return {'new', now, queue}
 end
-if cur[2] ~= workflow then return {'conflict', cur[2]} end
-if redis.call('HGET', KEYS[1], 'args') ~= args then return {'other-arguments'} end
-return {'exists', cur[1]}
+if cur[2] ~= workflow then return {'conflict', cur[2], cur[3] or ''} end
+if redis.call('HGET', KEYS[1], 'args') ~= args then return {'other-arguments', '', cur[3] or ''} end
+return {'exists', cur[1], cur[3] or ''}
 """,
 )
 
@@ -145,7 +156,7 @@ SCRIPTS = (ACQUIRE, CREATE, RENEW, RELEASE, CANCEL)
 
 
 AcquireKind = Literal[
-    "new", "resumed", "completed", "busy", "cancelled", "ended", "missing", "conflict", "other-arguments"
+    "new", "resumed", "completed", "busy", "cancelled", "ended", "missing", "conflict", "other-arguments", "elsewhere"
 ]
 """What `RedisStore.acquire` found (see `AcquireResult`)."""
 
@@ -154,7 +165,8 @@ AcquireKind = Literal[
 class AcquireResult:
     """What `RedisStore.acquire` found: ``kind`` is new, resumed, completed, busy,
     cancelled, ended (failed or blocked, not resumed), missing, conflict
-    (another workflow's run) or other-arguments. `cancel` is a pending
+    (another workflow's run), other-arguments, or elsewhere (a run of another
+    queue partition, `queue`, than the worker's message came from). `cancel` is a pending
     cancel's reason."""
 
     kind: AcquireKind
@@ -167,6 +179,7 @@ class AcquireResult:
     retry_seq: int | None = None
     retry_index: int = 0
     cancel: str | None = None
+    queue: str = ""
 
 
 class RedisRuns(Connection):
@@ -190,6 +203,8 @@ class RedisRuns(Connection):
         retry: bool = True,
         parent: str = "",
         process: str = "",
+        queue: str = "",
+        route: str = "",
     ) -> AcquireResult:
         """Create run `run_id` or take it over; see `AcquireResult` for the outcomes.
 
@@ -210,12 +225,14 @@ class RedisRuns(Connection):
             "1" if retry else "",
             parent,
             process,
+            queue,
+            route,
         ]
         reply = await self._run(ACQUIRE, self._run_keys(run_id, STATE, LOG), args)
         kind = text(reply[0])
         if kind == "new":
             await self._index_run(run_id, int(reply[2]))
-            return AcquireResult("new", epoch=int(reply[1]), workflow=workflow)
+            return AcquireResult("new", epoch=int(reply[1]), workflow=workflow, queue=queue)
         if kind == "resumed":
             return AcquireResult(
                 "resumed",
@@ -225,12 +242,17 @@ class RedisRuns(Connection):
                 retry_index=int(reply[4]) if reply[4] else 0,
                 workflow=text(reply[5]),
                 cancel=text(reply[6]) if reply[6] else None,
+                queue=text(reply[7]),
             )
         if kind == "completed":
             return AcquireResult("completed", result=bytes(reply[1] or b""))
         if kind == "busy":
             return AcquireResult(
-                "busy", holder=text(reply[1]), lease_left=int(reply[2]) / 1000, workflow=text(reply[3])
+                "busy",
+                holder=text(reply[1]),
+                lease_left=int(reply[2]) / 1000,
+                workflow=text(reply[3]),
+                queue=text(reply[4]),
             )
         if kind == "conflict":
             return AcquireResult("conflict", workflow=text(reply[1]))
@@ -238,17 +260,23 @@ class RedisRuns(Connection):
             return AcquireResult("cancelled", cancel=text(reply[1]))
         if kind == "ended":
             return AcquireResult("ended", previous=text(reply[1]))
+        if kind == "elsewhere":
+            return AcquireResult("elsewhere", queue=text(reply[1]))
         return AcquireResult(cast("AcquireKind", kind))  # missing, other-arguments
 
-    async def create(self, run_id: str, *, workflow: str, started: bytes, args_digest: str) -> tuple[str, str]:
-        """Create a pending run for the queue: ``("new", "")``, ``("exists", status)``,
-        ``("conflict", workflow)`` or ``("other-arguments", "")``."""
-        reply = await self._run(CREATE, self._run_keys(run_id, STATE, LOG), [workflow, started, args_digest])
+    async def create(
+        self, run_id: str, *, workflow: str, started: bytes, args_digest: str, queue: str = "", delay: float = 0
+    ) -> tuple[str, str, str]:
+        """Create a pending run for queue partition `queue`, due in `delay` seconds:
+        ``(kind, detail, queue)``: ``("new", "", queue)``, ``("exists", status, its queue)``,
+        ``("conflict", workflow, its queue)`` or ``("other-arguments", "", its queue)``."""
+        args: list[Arg] = [workflow, started, args_digest, queue, max(int(delay * 1000), 0)]
+        reply = await self._run(CREATE, self._run_keys(run_id, STATE, LOG), args)
         kind = text(reply[0])
         if kind == "new":
             await self._index_run(run_id, int(reply[1]))
-            return kind, ""
-        return kind, text(reply[1]) if len(reply) > 1 else ""
+            return kind, "", queue
+        return kind, text(reply[1]), text(reply[2])
 
     async def renew(self, run_id: str, epoch: int, lease: float) -> tuple[bool, str | None]:
         """Extend the lease: ``(held, cancel reason or None)``; held is False once taken over."""

@@ -1,7 +1,8 @@
 """The timers: when each run is due next (``P{q}:timers``), the nudge workers wait on (``P{q}:nudge``), and their Lua.
 
-Timers share the queue's hash slot (``{q}``): a due timer moves to the queue
-in the same script.
+Timers share their queue partition's hash slot (``{q}``, ``{q:N}``): a due
+timer moves to the queue in the same script, and so does a delayed start
+(``P{q}:delayed``). Every method takes the partition's tag (`queue`).
 """
 
 from __future__ import annotations
@@ -10,7 +11,8 @@ import time
 
 from ._connect import NOW, Connection, Script
 from ._deadline import SOCKET_TIMEOUT
-from ._keys import NUDGE, QUEUE, SWEEP, TIMERS
+from ._flow import FLOW
+from ._keys import DEFAULT_TAG, NUDGE, QUEUE, SWEEP, TIMERS
 
 # Wake-ups are pushed: a timer entry that is due at once, or sooner than every other,
 # also leaves a nudge in the list KEYS[2] (at most one: LTRIM), for which each
@@ -41,21 +43,34 @@ return 1
 """,
 )
 
-# KEYS: timers, queue. ARGV: how many at most.
-# Moves due timers to the queue; returns {moved, ms until the next is due or -1}.
+# KEYS: queue, timers. ARGV: how many at most. Moves due timers and due delayed
+# starts to the queue (on one with limits: to wait for admission); returns
+# {moved, ms until the next is due or -1}.
 MOVE_DUE = Script(
     "MOVE_DUE",
-    NOW
+    FLOW
     + """
-local limit = ARGV[1]
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(limit))
+local limit, L = tonumber(ARGV[1]), limits()
+local due = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, limit)
 for _, run in ipairs(due) do
-  redis.call('XADD', KEYS[2], '*', 'r', run)
-  redis.call('ZREM', KEYS[1], run)
+  enqueue(L, run, '0')
+  redis.call('ZREM', KEYS[2], run)
 end
-local nxt = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-if not nxt[2] then return {#due, -1} end
-return {#due, math.max(tonumber(nxt[2]) - now, 0)}
+local starts = redis.call('ZRANGEBYSCORE', K('delayed'), '-inf', now, 'LIMIT', 0, limit)
+for _, run in ipairs(starts) do
+  enqueue(L, run, redis.call('HGET', K('delayedx'), run) or '0')
+  redis.call('ZREM', K('delayed'), run)
+  redis.call('HDEL', K('delayedx'), run)
+end
+local wait = -1
+for _, key in ipairs({KEYS[2], K('delayed')}) do
+  local nxt = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
+  if nxt[2] then
+    local ms = math.max(tonumber(nxt[2]) - now, 0)
+    if wait < 0 or ms < wait then wait = ms end
+  end
+end
+return {#due + #starts, wait}
 """,
 )
 
@@ -101,43 +116,44 @@ SCRIPTS = (WAKE, MOVE_DUE, CLAIM_TIMER, RESCHEDULE)
 class RedisTimers(Connection):
     """Timers: set, moved to the queue when due, and waited for."""
 
-    async def wake(self, run_id: str, at: float | None = None) -> None:
+    async def wake(self, run_id: str, at: float | None = None, *, queue: str = DEFAULT_TAG) -> None:
         """Make run `run_id` due at Unix time `at` (default now), unless it is due sooner.
 
         Workers learn of it at once (a nudge), not at their next look. The time
         counts from the server's clock: `at` is taken as a delay from now here.
         """
         delay = 0 if at is None else max(int((at - time.time()) * 1000), 0)
-        await self._run(WAKE, [self.queue_key(TIMERS), self.queue_key(NUDGE)], [run_id, delay])
+        await self._run(WAKE, [self.queue_key(TIMERS, queue), self.queue_key(NUDGE, queue)], [run_id, delay])
 
-    async def reschedule(self, run_id: str, at: float | None) -> None:
+    async def reschedule(self, run_id: str, at: float | None, *, queue: str = DEFAULT_TAG) -> None:
         """Set (or with None remove) the run's timer, keeping a wake-up that is already due."""
-        keys = [self.queue_key(TIMERS), self.queue_key(NUDGE)]
+        keys = [self.queue_key(TIMERS, queue), self.queue_key(NUDGE, queue)]
         await self._run(RESCHEDULE, keys, [run_id, "" if at is None else int(at * 1000)])
 
-    async def unschedule(self, run_id: str) -> None:
+    async def unschedule(self, run_id: str, *, queue: str = DEFAULT_TAG) -> None:
         """Remove the run's timer entry."""
         # On the fast lane: every start() run that ends removes its watchdog (see _engine._drive).
-        await self._send("ZREM", self.queue_key(TIMERS), run_id)
+        await self._send("ZREM", self.queue_key(TIMERS, queue), run_id)
 
-    async def due(self, run_ids: list[str]) -> list[float | None]:
+    async def due(self, run_ids: list[str], *, queue: str = DEFAULT_TAG) -> list[float | None]:
         """When each run is due next (Unix time), None for no entry."""
-        scores = await self._call(self.client.zmscore(self.queue_key(TIMERS), run_ids))
+        scores = await self._call(self.client.zmscore(self.queue_key(TIMERS, queue), run_ids))
         return [None if s is None else float(s) / 1000 for s in scores]
 
-    async def claim_timer(self, run_id: str, push: float) -> bool:
+    async def claim_timer(self, run_id: str, push: float, *, queue: str = DEFAULT_TAG) -> bool:
         """Take the run's due timer entry by pushing it `push` seconds ahead."""
-        return bool(await self._run(CLAIM_TIMER, [self.queue_key(TIMERS)], [run_id, int(push * 1000)]))
+        return bool(await self._run(CLAIM_TIMER, [self.queue_key(TIMERS, queue)], [run_id, int(push * 1000)]))
 
-    async def move_due(self, limit: int = 100) -> tuple[int, float | None]:
-        """Move due timers to the queue: ``(moved, seconds until the next is due, or None)``."""
-        moved, wait = await self._run(MOVE_DUE, [self.queue_key(TIMERS), self.queue_key(QUEUE)], [limit])
+    async def move_due(self, limit: int = 100, *, queue: str = DEFAULT_TAG) -> tuple[int, float | None]:
+        """Move due timers and delayed starts to the queue: ``(moved, seconds until the next is due, or None)``."""
+        keys = [self.queue_key(QUEUE, queue), self.queue_key(TIMERS, queue)]
+        moved, wait = await self._run(MOVE_DUE, keys, [limit])
         return int(moved), None if int(wait) < 0 else int(wait) / 1000
 
-    async def wait_for_nudge(self, block: float) -> bool:
+    async def wait_for_nudge(self, block: float, *, queue: str = DEFAULT_TAG) -> bool:
         """Block up to `block` seconds for a nudge (a timer entry due now or sooner than
         the rest); returns whether one came. One waiting worker takes each nudge."""
-        key = self.queue_key(NUDGE)
+        key = self.queue_key(NUDGE, queue)
         # Within the socket timeout, which a longer BLPOP would run into.
         seconds = f"{min(max(block, 0.001), SOCKET_TIMEOUT - 2):.3f}"
         return await self._send("BLPOP", key, seconds) is not None

@@ -1,7 +1,10 @@
-"""`Worker`: serve every registered workflow from the shared Redis stream queue.
+"""`Worker`: serve every registered workflow from its queues' Redis streams.
 
 A worker reads "run or resume run R" messages with ``XREADGROUP`` (consumer
-group ``workers``), executes up to `concurrency` runs at once, and
+group ``workers``) from each queue partition it serves (on a queue with
+limits, it asks the queue's admission script, `ADMIT`, for as many runs as
+it has free slots, and waits on the queue's bell when none may start),
+executes up to `concurrency` runs at once, and
 acknowledges a message only after the progress it carried is in the log
 (the run ended or paused). While it works it resets the idle time of the
 messages it holds; a worker that dies stops doing so, and after the lease
@@ -28,13 +31,14 @@ from .._errors import ConfigurationError, StorageError, _Suspend
 from .._holder import process_holder
 from .._logging import log
 from .._options import Settings
+from .._queues import Queue, all_tags, declared_queues, queue_named
 from .._store._open import open_store
 from ._due_timers import move_due_timers
 from ._recovery import recover_stuck_runs, sweep_after_outage
 from ._take import GROUP, Outcome, fail_buried, take
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable
+    from collections.abc import Awaitable, Sequence
     from types import TracebackType
 
     from anyio.abc import TaskGroup
@@ -46,10 +50,14 @@ __all__ = ["GROUP", "Worker"]
 
 
 _DECLINED_FOR = 3  # leases a worker leaves a message of a workflow it does not define to the others
+_IDLE_LOOK = 1.0  # seconds between looks at an idle queue (a blocking read, or a wait on its bell)
+
+Message = tuple[str, str]
+"""A message a worker holds: (its queue partition's tag, its ID in that stream)."""
 
 
 class Worker:
-    """Serves every workflow defined (imported) in this process from the queue.
+    """Serves every workflow defined (imported) in this process from its queues.
 
     Use it as ``await Worker().run()``, or ``async with Worker() as worker:``
     (leaving the block stops it gracefully); ``werkfluss worker MODULE`` does the same
@@ -68,6 +76,9 @@ class Worker:
         poll: Longest wait between looks at the timer set (at most 5 s, the
             socket timeout's margin); a wake-up due now reaches a worker at
             once (pushed), whatever this is.
+        queues: The queues it serves (`Queue` objects or declared names);
+            default: every queue declared in this process when it starts,
+            the default queue included.
     """
 
     def __init__(
@@ -78,6 +89,7 @@ class Worker:
         grace: float = 10.0,
         max_deliveries: int = 5,
         poll: float = 4.0,
+        queues: Sequence[Queue | str] | None = None,
     ) -> None:
         if concurrency < 1:
             raise ConfigurationError(f"concurrency must be >= 1, got {concurrency}")
@@ -86,6 +98,11 @@ class Worker:
         if not (grace >= 0 and poll > 0):
             raise ConfigurationError(f"grace must be >= 0 and poll > 0, got {grace} and {poll}")
         self.settings = settings or Settings.from_env()
+        # Names are resolved now, so that an unknown one fails here, naming the known ones.
+        self._asked = None if queues is None else [queue_named(q) for q in queues]
+        self.queues: list[Queue] = []  # what it serves, once it started
+        self._tags: list[str] = []
+        self._limited: set[str] = set()  # the tags of queues with limits: read through admission
         self.concurrency = concurrency
         self.grace = grace
         self.max_deliveries = max_deliveries
@@ -96,18 +113,18 @@ class Worker:
         self._tg: TaskGroup | None = None
         self._exit = AsyncExitStack()  # what leaving the worker undoes: its task group
         self._slots = anyio.Semaphore(concurrency)
-        self._held: dict[str, RunExecutor | None] = {}  # message id -> the run's executor, once it runs
+        self._held: dict[Message, RunExecutor | None] = {}  # message -> the run's executor, once it runs
         self._stopping = anyio.Event()
         self._now = False  # stop(now=True): no grace
         self._grace_scope: anyio.CancelScope | None = None  # the drain's wait, while it waits
         self._empty = anyio.Event()  # set whenever the last held message is done
-        self._suspect: str | None = None  # a redelivered message on probation here (see _reclaim)
+        self._suspect: Message | None = None  # a redelivered message on probation here (see _reclaim)
         self._trusted = anyio.Event()  # set when the probation of _suspect ends
-        self._recheck = anyio.Event()  # set to make the reclaim loop look again at once
+        self._recheck: dict[str, anyio.Event] = {}  # tag -> set to make its reclaim loop look again at once
         self._outage = False  # the server did not answer: sweep for stuck runs when it does
         # Messages left for a worker that defines their workflow -> until when (monotonic) this one
         # does not claim them back, so that such a worker gets them first.
-        self._declined: dict[str, float] = {}
+        self._declined: dict[Message, float] = {}
 
     @property
     def stopping(self) -> bool:
@@ -124,16 +141,28 @@ class Worker:
     async def __aenter__(self) -> Worker:
         async with AsyncExitStack() as stack:
             self._store = await open_store(self.settings)
-            await self._store.ensure_group(GROUP)
+            self.queues = self._asked if self._asked is not None else declared_queues()
+            self._tags = all_tags(self.queues)
+            for queue in self.queues:
+                await self._store.ensure_queue(queue)
+                if queue.limited:
+                    self._limited.update(queue.tags())
+            for tag in self._tags:
+                await self._store.ensure_group(GROUP, queue=tag)
+                self._recheck[tag] = anyio.Event()
             self._tg = await stack.enter_async_context(anyio.create_task_group())
             stack.push_async_callback(self._shut_down)  # runs before the task group exits
-            self._tg.start_soon(self._read)
-            self._tg.start_soon(move_due_timers, self.store, self.name, self.poll, self._stopping)
-            self._tg.start_soon(self._reclaim)
+            for queue in self.queues:
+                for tag in queue.tags():
+                    self._tg.start_soon(self._admit if tag in self._limited else self._read, tag)
+                    declare = queue if queue.limited else None
+                    self._tg.start_soon(move_due_timers, self.store, self.name, self.poll, self._stopping, tag, declare)
+                    self._tg.start_soon(self._reclaim, tag)
             self._tg.start_soon(self._touch)
             self._tg.start_soon(recover_stuck_runs, self)  # runs nobody would ever resume
             self._exit = stack.pop_all()
-        log.info("worker %s serving %d concurrent runs", self.name, self.concurrency)
+        names = ", ".join(q.name for q in self.queues)
+        log.info("worker %s serving %d concurrent runs from queues %s", self.name, self.concurrency, names)
         return self
 
     async def __aexit__(
@@ -168,7 +197,8 @@ class Worker:
         if not self._stopping.is_set():
             log.info("worker %s stopping: %d runs in progress", self.name, len(self._held))
             self._stopping.set()
-            self._recheck.set()
+            for event in self._recheck.values():
+                event.set()
         if now and not self._now:
             self._now = True
             log.warning("worker %s stopping now: %d runs are handed back unfinished", self.name, len(self._held))
@@ -189,29 +219,63 @@ class Worker:
 
     # -- loops --------------------------------------------------------------------------
 
-    async def _read(self) -> None:
+    def _share(self) -> int:
+        """How many messages one reader may read now: the free slots, shared between the
+        worker's queue partitions (at least one: the reader waits for its slot)."""
+        return max(1, self._slots.value // len(self._tags))
+
+    async def _read(self, tag: str) -> None:
+        """Read the stream of queue partition `tag` (no limits) as slots free up."""
         while not self._stopping.is_set():
-            free = self._slots.value
-            if free == 0:
+            if self._slots.value == 0:
                 await anyio.sleep(0.005)
                 continue
             try:
-                messages = await self.store.read_queue(GROUP, self.name, free, block=1.0)
+                messages = await self.store.read_queue(GROUP, self.name, self._share(), block=_IDLE_LOOK, queue=tag)
             except Exception as exc:  # a worker outlives storage trouble: it retries
-                log.warning("worker %s: cannot read the queue, retrying: %s", self.name, exc, exc_info=_bug(exc))
-                self._outage = self._outage or isinstance(exc, StorageError)
+                self._trouble("read the queue", exc)
                 await anyio.sleep(1.0)
                 continue
-            self._answered()
-            if self._stopping.is_set():
-                # Read while stop() was called: another worker takes them at once.
-                for message, fields in messages:
-                    await self._quietly(self._requeue(message, fields))
-                return
-            for message, fields in messages:
-                await self._spawn(message, fields)
+            await self._got(tag, messages)
 
-    async def _spawn(self, message: str, fields: dict[str, str], *, slot: bool = True) -> None:
+    async def _admit(self, tag: str) -> None:
+        """Ask queue partition `tag` (with limits) for as many runs as there are free
+        slots; when none may start, wait on its bell (a run submitted, a slot freed)
+        or until its rate window reopens."""
+        while not self._stopping.is_set():
+            if self._slots.value == 0:
+                await anyio.sleep(0.005)
+                continue
+            try:
+                messages, reopens, _ = await self.store.admit(GROUP, self.name, self._share(), queue=tag)
+            except Exception as exc:
+                self._trouble("take runs from the queue", exc)
+                await anyio.sleep(1.0)
+                continue
+            await self._got(tag, messages)
+            if messages or self._stopping.is_set():
+                continue
+            try:
+                await self.store.wait_for_bell(min(_IDLE_LOOK, reopens or _IDLE_LOOK), queue=tag)
+            except Exception as exc:
+                self._trouble("wait for the queue", exc)
+                await anyio.sleep(1.0)
+
+    def _trouble(self, what: str, exc: Exception) -> None:
+        log.warning("worker %s: cannot %s, retrying: %s", self.name, what, exc, exc_info=_bug(exc))
+        self._outage = self._outage or isinstance(exc, StorageError)
+
+    async def _got(self, tag: str, messages: list[tuple[str, dict[str, str]]]) -> None:
+        self._answered()
+        if self._stopping.is_set():
+            # Read while stop() was called: another worker takes them at once.
+            for message, fields in messages:
+                await self._quietly(self._requeue((tag, message), fields))
+            return
+        for message, fields in messages:
+            await self._spawn((tag, message), fields)
+
+    async def _spawn(self, message: Message, fields: dict[str, str], *, slot: bool = True) -> None:
         """Handle `message` in a task of its own, in a free slot (waiting for one), or
         without one (a suspect, in the quarantine)."""
         # Held (so renewed) while it waits for a slot: a claimed message may have to.
@@ -225,10 +289,11 @@ class Worker:
         assert self._tg is not None
         self._tg.start_soon(self._handle, message, fields, slot)
 
-    def _requeue(self, message: str, fields: dict[str, str]) -> Awaitable[None]:
-        return self.store.requeue(GROUP, message, fields.get("r", ""), retry=fields.get("x") == "1")
+    def _requeue(self, message: Message, fields: dict[str, str]) -> Awaitable[None]:
+        tag, ident = message
+        return self.store.requeue(GROUP, ident, fields.get("r", ""), retry=fields.get("x") == "1", queue=tag)
 
-    async def _reclaim(self) -> None:
+    async def _reclaim(self, tag: str) -> None:
         """Resume the runs of workers that stopped renewing their messages (they died).
 
         Recovery comes before new work: a round claims into the free slots, and one
@@ -247,8 +312,8 @@ class Worker:
             # again while a herd of abandoned runs waits (a dead worker's whole share).
             delay = 0.05 if backlog else lease / 2 * random.uniform(0.75, 1.25)
             with anyio.move_on_after(delay):
-                await self._recheck.wait()
-            self._recheck = anyio.Event()
+                await self._recheck[tag].wait()
+            self._recheck[tag] = anyio.Event()
             if self._stopping.is_set():
                 return
             count = max(self._slots.value, 1)
@@ -256,9 +321,9 @@ class Worker:
             now = time.monotonic()
             self._declined = {m: until for m, until in self._declined.items() if until > now}
             try:
-                held = [*self._held, *self._declined]
+                held = [ident for where, ident in [*self._held, *self._declined] if where == tag]
                 claimed, buried = await self.store.reclaim(
-                    GROUP, self.name, lease, count, self.max_deliveries, suspect=quarantine, held=held
+                    GROUP, self.name, lease, count, self.max_deliveries, suspect=quarantine, held=held, queue=tag
                 )
                 backlog = sum(not suspect for _, _, suspect in claimed) + len(buried) >= count
                 self._answered()
@@ -270,11 +335,12 @@ class Worker:
                 )
                 self._outage = self._outage or isinstance(exc, StorageError)
                 continue
-            for message, fields, suspect in claimed:
+            for ident, fields, suspect in claimed:
+                message = (tag, ident)
                 if message in self._held:
                     continue
                 why = "left unfinished past the lease" + (" (on probation)" if suspect else "")
-                log.info("worker %s claimed message %s (run %s), %s", self.name, message, fields.get("r"), why)
+                log.info("worker %s claimed message %s (run %s), %s", self.name, ident, fields.get("r"), why)
                 if suspect:
                     self._begin_probation(message)
                 await self._spawn(message, fields, slot=not suspect)
@@ -288,26 +354,27 @@ class Worker:
             assert self._tg is not None
             self._tg.start_soon(sweep_after_outage, self)
 
-    def _begin_probation(self, message: str) -> None:
+    def _begin_probation(self, message: Message) -> None:
         self._suspect = message
         self._trusted = anyio.Event()
         assert self._tg is not None
         self._tg.start_soon(self._probation, message, self._trusted)
 
-    def _end_probation(self, message: str) -> None:
+    def _end_probation(self, message: Message) -> None:
         if self._suspect == message:
             self._suspect = None
             self._trusted.set()
-            self._recheck.set()  # the quarantine is free: the next suspect may wait already
+            for event in self._recheck.values():
+                event.set()  # the quarantine is free: the next suspect may wait already
 
-    async def _probation(self, message: str, trusted: anyio.Event) -> None:
+    async def _probation(self, message: Message, trusted: anyio.Event) -> None:
         """Wait for the suspect `message` to prove itself, at most a few leases (a long
         first step need not keep the worker from new work), then clear its record."""
         with anyio.move_on_after(3 * self.settings.lease):
             await trusted.wait()
         self._end_probation(message)
         with anyio.CancelScope(shield=True):
-            await self._quietly(self.store.end_probation(self.name, message))
+            await self._quietly(self.store.end_probation(self.name, message[1], queue=message[0]))
 
     async def _touch(self) -> None:
         lease = self.settings.lease
@@ -318,7 +385,11 @@ class Worker:
             held = list(self._held)
             sent = time.monotonic()
             try:
-                owned = await self.store.touch(GROUP, self.name, held)
+                owned: set[Message] = set()
+                for tag in self._tags:
+                    mine = [ident for where, ident in held if where == tag]
+                    if mine:
+                        owned.update((tag, i) for i in await self.store.touch(GROUP, self.name, mine, queue=tag))
             except Exception as exc:
                 log.warning("worker %s: cannot renew its messages: %s", self.name, exc, exc_info=_bug(exc))
                 if not cut_off and time.monotonic() - touched >= lease:
@@ -346,8 +417,9 @@ class Worker:
 
     # -- one message --------------------------------------------------------------------
 
-    async def _handle(self, message: str, fields: dict[str, str], slot: bool = True) -> None:
+    async def _handle(self, message: Message, fields: dict[str, str], slot: bool = True) -> None:
         outcome: Outcome = "keep"  # leave it pending: another delivery will try again
+        tag, ident = message
         try:
             started = functools.partial(self._started, message)
             outcome = await take(self.store, self.settings, self.name, message, fields, started)
@@ -366,12 +438,13 @@ class Worker:
             error = f"{type(exc).__name__}: {exc}"
             log.warning("worker %s: run %s: %s", self.name, fields.get("r"), error, exc_info=_bug(exc))
             if not isinstance(exc, StorageError):  # unreachable: the note would wait in vain, holding the slot
-                await self._quietly(self.store.note_error(message, error))
+                await self._quietly(self.store.note_error(ident, error, queue=tag))
         finally:
             self._end_probation(message)
             with anyio.CancelScope(shield=True):
-                if outcome == "ack":
-                    await self._quietly(self.store.ack(GROUP, message))
+                if outcome in ("ack", "ended"):
+                    run_id, ended = fields.get("r", ""), outcome == "ended"
+                    await self._quietly(self.store.ack(GROUP, ident, run_id, ended=ended, queue=tag))
                 elif outcome == "requeue":
                     executor = self._held.get(message)
                     if executor is not None and not executor.ended:
@@ -385,7 +458,7 @@ class Worker:
                     self._slots.release()
                 self.processed += 1
 
-    def _forget(self, message: str) -> None:
+    def _forget(self, message: Message) -> None:
         self._held.pop(message, None)
         if not self._held:
             self._empty.set()
@@ -398,7 +471,7 @@ class Worker:
             except StorageError as exc:
                 log.warning("worker %s: %s", self.name, exc)
 
-    def _started(self, message: str, executor: RunExecutor) -> None:
+    def _started(self, message: Message, executor: RunExecutor) -> None:
         """`message`'s run is about to execute: hold its executor (a shutdown stops it),
         and trust it again once it records progress if it is on probation."""
         self._held[message] = executor

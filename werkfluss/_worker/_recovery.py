@@ -29,6 +29,7 @@ from .._errors import ConfigurationError, StorageError
 from .._holder import holder_is_dead
 from .._ids import check_run_id
 from .._logging import log
+from .._queues import tags_of
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -51,7 +52,7 @@ BATCH = 200  # runs read per round trip of the sweep
 QUEUE_LIMIT = 10_000  # a longer queue is a backlog: the sweep waits for a round with less
 SWEEP_EVERY = 600.0  # seconds: at most one sweep per prefix this often, by whichever worker
 _PAUSE = 0.005  # seconds between batches: a sweep of a large index never crowds out real work
-_FIELDS: tuple[StateField, ...] = ("status", "holder", "lease", "updated")
+_FIELDS: tuple[StateField, ...] = ("status", "holder", "lease", "updated", "queue")
 
 
 class Serving(Protocol):
@@ -132,9 +133,20 @@ async def _sweep_once(worker: Serving, key: str = "sweep", every: float = SWEEP_
 
 
 async def _queued(store: Store, stopping: Callable[[], bool]) -> set[str] | None:
+    """The runs with a message in any queue this server knows (or waiting for admission
+    or a delayed start), or None when one queue holds a backlog."""
     while True:
         try:
-            return await store.queued_runs(QUEUE_LIMIT)
+            tags = ["q"]
+            for name, partitions in (await store.known_queues()).items():
+                tags.extend(tags_of(name, partitions))
+            runs: set[str] = set()
+            for tag in tags:
+                found = await store.queued_runs(QUEUE_LIMIT, queue=tag)
+                if found is None:
+                    return None
+                runs |= found
+            return runs
         except StorageError as exc:
             if stopping():
                 raise
@@ -180,13 +192,13 @@ async def sweep(
                 for run, state in zip(ids, states, strict=True)
                 if run not in queued and _stuck(state, margin, now) and _valid(run)
             ]
-            if candidates:
-                dues = await store.due(candidates)
-                for run, due in zip(candidates, dues, strict=True):
-                    if due is None:
-                        log.debug("run %s: nobody executes it and nothing will wake it; waking it", run)
-                        await store.wake(run)
-                        woken += 1
+            queues = {run: state.queue for run, state in zip(ids, states, strict=True)}
+            for run in candidates:
+                queue = queues[run]
+                if (await store.due([run], queue=queue))[0] is None:
+                    log.debug("run %s: nobody executes it and nothing will wake it; waking it", run)
+                    await store.wake(run, queue=queue)
+                    woken += 1
         except StorageError as exc:
             log.warning("the sweep for stuck runs cannot reach the server, retrying: %s", exc)
             await anyio.sleep(1.0)

@@ -3,8 +3,11 @@
 `take` attaches to the run through the engine (`_engine._attach`, the path
 `start()` takes too), executes it, and says what becomes of the message:
 
-- ``"ack"``: the run's progress is in the log (it ended or paused), or there
-  was nothing to do (it completed, was cancelled, or a live holder has it);
+- ``"ack"``: the run's progress is in the log (it paused), or there was
+  nothing to do now (a live holder has it; a run of another queue, which
+  goes there instead);
+- ``"ended"``: acknowledged too, and the run has ended (here, or before:
+  completed, failed, cancelled): its queue forgets its key and deduplication ID;
 - ``"requeue"``: the run was handed back unfinished (the worker is stopping);
 - ``"keep"``: left pending, for another delivery (or another worker) to try;
 - ``"declined"``: kept, and left to workers that define the run's workflow;
@@ -21,7 +24,7 @@ from typing import TYPE_CHECKING, Literal
 from .._engine._attach import acquire, attach
 from .._engine._drive import drive_child
 from .._engine._executor import Released, RunExecutor, fails
-from .._errors import ConfigurationError
+from .._errors import ConfigurationError, NonDeterminismError
 from .._events import ErrorInfo
 from .._holder import holding
 from .._ids import check_run_id, registered_workflow
@@ -37,23 +40,25 @@ if TYPE_CHECKING:
 __all__ = ["GROUP", "Outcome", "dead", "fail_buried", "take"]
 
 
-Outcome = Literal["ack", "requeue", "keep", "declined", "done"]
+Outcome = Literal["ack", "ended", "requeue", "keep", "declined", "done"]
 
 
 async def take(
     store: Store,
     settings: Settings,
     worker: str,
-    message: str,
+    message: tuple[str, str],
     fields: dict[str, str],
     executing: Callable[[RunExecutor], None],
 ) -> Outcome:
-    """Take over the run `message` names and execute it; returns what becomes of the message.
+    """Take over the run `message` (its queue partition's tag, its ID) names and execute
+    it; returns what becomes of the message.
 
     `executing` is handed the run's executor before the body starts (the
     worker stops it on a shutdown and renews the message meanwhile).
     """
     run_id = fields.get("r", "")
+    tag = message[0]
     try:
         check_run_id(run_id)
     except ConfigurationError:
@@ -70,19 +75,27 @@ async def take(
             workflows=registered_workflow,
             retry=fields.get("x") == "1",
             worker=worker,
+            route=tag,
         )
         got = attached.got
         if attached.kind == "missing":
             return await dead(store, worker, message, run_id, f"there is no run {run_id!r}")
+        if attached.kind == "elsewhere":
+            # A wake-up that reached another queue than the run's (sent by an older version,
+            # or by a sweep): the run's own queue gets it, its limits apply there.
+            await store.enqueue(run_id, retry=fields.get("x") == "1", queue=got.queue)
+            return "ack"
         if attached.kind == "busy":
             # Its holder is alive and will finish it; look again when its lease would run out
             # (a holder in this process may be past its lease: then in a moment). The run
             # itself sees hooks and timers as it goes.
-            await store.wake(run_id, time.time() + (got.lease_left + 0.1 if got.lease_left > 0 else 1.0))
+            at = time.time() + (got.lease_left + 0.1 if got.lease_left > 0 else 1.0)
+            await store.wake(run_id, at, queue=got.queue or tag)
             return "ack"
         if attached.kind == "undefined":
             await store.release(run_id, got.epoch, pending=True)  # for a worker that defines it
-            await store.note_error(message, f"workflow {got.workflow!r} is not defined in worker {worker}")
+            missing = f"workflow {got.workflow!r} is not defined in worker {worker}"
+            await store.note_error(message[1], missing, queue=tag)
             log.warning(
                 "worker %s: run %s needs workflow %r, which this worker does not define; leaving it",
                 worker,
@@ -97,15 +110,19 @@ async def take(
             return await dead(store, worker, message, run_id, str(attached.error))
         executor = attached.executor
         if executor is None:
-            return "ack"  # completed, cancelled, or failed/blocked without a retry: nothing to do
+            # Completed, cancelled, or failed/blocked without a retry: nothing to do.
+            return "ack" if attached.kind in ("ended", "conflict", "other-arguments") else "ended"
         executing(executor)
         try:
             outcome = await executor.execute(attached.args, attached.kwargs)
         except BaseException as exc:
             if executor.ended and fails(exc):
-                return "ack"  # failed, blocked or cancelled, and recorded so
+                # Failed or cancelled, and recorded so (blocked waits for a deploy: not ended).
+                return "ack" if isinstance(exc, NonDeterminismError) else "ended"
             raise
-        return "requeue" if isinstance(outcome, Released) else "ack"  # ended or paused
+        if isinstance(outcome, Released):
+            return "requeue"
+        return "ended" if executor.ended else "ack"  # ended or paused
 
 
 async def fail_buried(store: Store, settings: Settings, worker: str, run_id: str, reason: str) -> None:
@@ -126,8 +143,8 @@ async def fail_buried(store: Store, settings: Settings, worker: str, run_id: str
             await store.fail(run_id, got.epoch, ErrorInfo(type="werkfluss.DeadLetter", message=reason))
 
 
-async def dead(store: Store, worker: str, message: str, run_id: str, reason: str) -> Outcome:
-    """Move `message` to the dead letters with `reason`."""
-    log.error("worker %s: dead-lettering message %s (run %r): %s", worker, message, run_id, reason)
-    await store.dead_letter(GROUP, message, run_id, reason)
+async def dead(store: Store, worker: str, message: tuple[str, str], run_id: str, reason: str) -> Outcome:
+    """Move `message` (its tag, its ID) to the dead letters with `reason`."""
+    log.error("worker %s: dead-lettering message %s (run %r): %s", worker, message[1], run_id, reason)
+    await store.dead_letter(GROUP, message[1], run_id, reason, queue=message[0])
     return "done"
