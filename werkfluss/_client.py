@@ -151,9 +151,8 @@ async def enqueue_async(workflow: Workflow[P, R], /, *args: P.args, **kwargs: P.
         RunConflictError: the run ID belongs to another workflow or other arguments.
         SerializationError: an argument cannot be stored.
         StorageError: Redis/Valkey is unreachable.
-        ConfigurationError: `workflow` is not a workflow (a step, say), a priority is
-            given on a queue declared without ``priority=True``, or another process
-            declares the queue differently.
+        ConfigurationError: `workflow` is not a workflow (a step, say), or a priority is
+            given on a queue declared without ``priority=True``.
     """
     _check_workflow(workflow, "enqueue_async")
     options = workflow.run_options

@@ -274,8 +274,9 @@ class QueueStore(Protocol):
         """Store (or refresh) a queue partition's limits; returns None, or a different recent declaration."""
         ...
 
-    async def ensure_queue(self, queue: Queue, *, refresh: bool = False) -> None:
-        """Declare `queue`'s limits on the server, once per connection (again with `refresh`)."""
+    async def ensure_queue(self, queue: Queue, *, refresh: bool = False) -> str | None:
+        """Declare `queue`'s limits on the server, once per connection (again with `refresh`);
+        returns why another declaration stays in force, if one does."""
         ...
 
     async def known_queues(self) -> dict[str, int]:

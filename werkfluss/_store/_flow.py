@@ -21,7 +21,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .._errors import ConfigurationError
+from .._logging import log
+from .._queues import DEFAULT_QUEUE
 from ._connect import NOW, Connection, Script, entry_fields, text
 from ._deadline import SOCKET_TIMEOUT
 from ._keys import BELL, CONFIG, QUEUE, QUEUES
@@ -330,26 +331,36 @@ class RedisFlow(Connection):
             return None
         return f"{text(reply[1])} ({int(reply[2]) / 1000:.0f} s ago)"
 
-    async def ensure_queue(self, queue: Queue, *, refresh: bool = False) -> None:
+    async def ensure_queue(self, queue: Queue, *, refresh: bool = False) -> str | None:
         """Declare `queue`'s limits on the server, once per connection (again with `refresh`).
 
-        Raises:
-            ConfigurationError: another process declares the queue differently (named).
+        The limits in force are the store's, whoever declared them: a different
+        declaration another process made (or renewed) in the last
+        `DECLARATION_STANDS` seconds stays in force, and this one waits. That is
+        logged as an error naming both, once per process, and returned; this
+        declaration takes over at a later `refresh` (a worker's, every 20 s)
+        once the other is no longer renewed: a deploy that changes a queue's
+        limits needs no step by hand, and old and new workers never flap.
         """
-        declared: set[str] = self.__dict__.setdefault("_declared", set())
-        if not queue.limited or (queue.name in declared and not refresh):
-            return
+        declared: dict[str, str | None] = self.__dict__.setdefault("_declared", {})
+        if queue.name == DEFAULT_QUEUE or (queue.name in declared and not refresh):
+            return declared.get(queue.name)
         if queue.name not in declared:
             await self._call(self.client.hset(self.prefix + QUEUES, queue.name, queue.partitions))
+        conflict = None
         for tag in queue.tags():
             other = await self.declare_queue(tag, queue.config())
             if other is not None:
-                raise ConfigurationError(
+                conflict = (
                     f"queue {queue.name!r} is declared as {queue.describe()} here, but another process "
-                    f"declared it as {other}: deploy one declaration (the store takes a new one "
-                    f"{DECLARATION_STANDS:.0f} s after the last process with the old one declared it)"
+                    f"declared it as {other}: those limits stay in force while a process keeps declaring "
+                    f"them; this declaration takes over {DECLARATION_STANDS:.0f} s after the last one stopped"
                 )
-        declared.add(queue.name)
+                break
+        if conflict is not None and declared.get(queue.name) != conflict:
+            log.error("%s", conflict)
+        declared[queue.name] = conflict
+        return conflict
 
     async def known_queues(self) -> dict[str, int]:
         """The queues declared on this server (with limits): name -> partitions."""

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import anyio
 
-from .._errors import ConfigurationError, StorageError
+from .._errors import StorageError
 from .._logging import log
 
 if TYPE_CHECKING:
@@ -47,9 +47,9 @@ async def move_due_timers(
         if declared is not None and time.monotonic() - renewed >= DECLARE_EVERY:
             renewed = time.monotonic()
             try:
-                await store.ensure_queue(declared, refresh=True)
-            except (ConfigurationError, StorageError) as exc:
-                log.warning("worker %s: %s", worker, exc)
+                await store.ensure_queue(declared, refresh=True)  # logs a conflicting declaration itself
+            except StorageError as exc:
+                log.warning("worker %s: cannot renew the declaration of queue %s: %s", worker, declared.name, exc)
         try:
             moved, wait = await store.move_due(MOVE_BATCH, queue=queue)
         except Exception as exc:
