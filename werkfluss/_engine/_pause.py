@@ -229,9 +229,11 @@ async def wait_for_wake(store: Store, run_id: str, lease: float, *, caller: bool
     tree = await _wait_tree(store, run_id)
     while await store.status(run_id) == "paused":
         now = store.now()
-        dues: list[float | None] = []
-        for run, queue in tree:
-            dues.extend(await store.due([run], queue=queue))
+        found: dict[tuple[str, str], float | None] = {}
+        for queue in {queue for _, queue in tree}:  # one round trip per queue, not per run
+            runs = [run for run, where in tree if where == queue]
+            found.update(zip(((run, queue) for run in runs), await store.due(runs, queue=queue), strict=True))
+        dues = [found[entry] for entry in tree]
         for (run, queue), due in zip(tree, dues, strict=True):
             if due is not None and due <= now and await store.claim_timer(run, lease, queue=queue):
                 return
@@ -263,16 +265,19 @@ def _raise_lost_cancellation() -> None:
 async def _wait_tree(store: Store, run_id: str) -> list[tuple[str, str]]:
     """`run_id` and the paused child runs it waits for, transitively (bounded), each
     with the tag of its queue partition (where its timer lives)."""
-    runs, tree = [run_id], []
+    runs, queues = [run_id], {}
     for run in runs:
         if len(runs) >= 100:
             break
         state = await store.state(run)
-        tree.append((run, state.queue))
+        queues[run] = state.queue
         raw = state.waiting
         try:
             waits = msgspec.msgpack.decode(raw, type=list[Waiting]) if raw else []
         except (msgspec.DecodeError, ValueError, RecursionError):
             waits = []
         runs.extend(w.run for w in waits if w.kind == "child" and w.run and w.run not in runs)
-    return tree
+    unread = [run for run in runs if run not in queues]
+    for run, state in zip(unread, await store.states(unread, ("queue",)), strict=True):
+        queues[run] = state.queue
+    return [(run, queues[run]) for run in runs]
