@@ -18,7 +18,7 @@ PACKAGE = Path(werkfluss.__file__).resolve().parent
 STRUCTS = {
     "Settings": "_options", "RetryPolicy": "_options", "ErrorRecord": "_queries", "RunInfo": "_queries",
     "RunPage": "_queries", "RunSummary": "_queries", "Wait": "_queries", "DeadLetter": "_dead_letters",
-    "QueueDepth": "_dead_letters",
+    "QueueDepth": "_dead_letters", "QueueInfo": "_queue_info", "KeyLoad": "_queue_info",
 }  # fmt: skip
 
 
@@ -120,7 +120,7 @@ LAYER_OF = {
     "werkfluss._holder": "pure", "werkfluss._queues": "pure",
     "werkfluss._context": "context",
     "werkfluss._wrappers": "api", "werkfluss._waits": "api", "werkfluss._sync": "api", "werkfluss._client": "api",
-    "werkfluss._queries": "api", "werkfluss._dead_letters": "api",
+    "werkfluss._queries": "api", "werkfluss._dead_letters": "api", "werkfluss._queue_info": "api",
 }  # fmt: skip
 FOLDERS = {
     "werkfluss._store": "store",

@@ -10,10 +10,10 @@ in layers that import only downwards: pure (``_errors``, ``_ids``,
 ``_options``, ``_events``, ``_values``, ``_logging``, ``_holder``), the run
 context (``_context``), the store (``_store/``), the engine (``_engine/``),
 the API (``_wrappers``, ``_waits``, ``_sync``, ``_client``, ``_queries``,
-``_dead_letters``) beside the worker (``_worker/``), and the command line
-(``_cli/``); ``tests/test_exports.py`` checks every import against these
-layers. ``werkfluss.events`` names the log's events and ``werkfluss.testing``
-holds helpers for users' test suites.
+``_dead_letters``, ``_queue_info``) beside the worker (``_worker/``), and
+the command line (``_cli/``); ``tests/test_exports.py`` checks every import
+against these layers. ``werkfluss.events`` names the log's events and
+``werkfluss.testing`` holds helpers for users' test suites.
 """
 
 from __future__ import annotations
@@ -86,6 +86,7 @@ if _typing.TYPE_CHECKING:
         list_runs,
         list_runs_async,
     )
+    from ._queue_info import KeyLoad, QueueInfo, list_queues, list_queues_async, queue_info, queue_info_async
     from ._queues import Queue
     from ._waits import Hook, hook, race, sleep
     from ._worker import Worker
@@ -99,6 +100,7 @@ __all__ = [
     "Hook",
     "HookClosedError",
     "HookConflictError",
+    "KeyLoad",
     "LossyServerWarning",
     "NonDeterminismError",
     "NotInWorkflowError",
@@ -106,6 +108,7 @@ __all__ = [
     "PendingHook",
     "Queue",
     "QueueDepth",
+    "QueueInfo",
     "RetryPolicy",
     "RunCancelledError",
     "RunConflictError",
@@ -138,12 +141,16 @@ __all__ = [
     "hook",
     "invoke_hook",
     "invoke_hook_async",
+    "list_queues",
+    "list_queues_async",
     "list_runs",
     "list_runs_async",
     "pending_hooks",
     "pending_hooks_async",
     "queue_depth",
     "queue_depth_async",
+    "queue_info",
+    "queue_info_async",
     "race",
     "redrive",
     "redrive_async",
@@ -209,6 +216,9 @@ _DEFINED_IN = {
             "list_runs_async",
         ),
         "_queries",
+    ),
+    **dict.fromkeys(
+        ("KeyLoad", "QueueInfo", "list_queues", "list_queues_async", "queue_info", "queue_info_async"), "_queue_info"
     ),
     **dict.fromkeys(("Hook", "hook", "race", "sleep"), "_waits"),
     **dict.fromkeys(("Step", "Workflow", "step", "workflow"), "_wrappers"),

@@ -32,6 +32,8 @@ from ._events import (
 )
 from ._ids import check_run_id
 from ._options import Settings, check_limit
+from ._queue_info import waiting_on
+from ._queues import DEFAULT_QUEUE, queue_of_tag
 from ._store._open import open_store
 from ._sync import blocking
 
@@ -125,6 +127,15 @@ class RunInfo(RunSummary, frozen=True, kw_only=True):
         last_step: The ID of the last step (or child workflow) the log records.
         last_seq: That step's sequence number.
         attempts: How many attempts that step has had: above 1 when it was retried.
+        queue: The name of the queue the run belongs to (``"default"`` for workflows naming none).
+        due: When its delayed start is due, UTC (enqueued with ``delay=`` or ``at=``), else None.
+        waiting_on: Why a pending run has not started, when something on its queue holds
+            it: ``"concurrency of invoices (20/20)"``, ``"concurrency of key 'acme' in
+            invoices (2/2)"``, ``"rate of invoices (100/min)"``, ``"rate of key 'acme' in
+            invoices (5/s)"``, ``"delayed until 2026-01-01 09:00:00 UTC"`` or ``"its turn in
+            invoices (3 runs ahead)"`` (with keys, approximate: keys take turns). Read when
+            asked; None when nothing holds it there (a worker has it, it runs, or it waits
+            for a hook, a timer or a child).
     """
 
     args: list[Any] = []
@@ -136,6 +147,9 @@ class RunInfo(RunSummary, frozen=True, kw_only=True):
     last_step: str | None = None
     last_seq: int | None = None
     attempts: int = 0
+    queue: str = DEFAULT_QUEUE
+    due: datetime | None = None
+    waiting_on: str | None = None
 
 
 class RunPage(msgspec.Struct, frozen=True, kw_only=True):
@@ -184,6 +198,9 @@ async def get_run_async(run_id: str, *, settings: Settings | None = None) -> Run
         last_step=step.step if step else None,
         last_seq=step.seq if step else None,
         attempts=step.attempt if step else 0,
+        queue=queue_of_tag(state.queue),
+        due=_time(state.due) if state.due else None,
+        waiting_on=await waiting_on(store, run_id, state),
     )
 
 

@@ -3,8 +3,9 @@
 Commands:
     werkfluss runs list|show|cancel|resume ...       see and steer runs
     werkfluss hooks send TOKEN JSON | list           deliver to hooks, see what waits
-    werkfluss worker MODULE[:ATTR] ...               serve the workflows these modules define
-    werkfluss dead list | redrive ID... | redrive --all   dead letters of the queue
+    werkfluss worker MODULE[:ATTR] ... [--queue NAME]  serve the workflows these modules define
+    werkfluss queues list | show NAME                the queues: limits, waiting, running, busiest keys
+    werkfluss dead list | redrive ID... | redrive --all   dead letters of the queues
     werkfluss server start|stop|status [--dir DIR]   the embedded Valkey server
 
 Connection options (``--redis-url``, ``--dir``, ``--prefix``) default to the
@@ -27,10 +28,11 @@ import anyio
 from .._errors import ConfigurationError, WerkflussError
 from .._ids import registered_workflows
 from .._queries import STATUSES
+from .._queues import Queue, declared_queues, queue_named
 from .._store._embedded import ensure_server, server_status, stop_server
 from .._sync import blocking
 from .._worker import Worker
-from ._commands import dead, hooks, print_json, runs, settings_of
+from ._commands import dead, hooks, print_json, queues, runs, settings_of
 
 __all__ = ["main", "run"]
 
@@ -81,6 +83,13 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--grace", type=float, default=10.0, help="seconds to let runs stop on shutdown (default 10)")
     worker.add_argument("--max-deliveries", type=int, default=5, help="deliveries before a dead letter (default 5)")
     worker.add_argument(
+        "--queue",
+        action="append",
+        dest="queues",
+        metavar="NAME",
+        help="serve this queue (repeat for more; default: every queue the modules declare, and the default queue)",
+    )
+    worker.add_argument(
         "--log-level",
         default="INFO",
         type=str.upper,
@@ -89,10 +98,20 @@ def _parser() -> argparse.ArgumentParser:
     )
     _connection(worker)
 
-    dead = commands.add_parser("dead", help="list or re-drive the queue's dead letters")
+    queues = commands.add_parser("queues", help="the queues: limits in force, runs waiting and running")
+    queues_actions = queues.add_subparsers(dest="action", required=True)
+    queue_list = queues_actions.add_parser("list", help="every queue: limits, waiting, running, delayed")
+    queue_show = queues_actions.add_parser("show", help="one queue, with its busiest keys")
+    queue_show.add_argument("name", help="the queue's name (werkfluss queues list names them)")
+    queue_show.add_argument("--top", type=int, default=10, help="how many of the busiest keys to show (default 10)")
+    for sub in (queue_list, queue_show):
+        _connection(sub, json=True)
+
+    dead = commands.add_parser("dead", help="list or re-drive the queues' dead letters")
     dead.add_argument("action", choices=["list", "redrive"])
     dead.add_argument("ids", nargs="*", help="dead-letter IDs to re-drive")
     dead.add_argument("--all", action="store_true", help="re-drive every dead letter")
+    dead.add_argument("--queue", metavar="NAME", help="only this queue's dead letters (default: every queue's)")
     dead.add_argument("--limit", type=int, default=100, help="how many to list (default 100)")
     _connection(dead, json=True)
 
@@ -129,8 +148,13 @@ def _worker(args: argparse.Namespace) -> int:
         raise ConfigurationError(
             f"{', '.join(args.modules)} {'defines' if len(args.modules) == 1 else 'define'} no workflows"
         )
+    served = None if args.queues is None else [_queue(name, args.modules) for name in args.queues]
     worker = Worker(
-        settings=settings_of(args), concurrency=args.concurrency, grace=args.grace, max_deliveries=args.max_deliveries
+        settings=settings_of(args),
+        concurrency=args.concurrency,
+        grace=args.grace,
+        max_deliveries=args.max_deliveries,
+        queues=served,
     )
 
     forced: list[int] = []  # the signal that stopped the worker at once, if one did
@@ -141,7 +165,12 @@ def _worker(args: argparse.Namespace) -> int:
             tg.start_soon(_on_signals, worker, tg.cancel_scope, serving, forced)
             async with worker:
                 serving.set()
-                print(f"werkfluss worker {worker.name} serving {', '.join(names)}", file=sys.stderr, flush=True)
+                print(
+                    f"werkfluss worker {worker.name} serving {', '.join(names)} "
+                    f"from queue{'s' if len(worker.queues) != 1 else ''} {', '.join(q.name for q in worker.queues)}",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 await worker.wait()
             tg.cancel_scope.cancel()
 
@@ -158,6 +187,17 @@ def _worker(args: argparse.Namespace) -> int:
         # Stopped at once: runs were cut short and handed back; not a clean exit.
         return 128 + forced[0]
     return 0
+
+
+def _queue(name: str, modules: list[str]) -> Queue:
+    """The queue `name` the imported modules declared (or the default one)."""
+    try:
+        return queue_named(name)
+    except ConfigurationError:
+        known = ", ".join(q.name for q in declared_queues())
+        raise ConfigurationError(
+            f"there is no queue {name!r} declared in {', '.join(modules)}; known queues: {known}"
+        ) from None
 
 
 def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
@@ -221,7 +261,7 @@ def _command(args: argparse.Namespace) -> int:
         return _worker(args)
     if args.command == "server":
         return _server(args)
-    command = {"runs": runs, "hooks": hooks, "dead": dead}[args.command]
+    command = {"runs": runs, "hooks": hooks, "dead": dead, "queues": queues}[args.command]
     return blocking(args.command, lambda: command(args))
 
 

@@ -1,4 +1,4 @@
-"""The command line's read and control commands: runs, hooks and dead letters.
+"""The command line's read and control commands: runs, hooks, queues and dead letters.
 
 Each command is a coroutine taking the parsed arguments and returning the
 exit code; tables for people, ``--json`` for scripts.
@@ -27,12 +27,16 @@ from .._dead_letters import dead_letters_async, redrive_async
 from .._errors import ConfigurationError, RunNotFoundError, WerkflussError
 from .._options import Settings, redact
 from .._queries import event_dict, get_events_async, get_run_async, list_runs_async
+from .._queue_info import list_queues_async, queue_info_async
 from ._timeline import duration, render
 
 if TYPE_CHECKING:
     import argparse
 
-__all__ = ["dead", "hooks", "print_json", "runs", "settings_of"]
+    from .._dead_letters import DeadLetter
+    from .._queue_info import QueueInfo
+
+__all__ = ["dead", "hooks", "print_json", "queues", "runs", "settings_of"]
 
 
 def settings_of(args: argparse.Namespace) -> Settings:
@@ -193,27 +197,107 @@ async def dead(args: argparse.Namespace) -> int:
     """``werkfluss dead list`` and ``werkfluss dead redrive ID...|--all``."""
     settings = _existing(args)
     if args.action == "list":
-        letters = await dead_letters_async(limit=args.limit, settings=settings)
+        letters = await dead_letters_async(queue=args.queue, limit=args.limit, settings=settings)
         if args.json:
-            print_json([{"id": letter.id, **letter.fields} for letter in letters])
+            print_json([{"id": letter.id, "queue": letter.queue, **letter.fields} for letter in letters])
         elif not letters:
             print("no dead letters")
         else:
-            _table(
-                ["ID", "RUN", "REASON"],
-                [[letter.id, letter.fields.get("r", "?"), letter.reason] for letter in letters],
-            )
+            _dead_table(letters)
         return 0
-    ids = [letter.id for letter in await dead_letters_async(limit=100_000, settings=settings)] if args.all else args.ids
-    if args.all and not ids:
-        # Nothing to do is not a failure: after this, no dead letter is left, as asked.
-        print("no dead letters to re-drive")
-        return 0
-    if not ids:
+    if args.all:
+        found = await dead_letters_async(queue=args.queue, limit=100_000, settings=settings)
+        if not found:
+            # Nothing to do is not a failure: after this, no dead letter is left, as asked.
+            print("no dead letters to re-drive")
+            return 0
+        targets: list[tuple[str, str | None]] = [(letter.id, letter.queue) for letter in found]
+    else:
+        targets = [(dead_id, args.queue) for dead_id in args.ids]
+    if not targets:
         raise ConfigurationError("name the dead letters to re-drive, or pass --all")
     missing = 0
-    for dead_id in ids:
-        message = await redrive_async(dead_id, settings=settings)
+    for dead_id, queue in targets:
+        message = await redrive_async(dead_id, queue=queue, settings=settings)
         print(f"{dead_id}: re-driven as {message}" if message else f"{dead_id}: no such dead letter")
         missing += not message
     return 1 if missing else 0
+
+
+def _dead_table(letters: list[DeadLetter]) -> None:
+    # The queue column shows once a dead letter is on a named queue: with the default
+    # queue alone the table reads as it always did.
+    named = any(letter.queue != "default" for letter in letters)
+    header = ["ID", "QUEUE", "RUN", "REASON"] if named else ["ID", "RUN", "REASON"]
+    rows = [
+        [letter.id, *([letter.queue] if named else []), letter.fields.get("r", "?"), letter.reason]
+        for letter in letters
+    ]
+    _table(header, rows)
+
+
+# -- werkfluss queues ------------------------------------------------------------------
+
+
+async def queues(args: argparse.Namespace) -> int:
+    """``werkfluss queues list`` and ``werkfluss queues show NAME``."""
+    settings = _existing(args)
+    if args.action == "list":
+        found = await list_queues_async(settings=settings)
+        if args.json:
+            print_json(found)
+            return 0
+        _table(
+            ["QUEUE", "PARTITIONS", "LIMITS", "WAITING", "RUNNING", "DELAYED", "OLDEST WAITING"],
+            [[q.name, str(q.partitions), _limits(q) or "-", *_counts(q), _age(q.oldest_waiting)] for q in found],
+        )
+        return 0
+    info = await queue_info_async(args.name, top=args.top, settings=settings)
+    if args.json:
+        print_json(info)
+        return 0
+    print(f"queue {info.name}: {info.declared}")
+    facts = [
+        ("partitions", str(info.partitions)),
+        ("limits", _limits(info) or "none"),
+        ("waiting", str(info.waiting)),
+        ("running", str(info.running)),
+        ("delayed", str(info.delayed)),
+    ]
+    if info.limited:
+        facts.append(("ready", f"{info.ready} (admitted, not yet read by a worker)"))
+    facts.append(("oldest waiting", _age(info.oldest_waiting)))
+    width = max(len(label) for label, _ in facts)
+    for label, value in facts:
+        print(f"{label:<{width}}  {value}")
+    if info.busiest_keys:
+        print()
+        print("busiest keys:")
+        _table(
+            ["KEY", "RUNNING", "WAITING"],
+            [[k.key or "(no key)", str(k.running), str(k.waiting)] for k in info.busiest_keys],
+        )
+    return 0
+
+
+def _limits(queue: QueueInfo) -> str:
+    """A queue's limits in one cell: ``concurrency=20 per_key=2 rate=100/min priority``."""
+    parts = [
+        f"{name}={value}"
+        for name, value in (
+            ("concurrency", queue.concurrency),
+            ("per_key", queue.per_key),
+            ("rate", queue.rate),
+            ("key_rate", queue.key_rate),
+        )
+        if value
+    ]
+    return " ".join(parts + (["priority"] if queue.priority else []))
+
+
+def _counts(queue: QueueInfo) -> list[str]:
+    return [str(queue.waiting), str(queue.running), str(queue.delayed)]
+
+
+def _age(seconds: float | None) -> str:
+    return "-" if seconds is None else duration(seconds)

@@ -5,7 +5,10 @@ One row per step (sequence number, name, executed or replayed, attempts,
 duration, and a bar on a time axis common to all rows), rows for hooks,
 timers and races, pauses as gaps with what the run waited for, a marker
 for every time a process took the run over, and the error text of a
-failed step. Fits 80 columns; colour is for terminals only.
+failed step. Under the title: the run's queue (unless the default one) and
+its delayed start's due time, and what holds a pending run on its queue
+(``waiting: concurrency of invoices (20/20)``). Fits 80 columns; colour is
+for terminals only.
 """
 
 from __future__ import annotations
@@ -224,6 +227,10 @@ def render(run: RunInfo, events: list[AnyEvent], *, colour: bool = False, now: f
     title = paint("bold", f"run {run.run_id}") + f" · {run.workflow} · " + paint(_status_colour(run.status), run.status)
     facts = f"created {run.created:%Y-%m-%d %H:%M:%S} UTC · {duration(t1 - t0)} · {len(events)} events"
     out = [_fit(title, glyphs), _fit(facts + (f" · parent {run.parent}" if run.parent else ""), glyphs)]
+    if run.queue != "default" or run.due:  # the default queue goes without saying
+        out.append(_fit(f"queue {run.queue}" + (f" · due {run.due:%Y-%m-%d %H:%M:%S} UTC" if run.due else ""), glyphs))
+    if run.waiting_on:
+        out.append(_fit(f"waiting: {run.waiting_on}", glyphs))
     if run.waiting:
         out.append(_fit(f"waiting for {describe([_log_form(w) for w in run.waiting])}", glyphs))
     left = f"{'seq':>{_SEQ}} {'step':<{_NAME}} {'outcome':<{_OUTCOME}} {'try':>{_TRIES}} {'time':>{_TIME}} "

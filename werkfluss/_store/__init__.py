@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Protocol
 from . import _flow, _hooks, _queue, _run_log, _runs, _timers
 from ._connect import Script
 from ._deadline import CALL_DEADLINE, SOCKET_TIMEOUT
-from ._flow import RedisFlow
+from ._flow import QueueFigures, RedisFlow
 from ._hooks import RedisHooks
 from ._keys import RunState, StateField
 from ._queue import RedisQueue
@@ -45,6 +45,7 @@ __all__ = [
     "AcquireKind",
     "AcquireResult",
     "HookStore",
+    "QueueFigures",
     "QueueStore",
     "RedisStore",
     "RunState",
@@ -285,6 +286,14 @@ class QueueStore(Protocol):
 
     async def queue_config(self, tag: str) -> dict[str, str]:
         """A queue partition's stored declaration and counters."""
+        ...
+
+    async def queue_figures(self, tag: str, *, group: str, keys: int = 1000) -> QueueFigures:
+        """A queue partition's figures (runs waiting, admitted, delayed, messages, busy keys), read in one call."""
+        ...
+
+    async def why_waiting(self, run_id: str, *, queue: str, group: str, look: int = 1000) -> list[str]:
+        """Why a run has not started on queue partition `queue` (``[""]``: it does not wait there)."""
         ...
 
     async def claim_dedup(self, dedup: str, run_id: str, *, queue: str, previous: str = "") -> str:

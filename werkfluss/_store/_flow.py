@@ -19,6 +19,7 @@ Cluster they all live on that stream's slot.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .._logging import log
@@ -314,7 +315,127 @@ return 1
 """,
 )
 
-SCRIPTS = (SUBMIT, ADMIT, DECLARE, DEDUP, FORGET)
+# KEYS: queue. ARGV: group, how many keys to look at. Reads a queue partition's figures
+# (read only): {runs waiting for admission, slots held, delayed runs, stream length,
+# messages pending in `group`, undelivered messages (-1: unknown), the oldest undelivered
+# entry's ID or '', whether keys were left out, then per key looked at: key, its
+# admitted runs, its waiting runs, the run at the head of its line ('' none)}. The keys
+# with waiting runs are those in the ring (a run may start), in 'later' (rate window
+# full) and in 'running' (the others wait for their key's slots).
+FIGURES = Script(
+    "FIGURES",
+    """
+local base = string.sub(KEYS[1], 1, #KEYS[1] - 5)
+local function K(part) return base .. part end
+local group, budget = ARGV[1], tonumber(ARGV[2])
+local pending, lag, last = 0, -1, nil
+local ok, groups = pcall(redis.call, 'XINFO', 'GROUPS', KEYS[1])
+if ok then
+  for _, g in ipairs(groups) do
+    local info = {}
+    for i = 1, #g - 1, 2 do info[g[i]] = g[i + 1] end
+    if info['name'] == group then
+      pending, last = tonumber(info['pending']) or 0, info['last-delivered-id']
+      if type(info['lag']) == 'number' then lag = info['lag'] end
+    end
+  end
+end
+local length = redis.call('XLEN', KEYS[1])
+if lag < 0 then lag = math.max(length - pending, 0) end  -- delivered messages are deleted once done with
+local first = redis.call('XRANGE', KEYS[1], last and ('(' .. last) or '-', '+', 'COUNT', 1)
+local oldest = first[1] and first[1][1] or ''
+local seen, keys, cut = {}, {}, 0
+local function add(key)
+  if seen[key] then return end
+  if #keys >= budget then cut = 1 return end
+  seen[key] = true
+  keys[#keys + 1] = key
+end
+for _, part in ipairs({'ring', 'later'}) do
+  if redis.call('ZCARD', K(part)) > budget then cut = 1 end
+  for _, key in ipairs(redis.call('ZRANGE', K(part), 0, budget - 1)) do add(key) end
+end
+if redis.call('HLEN', K('running')) > budget then
+  cut = 1
+  local scan = redis.call('HSCAN', K('running'), 0, 'COUNT', budget)
+  for i = 1, #scan[2], 2 do add(scan[2][i]) end
+else
+  for _, key in ipairs(redis.call('HKEYS', K('running'))) do add(key) end
+end
+local out = {redis.call('HLEN', K('wait')), redis.call('HLEN', K('active')), redis.call('ZCARD', K('delayed')),
+             length, pending, lag, oldest, cut}
+for _, key in ipairs(keys) do
+  local head = redis.call('ZRANGE', K('k:' .. key), 0, 0)
+  out[#out + 1] = key
+  out[#out + 1] = tonumber(redis.call('HGET', K('running'), key)) or 0
+  out[#out + 1] = redis.call('ZCARD', K('k:' .. key))
+  out[#out + 1] = head[1] or ''
+end
+return out
+""",
+)
+
+# KEYS: queue. ARGV: run, group, how many undelivered messages to look through. Why the
+# run has not started (read only): {'delayed', due ms}; {'per_key', key, admitted, limit};
+# {'concurrency', held, limit}; {'key_rate', key, limit, window ms}; {'rate', limit,
+# window ms}; {'turn', runs ahead} (waiting for admission, nothing full: its turn);
+# {'stream', messages ahead or -1 for more than looked through} (a queue without limits);
+# {''} (not waiting here: admitted, read by a worker, or not on this queue).
+WHY = Script(
+    "WHY",
+    NOW
+    + """
+local base = string.sub(KEYS[1], 1, #KEYS[1] - 5)
+local function K(part) return base .. part end
+local run, group, budget = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local due = redis.call('ZSCORE', K('delayed'), run)
+if due then return {'delayed', tonumber(due)} end
+local c = redis.call('HMGET', K('config'), 'flow', 'concurrency', 'per_key', 'rate', 'window', 'key_rate',
+                     'key_window')
+if c[1] == '1' then
+  if redis.call('HEXISTS', K('wait'), run) == 0 then return {''} end
+  local prio, start, key = string.match(redis.call('HGET', K('meta'), run) or '', '^(%d+)|(%d)|(.*)$')
+  if not prio then start, key = '0', '' end
+  local per_key, running = tonumber(c[3]) or 0, tonumber(redis.call('HGET', K('running'), key)) or 0
+  if per_key > 0 and running >= per_key then return {'per_key', key, running, per_key} end
+  local concurrency, held = tonumber(c[2]) or 0, redis.call('HLEN', K('active'))
+  if concurrency > 0 and held >= concurrency then return {'concurrency', held, concurrency} end
+  if start == '1' then
+    local key_rate, key_window = tonumber(c[6]) or 0, tonumber(c[7]) or 0
+    if key_rate > 0 and (redis.call('ZSCORE', K('later'), key)
+        or redis.call('ZCOUNT', K('rate:' .. key), '(' .. (now - key_window), '+inf') >= key_rate) then
+      return {'key_rate', key, key_rate, key_window}
+    end
+    local rate, window = tonumber(c[4]) or 0, tonumber(c[5]) or 0
+    if rate > 0 and redis.call('ZCOUNT', K('rate'), '(' .. (now - window), '+inf') >= rate then
+      return {'rate', rate, window}
+    end
+  end
+  local ahead = redis.call('ZRANK', K('k:' .. key), run) or 0
+  return {'turn', ahead + (redis.call('ZRANK', K('ring'), key) or 0)}
+end
+local last = nil
+local ok, groups = pcall(redis.call, 'XINFO', 'GROUPS', KEYS[1])
+if ok then
+  for _, g in ipairs(groups) do
+    local info = {}
+    for i = 1, #g - 1, 2 do info[g[i]] = g[i + 1] end
+    if info['name'] == group then last = info['last-delivered-id'] end
+  end
+end
+local entries = redis.call('XRANGE', KEYS[1], last and ('(' .. last) or '-', '+', 'COUNT', budget)
+for i, entry in ipairs(entries) do
+  local fields = entry[2]
+  for j = 1, #fields - 1, 2 do
+    if fields[j] == 'r' and fields[j + 1] == run then return {'stream', i - 1} end
+  end
+end
+if #entries >= budget then return {'stream', -1} end
+return {''}
+""",
+)
+
+SCRIPTS = (SUBMIT, ADMIT, DECLARE, DEDUP, FORGET, FIGURES, WHY)
 
 
 class RedisFlow(Connection):
@@ -401,3 +522,51 @@ class RedisFlow(Connection):
         """A queue partition's stored declaration and counters (empty if never declared)."""
         raw = await self._call(self.client.hgetall(self.queue_key(CONFIG, tag)))
         return {text(k): text(v) for k, v in raw.items()}
+
+    async def queue_figures(self, tag: str, *, group: str, keys: int = 1000) -> QueueFigures:
+        """A queue partition's figures, read in one call (see `QueueFigures`); at most `keys`
+        of its keys with runs are looked at."""
+        raw = await self._run(FIGURES, [self.queue_key(QUEUE, tag)], [group, max(keys, 1)])
+        head = [int(v) for v in raw[:6]]
+        found = [(text(raw[i]), int(raw[i + 1]), int(raw[i + 2]), text(raw[i + 3])) for i in range(8, len(raw) - 3, 4)]
+        return QueueFigures(
+            waiting=head[0],
+            active=head[1],
+            delayed=head[2],
+            length=head[3],
+            pending=head[4],
+            undelivered=head[5],
+            oldest_entry=text(raw[6]),
+            keys=found,
+            keys_cut=bool(int(raw[7])),
+        )
+
+    async def why_waiting(self, run_id: str, *, queue: str, group: str, look: int = 1000) -> list[str]:
+        """Why run `run_id` has not started on queue partition `queue`: the reply of the WHY
+        script as text (``[""]`` when it does not wait there)."""
+        raw = await self._run(WHY, [self.queue_key(QUEUE, queue)], [run_id, group, max(look, 1)])
+        return [text(v) for v in raw]
+
+
+@dataclass(frozen=True, slots=True)
+class QueueFigures:
+    """What one queue partition holds, as `RedisFlow.queue_figures` reads it.
+
+    `waiting`: runs waiting for admission; `active`: slots held (admitted runs);
+    `delayed`: runs waiting for their delayed start; `length`, `pending` and
+    `undelivered`: the stream's messages, those read and not yet done with, those
+    no worker read; `oldest_entry`: the ID of the oldest undelivered message (its
+    time is when it was added), ``""`` none; `keys`: ``(key, admitted, waiting,
+    run at the head of its line)`` for the keys with runs; `keys_cut`: whether
+    some were left out.
+    """
+
+    waiting: int
+    active: int
+    delayed: int
+    length: int
+    pending: int
+    undelivered: int
+    oldest_entry: str
+    keys: list[tuple[str, int, int, str]]
+    keys_cut: bool
