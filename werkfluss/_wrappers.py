@@ -166,10 +166,12 @@ class Workflow(_Wrapper, Generic[P, R]):
         run_options: RunOptions | None = None,
         queue: Queue | str | None = None,
     ) -> None:
+        # Before the ID is claimed: a definition refused for an unknown queue leaves nothing registered.
+        resolved = default_queue() if queue is None else queue_named(queue)
         # A bound copy (`options()`) is the same definition: only the original claims the ID.
         self._wrap(fn, "workflow", name, claim=run_options is None)
         self.run_options = run_options or RunOptions()
-        self.queue: Queue = default_queue() if queue is None else queue_named(queue)
+        self.queue: Queue = resolved
 
     def queue_tag(self, run_id: str, key: str | None = None) -> str:
         """The tag of the queue partition a new run `run_id` (of `key`) of this workflow goes to."""
