@@ -15,12 +15,14 @@ from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 
 from werkfluss import (
+    Queue,
     RunCancelledError,
     Settings,
     StorageError,
     Worker,
     cancel_async,
     enqueue_async,
+    get_run_async,
     hook,
     invoke_hook_async,
     sleep,
@@ -33,11 +35,13 @@ from werkfluss._store import RedisStore
 from werkfluss._store._open import close_stores, open_store
 from werkfluss._store._runs import ACQUIRE
 
-from .helpers import events, until_status
+from .helpers import events, until_all, until_status
 from .servers import RedisCluster3, free_port
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Iterator
+
+    from werkfluss import Workflow
 
 executed: Counter[str] = Counter()
 
@@ -237,3 +241,145 @@ async def test_an_unreachable_url_names_the_redacted_url() -> None:
     with pytest.raises(StorageError, match=r"cannot reach redis://:\*\*\*@127\.0\.0\.1") as info:
         await RedisStore.connect(prefix="t:", url=url)
     assert "hunter2" not in str(info.value)
+
+
+# -- named queues with flow control on the cluster ------------------------------------------------------------------
+
+# Each queue's hash tag decides its master: these three land on the three masters (slots 0-5460,
+# 5461-10922, 10923-16383), and the eight partitions of c-hot spread over all three.
+c_notify = Queue("c-notify", concurrency=2)
+c_sms = Queue("c-sms", concurrency=3, per_key=1, rate="500/s", priority=True)
+c_mail = Queue("c-mail", per_key=2, key_rate="200/s")
+c_hot = Queue("c-hot", concurrency=16, per_key=2, partitions=8)
+c_limits = Queue("c-limits", concurrency=3, per_key=1)
+c_part = Queue("c-part", concurrency=8, per_key=1, partitions=4)  # 2 per partition
+SLOT_BOUNDS = (0, 5461, 10923, 16384)  # RedisCluster3 gives node i the slots bounds[i] .. bounds[i + 1] - 1
+
+flowing: Counter[str] = Counter()  # executions of a queue's step in progress, by queue, queue/key, queue/tag
+peak: Counter[str] = Counter()  # the most there were at once
+
+
+@step
+async def cluster_hold(queue: str, key: str, tag: str, seconds: float) -> str:
+    names = (queue, f"{queue}/{key}", f"{queue}@{tag}")
+    for name in names:
+        flowing[name] += 1
+        peak[name] = max(peak[name], flowing[name])
+    try:
+        await anyio.sleep(seconds)
+    finally:
+        for name in names:
+            flowing[name] -= 1
+    return key
+
+
+def queued_flow(queue: Queue) -> Workflow[[str, int, float], str]:
+    async def body(key: str, n: int, seconds: float) -> str:
+        return await cluster_hold(queue.name, key, queue.tag_for(key, ""), seconds)
+
+    body.__name__ = body.__qualname__ = f"cluster_{queue.name.replace('-', '_')}"
+    return workflow(queue=queue)(body)
+
+
+flows = {q.name: queued_flow(q) for q in (c_notify, c_sms, c_mail, c_hot, c_limits, c_part)}
+
+
+def master_of(tag: str) -> int:
+    """The index of the node that owns queue tag `tag`'s slot."""
+    slot = key_slot(f"x{{{tag}}}:queue".encode())
+    return next(i for i in range(3) if SLOT_BOUNDS[i] <= slot < SLOT_BOUNDS[i + 1])
+
+
+async def enqueue_many(cs: Settings, queue: Queue, count: int, keys: int, seconds: float) -> list[str]:
+    flow, ids = flows[queue.name], []
+    for n in range(count):
+        key = f"{queue.name}-k{n % keys}"
+        options = (
+            flow.options(settings=cs, key=key, priority=n % 3) if queue.priority else flow.options(settings=cs, key=key)
+        )
+        ids.append(await enqueue_async(options, key, n, seconds))
+    return ids
+
+
+async def slots_held(store: RedisStore, queue: Queue) -> tuple[int, int]:
+    """(runs holding a slot, keys with a run admitted) over the queue's partitions, from the store."""
+    active = running = 0
+    for tag in queue.tags():
+        active += await store.client.hlen(store.queue_key("active", tag))
+        running += await store.client.hlen(store.queue_key("running", tag))
+    return active, running
+
+
+async def test_named_queues_and_a_partitioned_queue_spread_over_the_masters(
+    cs: Settings, cluster: RedisCluster3
+) -> None:
+    flowing.clear()
+    peak.clear()
+    plan = {c_notify: (6, 3), c_sms: (9, 3), c_mail: (8, 2), c_hot: (48, 24)}  # queue -> (runs, keys)
+    ids = {q: await enqueue_many(cs, q, runs, keys, 0.03) for q, (runs, keys) in plan.items()}
+    everything = [run for runs in ids.values() for run in runs]
+    store = await open_store(cs)
+    assert {await store.status(run) for run in everything} == {"pending"}
+    async with Worker(settings=cs, concurrency=16, queues=list(plan)):
+        await until_all(cs, everything, timeout=60)
+    assert Counter([await store.status(run) for run in everything]) == {"completed": len(everything)}
+    results = [(await get_run_async(run, settings=cs)).result for run in ids[c_notify]]
+    assert results == [f"c-notify-k{n % 3}" for n in range(6)]
+
+    # Every limit held, on whichever master the queue lives.
+    assert peak["c-notify"] <= 2
+    assert peak["c-sms"] <= 3
+    assert max(peak[f"c-sms/c-sms-k{i}"] for i in range(3)) == 1
+    assert max(peak[f"c-mail/c-mail-k{i}"] for i in range(2)) <= 2
+    assert max(peak[f"c-hot/c-hot-k{i}"] for i in range(24)) <= 2
+    assert peak["c-hot"] <= 16
+    assert all(peak[f"c-hot@{tag}"] <= 2 for tag in c_hot.tags())  # each partition its share: 16 / 8
+
+    # Each queue's keys live together on the master of its tag, and the queues on more than one master.
+    held = keys_by_node(cluster, cs.prefix)
+    port_of = {i: node.port for i, node in enumerate(cluster.nodes)}
+    homes: dict[str, set[int]] = {}
+    for queue in plan:
+        for tag in queue.tags():
+            mine = {key for keys in held.values() for key in keys if key.startswith(f"{cs.prefix}{{{tag}}}:")}
+            assert {f"{cs.prefix}{{{tag}}}:config", f"{cs.prefix}{{{tag}}}:queue"} <= mine, sorted(mine)
+            homes[tag] = {port for port, keys in held.items() if mine & keys}
+            assert homes[tag] == {port_of[master_of(tag)]}, f"{tag}'s keys are on {homes[tag]}"
+    singles = {next(iter(homes[q.tags()[0]])) for q in (c_notify, c_sms, c_mail)}
+    assert len(singles) == 3, f"the three one-slot queues landed on {sorted(singles)}"
+    partitions = {next(iter(homes[tag])) for tag in c_hot.tags()}
+    assert partitions == set(port_of.values()), f"c-hot's partitions landed on {sorted(partitions)} only"
+    # Runs went through every partition (each submit counts in its partition's config).
+    for tag in c_hot.tags():
+        config = await store.queue_config(tag)
+        assert config["concurrency"] == "2" and config["per_key"] == "2"
+        assert int(config["seq"]) >= 1, f"no run went through partition {tag}"
+    assert {await store.queue_of(run) for run in ids[c_hot]} == set(c_hot.tags())
+    for queue in plan:  # no slot is left held once every run is done
+        assert await slots_held(store, queue) == (0, 0)
+
+
+async def test_concurrency_and_per_key_hold_on_the_cluster(cs: Settings) -> None:
+    flowing.clear()
+    peak.clear()
+    store = await open_store(cs)
+    one = await enqueue_many(cs, c_limits, 24, 6, 0.1)
+    parted = await enqueue_many(cs, c_part, 32, 12, 0.1)
+    sampled = {"c-limits": 0, "c-part": 0}  # the most slots the store showed held at once
+    async with Worker(settings=cs, concurrency=20, queues=[c_limits, c_part]):
+        with anyio.fail_after(60):
+            while Counter([await store.status(run) for run in one + parted]) != {"completed": 56}:
+                for queue in (c_limits, c_part):
+                    sampled[queue.name] = max(sampled[queue.name], (await slots_held(store, queue))[0])
+                await anyio.sleep(0.02)
+    # Exact across the cluster: the queue's one slot holds its limits, and no more than that ran.
+    assert peak["c-limits"] == 3, peak
+    assert max(peak[f"c-limits/c-limits-k{i}"] for i in range(6)) == 1
+    assert 1 <= sampled["c-limits"] <= 3
+    # Partitioned: concurrency is 2 per partition (8 over 4), per_key stays exact (a key keeps to one partition).
+    assert 2 <= peak["c-part"] <= 8, peak
+    assert all(peak[f"c-part@{tag}"] <= 2 for tag in c_part.tags())
+    assert max(peak[f"c-part/c-part-k{i}"] for i in range(12)) == 1
+    assert 1 <= sampled["c-part"] <= 8
+    for queue in (c_limits, c_part):
+        assert await slots_held(store, queue) == (0, 0)
