@@ -116,8 +116,8 @@ local function full(rkey, limit, window)
   local oldest = redis.call('ZRANGE', rkey, 0, 0, 'WITHSCORES')
   return math.max(tonumber(oldest[2]) + window - now, 1)
 end
-local function count_start(rkey, window)
-  redis.call('ZADD', rkey, now, redis.call('HINCRBY', K('config'), 'seq', 1))
+local function count_start(rkey, window, run)  -- a run starts once: its ID is a unique member
+  redis.call('ZADD', rkey, now, run)
   redis.call('PEXPIRE', rkey, window)
 end
 -- Admits up to `max` runs into the stream; returns {admitted, ms until a rate window reopens or -1}.
@@ -127,10 +127,11 @@ local function admit(L, max)
     ring_add(L, key)
   end
   local admitted, wait, guard = 0, -1, 0
+  local busy = L.concurrency > 0 and redis.call('HLEN', K('active')) or 0
   local function soonest(ms) if wait < 0 or ms < wait then wait = ms end end
   while admitted < max and guard < max + 100 do
     guard = guard + 1
-    if L.concurrency > 0 and redis.call('HLEN', K('active')) >= L.concurrency then break end
+    if L.concurrency > 0 and busy >= L.concurrency then break end
     local top = redis.call('ZRANGE', K('ring'), 0, 0)
     if not top[1] then break end
     local key = top[1]
@@ -166,22 +167,29 @@ local function admit(L, max)
           redis.call('ZREM', K('k:' .. key), run)
           redis.call('HDEL', K('wait'), run)
           redis.call('HSET', K('active'), run, key)
-          redis.call('HINCRBY', K('running'), key, 1)
+          local held = redis.call('HINCRBY', K('running'), key, 1)
           if retry == '1' then redis.call('XADD', KEYS[1], '*', 'r', run, 'x', '1')
           else redis.call('XADD', KEYS[1], '*', 'r', run) end
-          redis.call('HINCRBY', K('config'), 'ready', 1)
           if start then
-            if L.rate > 0 then count_start(K('rate'), L.window) end
-            if L.key_rate > 0 then count_start(K('rate:' .. key), L.key_window) end
+            if L.rate > 0 then count_start(K('rate'), L.window, run) end
+            if L.key_rate > 0 then count_start(K('rate:' .. key), L.key_window, run) end
             redis.call('HSET', K('meta'), run, prio .. '|0|' .. key)
           end
-          redis.call('ZREM', K('ring'), key)
-          ring_add(L, key)
-          admitted = admitted + 1
+          -- The key's turn is over: behind the other keys, if it may start another run.
+          local nxt = {}
+          if L.per_key == 0 or held < L.per_key then nxt = redis.call('ZRANGE', K('k:' .. key), 0, 0, 'WITHSCORES') end
+          if nxt[1] then
+            local turn = redis.call('HINCRBY', K('config'), 'turn', 1)
+            redis.call('ZADD', K('ring'), math.floor((tonumber(nxt[2]) + HALF) / SHIFT) * SHIFT + turn, key)
+          else
+            redis.call('ZREM', K('ring'), key)
+          end
+          admitted, busy = admitted + 1, busy + 1
         end
       end
     end
   end
+  if admitted > 0 then redis.call('HINCRBY', K('config'), 'ready', admitted) end
   return admitted, wait
 end
 -- The run's message is done with: its slot is free (the key may take a turn again);
