@@ -20,6 +20,8 @@ from werkfluss import Settings
 from werkfluss._store._embedded import ensure_server, stop_server
 from werkfluss._store._open import close_stores
 
+from .servers import RedisCluster3
+
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable, Iterator
 
@@ -30,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 class Server:
     """A server the tests talk to: its kind and how a process reaches it."""
 
-    kind: str  # "valkey" (embedded) or "redis" (Debian's redis-server)
+    kind: str  # "valkey" (embedded), "redis" (Debian's redis-server) or "cluster" (3 masters)
     env: dict[str, str]  # environment that points werkfluss at it
     url: str  # redis-py URL with credentials, for direct inspection
 
@@ -73,6 +75,18 @@ def redis_server() -> Iterator[Server]:
     proc.terminate()
     proc.wait(10)
     shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def cluster_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """A local three-master Redis Cluster (tests/servers.py), formed on first use (just over 2 s).
+
+    Not among `server`'s params: a module that runs its tests on the cluster too overrides
+    `server` with params ``["valkey", "redis", "cluster"]``. Processes reach it over TCP; a URL
+    naming one node gets werkfluss a cluster client."""
+    nodes = RedisCluster3(tmp_path_factory.mktemp("cluster"), "--appendonly", "yes")  # as redis_server: no warning
+    yield Server("cluster", {"WERKFLUSS_REDIS_URL": nodes.url}, nodes.url)
+    nodes.stop()
 
 
 @pytest.fixture(params=["valkey", "redis"])

@@ -39,9 +39,17 @@ if TYPE_CHECKING:
 
     from werkfluss import Settings
 
+    from .conftest import Server
+
 started: Counter[str] = Counter()
 gates: dict[str, anyio.Event] = {}
 RESET = (started, gates)
+
+
+@pytest.fixture(params=["valkey", "redis", "cluster"])
+def server(request: pytest.FixtureRequest) -> Server:
+    """Each test here runs on the embedded Valkey, on Redis and on the local 3-master Redis Cluster."""
+    return request.getfixturevalue(f"{request.param}_server")  # type: ignore[no-any-return]
 
 
 @step
