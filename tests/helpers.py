@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import pytest
 
 from werkfluss._events import decode_event
 from werkfluss._store._open import open_store
@@ -19,12 +20,15 @@ if TYPE_CHECKING:
 
     from werkfluss import Settings
 
+    from .conftest import Server
+
     # The `cli` fixtures: the console script with arguments (and stdin), against the test's server.
     Cli = Callable[..., Awaitable[subprocess.CompletedProcess[str]]]
 
 __all__ = [
     "WERKFLUSS",
     "events",
+    "every_server",
     "one_line_error",
     "run_cli",
     "status",
@@ -34,6 +38,13 @@ __all__ = [
 ]
 
 WERKFLUSS = str(Path(sys.executable).parent / "werkfluss")  # the console script pip installed
+
+
+@pytest.fixture(name="server", params=["valkey", "redis", "cluster"])
+def every_server(request: pytest.FixtureRequest) -> Server:
+    """`server` on the local 3-master Redis Cluster too: a module imports this to run each of
+    its tests on the embedded Valkey, on Redis and on the cluster (formed once, on first use)."""
+    return request.getfixturevalue(f"{request.param}_server")  # type: ignore[no-any-return]
 
 
 async def events(settings: Settings, run_id: str) -> list[Any]:

@@ -19,7 +19,14 @@ from werkfluss import Queue, Worker, enqueue_async, queue_info_async, step, work
 from werkfluss._store._open import open_store
 
 from .conftest import ROOT
-from .helpers import one_line_error, run_cli, statuses, until_all, until_status
+from .helpers import (
+    every_server,  # noqa: F401 - the `server` fixture: each test runs on the cluster too
+    one_line_error,
+    run_cli,
+    statuses,
+    until_all,
+    until_status,
+)
 from .workers import Workers, server_env
 
 if TYPE_CHECKING:
@@ -35,12 +42,6 @@ served = Queue("t-cliq-served")
 started: Counter[str] = Counter()
 gates: dict[str, anyio.Event] = {}
 RESET = (started, gates)
-
-
-@pytest.fixture(params=["valkey", "redis", "cluster"])
-def server(request: pytest.FixtureRequest) -> Server:
-    """Each test here runs on the embedded Valkey, on Redis and on the local 3-master Redis Cluster."""
-    return request.getfixturevalue(f"{request.param}_server")  # type: ignore[no-any-return]
 
 
 @step

@@ -32,24 +32,21 @@ from werkfluss import (
 )
 from werkfluss._store._open import open_store
 
-from .helpers import statuses, until_all
+from .helpers import (
+    every_server,  # noqa: F401 - the `server` fixture: each test runs on the cluster too
+    statuses,
+    until_all,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
     from werkfluss import Settings
 
-    from .conftest import Server
 
 started: Counter[str] = Counter()
 gates: dict[str, anyio.Event] = {}
 RESET = (started, gates)
-
-
-@pytest.fixture(params=["valkey", "redis", "cluster"])
-def server(request: pytest.FixtureRequest) -> Server:
-    """Each test here runs on the embedded Valkey, on Redis and on the local 3-master Redis Cluster."""
-    return request.getfixturevalue(f"{request.param}_server")  # type: ignore[no-any-return]
 
 
 @step

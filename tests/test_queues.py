@@ -53,7 +53,12 @@ from werkfluss._worker._take import fail_buried
 
 from . import queue_flows
 from .conftest import ROOT
-from .helpers import status, until_all, until_status
+from .helpers import (
+    every_server,  # noqa: F401 - the `server` fixture: each test runs on the cluster too
+    status,
+    until_all,
+    until_status,
+)
 from .workers import Workers, server_env
 
 if TYPE_CHECKING:
@@ -69,12 +74,6 @@ running: Counter[str] = Counter()  # key -> executing now; "*" all keys
 most: Counter[str] = Counter()  # key -> the most executing at once; "*" all keys
 gates: dict[str, anyio.Event] = {}  # label -> what its step waits for before it ends
 RESET = (trail, running, most, gates)
-
-
-@pytest.fixture(params=["valkey", "redis", "cluster"])
-def server(request: pytest.FixtureRequest) -> Server:
-    """Each test here runs on the embedded Valkey, on Redis and on the local 3-master Redis Cluster."""
-    return request.getfixturevalue(f"{request.param}_server")  # type: ignore[no-any-return]
 
 
 @step
