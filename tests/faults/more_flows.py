@@ -114,8 +114,8 @@ if os.environ.get("WF_FAULT_COUNT_MOVES") == "1":
 
     _move_due = RedisStore.move_due
 
-    async def _counted_move_due(self: RedisStore, limit: int = 100) -> tuple[int, float | None]:
-        moved, nxt = await _move_due(self, limit)
+    async def _counted_move_due(self: RedisStore, limit: int = 100, *, queue: str = "q") -> tuple[int, float | None]:
+        moved, nxt = await _move_due(self, limit, queue=queue)
         if moved:
             row("moved", str(moved), str(limit))
         return moved, nxt
