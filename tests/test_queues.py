@@ -530,9 +530,11 @@ async def test_a_dedup_id_returns_the_unfinished_run_and_is_free_again_once_it_e
         assert await enqueue_async(once(), "d3") == first  # running still
         gates["d1"].set()
         await until_status(wf, first, "completed")
+        gates["d4"] = anyio.Event()  # unfinished while d5 is enqueued: a worker would finish it at once
         third = await enqueue_async(once(), "d4")
         assert third != first
         assert await enqueue_async(once(), "d5") == third
+        gates["d4"].set()
         await until_all(wf, [third])
     assert starts() == ["d1", "d4"]  # d2, d3 and d5 never became runs
     page = await list_runs_async(settings=wf)
