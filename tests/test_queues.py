@@ -581,6 +581,8 @@ def test_an_invalid_rate_is_refused_when_the_queue_is_declared(rate: str) -> Non
         ({"partitions": 0}, "partitions must be 1 to"),
         ({"partitions": 1000}, "partitions must be 1 to"),
         ({"priority": 1}, "priority must be True or False"),
+        ({"concurrency": 2, "partitions": 4}, "concurrency 2 cannot be split between 4 partitions"),
+        ({"rate": "2/s", "partitions": 8}, "rate 2 cannot be split between 8 partitions"),
     ],
 )
 def test_invalid_limits_are_refused_naming_the_queue(limits: dict[str, Any], needle: str) -> None:
@@ -588,6 +590,16 @@ def test_invalid_limits_are_refused_naming_the_queue(limits: dict[str, Any], nee
     with pytest.raises(ConfigurationError, match=needle) as refused:
         Queue(name, **limits)
     assert repr(name) in str(refused.value)
+
+
+@pytest.mark.parametrize(("limit", "partitions"), [(64, 8), (10, 4), (5, 3), (7, 7), (100, 16)])
+def test_the_shares_of_a_partitioned_queue_add_up_to_its_limits(limit: int, partitions: int) -> None:
+    queue = Queue(f"t-share-{uuid.uuid4().hex[:8]}", concurrency=limit, rate=f"{limit}/s", partitions=partitions)
+    shares = [queue.config(p) for p in range(partitions)]
+    assert sum(int(c["concurrency"]) for c in shares) == limit
+    assert sum(int(c["rate"]) for c in shares) == limit
+    assert min(int(c["concurrency"]) for c in shares) >= 1
+    assert max(int(c["concurrency"]) for c in shares) - min(int(c["concurrency"]) for c in shares) <= 1
 
 
 def test_bad_queue_names_and_a_limited_default_queue_are_refused() -> None:
@@ -627,6 +639,20 @@ async def test_options_a_queue_cannot_take_are_refused(wf: Settings, declare: Ca
         assert "start() executes the run here" in str(refused.value)
     store = await open_store(wf)
     assert await store.client.zcard(store.runs_key) == 0  # nothing refused left a run behind
+
+
+@workflow
+async def fans_out(key: str) -> str:
+    return await job.options(key=key)(f"child-{key}")
+
+
+async def test_a_child_run_refuses_the_options_of_enqueue_naming_them(wf: Settings) -> None:
+    """A child executes in its parent's process at once: a key there would silently do nothing."""
+    with pytest.raises(ConfigurationError, match="key: options of enqueue") as refused:
+        await start_async(fans_out.options(settings=wf, run_id="fan"), "acme")
+    assert "executes in its parent's process" in str(refused.value)
+    assert starts() == []  # the child never started
+    assert await status(wf, "fan") == "failed"
 
 
 async def test_a_queue_declared_differently_by_another_process_keeps_its_limits_and_both_are_named(

@@ -85,11 +85,11 @@ def parse_rate(rate: str | tuple[int, float | timedelta | str] | Rate, *, what: 
             raise ValueError
     except (ValueError, ConfigurationError):
         raise ConfigurationError(
-            f"invalid {what} {rate!r}: use '<count>/<unit>' like '100/min', '5/s' or '10/30s' "
-            f"(units ms, s, min, h, d), or (count, window)"
+            f"{what}: {rate!r} is not a rate: use '<count>/<unit>' like '100/min', '5/s' or '10/30s' "
+            f"(units ms, s or sec or second, m or min or minute, h or hour, d or day), or (count, window)"
         ) from None
     if limit < 1 or not 0.001 <= seconds <= 86400 * 7:
-        raise ConfigurationError(f"invalid {what} {rate!r}: the count must be >= 1 and the window 1 ms to 7 days")
+        raise ConfigurationError(f"{what}: {rate!r}: the count must be >= 1 and the window 1 ms to 7 days")
     return Rate(limit, seconds)
 
 
@@ -128,8 +128,9 @@ class Queue:
             0 first, 9 last, default 5; first in, first out within one).
         partitions: Streams (hash slots) the queue is spread over, to go past
             one Redis node. Runs of one key share a partition, so per-key
-            limits stay exact; `concurrency` and `rate` are split evenly
-            between partitions (each gets its share, rounded up).
+            limits stay exact; `concurrency` and `rate` are split between
+            partitions (shares that add up to the limit, so each must be at
+            least `partitions`).
     """
 
     name: str
@@ -165,7 +166,16 @@ class Queue:
             "_key_rate",
             None if self.key_rate is None else parse_rate(self.key_rate, what=f"key_rate of queue {self.name!r}"),
         )
+        for what, limit in (("concurrency", self.concurrency), ("rate", self._rate_limit())):
+            if limit is not None and limit < self.partitions:
+                raise ConfigurationError(
+                    f"queue {self.name!r}: {what} {limit} cannot be split between {self.partitions} partitions "
+                    f"(each enforces a share of at least 1): use at most {limit} partitions, or a higher {what}"
+                )
         _register(self)
+
+    def _rate_limit(self) -> int | None:
+        return None if self._rate is None else self._rate.limit
 
     @property
     def limited(self) -> bool:
@@ -183,12 +193,16 @@ class Queue:
             return tags[0]
         return tags[zlib.crc32((key if key is not None else run_id).encode()) % len(tags)]
 
-    def config(self) -> dict[str, str]:
-        """The limits one partition enforces, as the store keeps them (``{q:<name>}:config``)."""
+    def config(self, partition: int = 0) -> dict[str, str]:
+        """The limits partition `partition` enforces, as the store keeps them (``{q:<name>}:config``).
+
+        `concurrency` and `rate` are split in shares that add up to them: the first
+        ``limit % partitions`` partitions get one more.
+        """
         parts = self.partitions
 
         def share(limit: int) -> int:
-            return -(-limit // parts)
+            return limit // parts + (1 if partition < limit % parts else 0)
 
         out = {"name": self.name, "partitions": str(parts), "flow": "1" if self.limited else "0"}
         out["priority"] = "1" if self.priority else "0"

@@ -239,6 +239,14 @@ class Workflow(_Wrapper, Generic[P, R]):
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Coroutine[Any, Any, R]:
         run = current_run()
         if run is not None:
+            queued = self.run_options.queued()
+            if queued:
+                # A child executes in its parent's process at once, as start() does: no queue to wait in.
+                raise ConfigurationError(
+                    f"{', '.join(queued)}: options of enqueue(), where a run waits in its queue; a child run "
+                    f"of {self.id!r} executes in its parent's process at once (enqueue it from a step to have "
+                    f"its queue's limits apply)"
+                )
             seq = run.next_seq()
             child_id = self.run_options.run_id or child_run_id(run.run_id, seq)
             return run.runner.run_child(self, seq, child_id, args, kwargs)

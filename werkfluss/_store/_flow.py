@@ -477,8 +477,8 @@ class RedisFlow(Connection):
         if queue.name not in declared:
             await self._call(self.client.hset(self.prefix + QUEUES, queue.name, queue.partitions))
         conflict = None
-        for tag in queue.tags():
-            other = await self.declare_queue(tag, queue.config())
+        for partition, tag in enumerate(queue.tags()):
+            other = await self.declare_queue(tag, queue.config(partition))
             if other is not None:
                 conflict = (
                     f"queue {queue.name!r} is declared as {queue.describe()} here, but another process "
