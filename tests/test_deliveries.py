@@ -77,7 +77,7 @@ async def test_a_message_handed_back_keeps_the_deliveries_that_failed_before(sto
     await die(store, "worker-4")  # dies on probation: that is 3 deliveries
     claimed, buried = await reclaim(store, "worker-5", max_deliveries=3)
     assert claimed == []
-    assert buried == [("run-a", "delivered 4 times without finishing; last error: no worker finished it")]
+    assert buried == [("run-a", "delivered 3 times without finishing; last error: no worker finished it")]
 
 
 async def test_a_message_handed_back_at_every_stop_is_never_dead_lettered(store: RedisStore) -> None:
@@ -140,7 +140,7 @@ async def test_a_suspect_that_keeps_killing_its_workers_is_dead_lettered_alone(s
         await read(store, f"victim-{i}")  # a healthy run beside it, then the worker dies
         await die(store, f"victim-{i}")
     claimed, buried = await reclaim(store, "survivor", max_deliveries=3)
-    assert buried == [("poison", "delivered 4 times without finishing; last error: no worker finished it")]
+    assert buried == [("poison", "delivered 3 times without finishing; last error: no worker finished it")]
     assert sorted(f["r"] for _, f, s in claimed if not s) == ["healthy-1", "healthy-2"]
 
 

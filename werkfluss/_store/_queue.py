@@ -68,7 +68,7 @@ for _, p in ipairs(pending) do
       end
     elseif times + before >= max then
       local err = redis.call('HGET', KEYS[3], id) or 'no worker finished it'
-      local total = times + before + 1
+      local total = times + before
       local reason = 'delivered ' .. total .. ' times without finishing; last error: ' .. err
       redis.call('XADD', KEYS[2], '*', 'r', run, 'message', id, 'deliveries', total, 'at', now, 'reason', reason)
       table.insert(dead, {run, reason})
