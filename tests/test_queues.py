@@ -681,6 +681,19 @@ async def test_a_queue_declared_differently_by_another_process_keeps_its_limits_
         queues_registry._QUEUES.pop(name, None)
 
 
+async def test_a_script_without_logging_sees_a_conflicting_declaration_on_stderr(server: Server, prefix: str) -> None:
+    """A deploy whose new limits do nothing yet must not pass unseen: werkfluss logs nothing by default."""
+    name = f"t-warned-{uuid.uuid4().hex[:8]}"
+    env = server_env(server, prefix)
+    command = [sys.executable, "-m", "tests.queue_flows", "declare", name]
+    first = await anyio.run_process([*command, "2"], cwd=ROOT, env=env)
+    assert "QueueDeclarationWarning" not in first.stderr.decode()
+    second = await anyio.run_process([*command, "3"], cwd=ROOT, env=env)
+    warned = second.stderr.decode()
+    assert "QueueDeclarationWarning" in warned, warned
+    assert f"Queue({name!r}, concurrency=3)" in warned and f"Queue({name!r}, concurrency=2)" in warned
+
+
 # -- 9. cancel while waiting for admission -----------------------------------------------------------------------------
 
 

@@ -39,6 +39,7 @@ __all__ = [
     "NonDeterminismError",
     "NotInWorkflowError",
     "PayloadTooLargeError",
+    "QueueDeclarationWarning",
     "RunCancelledError",
     "RunConflictError",
     "RunFailedError",
@@ -254,6 +255,16 @@ class LossyServerWarning(UserWarning):
     logging (otherwise the ``werkfluss`` logger reports it), so that it reaches
     stderr either way. Silence it with
     ``-W ignore::werkfluss.LossyServerWarning``.
+    """
+
+
+class QueueDeclarationWarning(UserWarning):
+    """Another process declares a queue with other limits, which stay in force for now.
+
+    Issued through Python's `warnings` when the application has not configured
+    logging (otherwise the ``werkfluss`` logger reports it as an error), like
+    `LossyServerWarning`: a deploy whose new limits do nothing yet must not pass
+    unseen.
     """
 
 

@@ -106,19 +106,23 @@ def _logging_reaches(logger: logging.Logger, level: int) -> bool:
     return False
 
 
-def _warn_lossy(message: str, *args: object) -> None:
-    """Report a server that could lose runs where the user will see it.
+def warn_user(category: type[Warning], level: int, message: str, *args: object) -> None:
+    """Report something the user must see, where they will see it.
 
-    To the ``werkfluss`` logger when the application configured logging; else
-    as a `LossyServerWarning` through Python's warnings, which print to stderr
-    by default: the logger alone would drop it (its NullHandler), and a
-    newcomer would never learn that a restart of the server loses every run.
-    Never both, so a configured application does not see it twice.
+    To the ``werkfluss`` logger at `level` when the application configured
+    logging; else as a `category` warning through Python's warnings, which
+    print to stderr by default: the logger alone would drop it (its
+    NullHandler). Never both, so a configured application does not see it twice.
     """
-    if _logging_reaches(log, logging.WARNING):
-        log.warning(message, *args)
+    if _logging_reaches(log, level):
+        log.log(level, message, *args)
     else:
-        warnings.warn(message % args, LossyServerWarning, stacklevel=3)
+        warnings.warn(message % args, category, stacklevel=4)
+
+
+def _warn_lossy(message: str, *args: object) -> None:
+    """Report a server that could lose runs: a newcomer must learn that a restart of it loses every run."""
+    warn_user(LossyServerWarning, logging.WARNING, message, *args)
 
 
 class Connection:

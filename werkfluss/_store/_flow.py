@@ -19,12 +19,13 @@ Cluster they all live on that stream's slot.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .._logging import log
+from .._errors import QueueDeclarationWarning
 from .._queues import DEFAULT_QUEUE
-from ._connect import NOW, Connection, Script, entry_fields, text
+from ._connect import NOW, Connection, Script, entry_fields, text, warn_user
 from ._deadline import SOCKET_TIMEOUT
 from ._keys import BELL, CONFIG, QUEUE, QUEUES
 
@@ -466,7 +467,8 @@ class RedisFlow(Connection):
         The limits in force are the store's, whoever declared them: a different
         declaration another process made (or renewed) in the last
         `DECLARATION_STANDS` seconds stays in force, and this one waits. That is
-        logged as an error naming both, once per process, and returned; this
+        reported (an error on the werkfluss logger, else a `QueueDeclarationWarning`)
+        naming both, once per process, and returned; this
         declaration takes over at a later `refresh` (a worker's, every 20 s)
         once the other is no longer renewed: a deploy that changes a queue's
         limits needs no step by hand, and old and new workers never flap.
@@ -487,7 +489,7 @@ class RedisFlow(Connection):
                 )
                 break
         if conflict is not None and declared.get(queue.name) != conflict:
-            log.error("%s", conflict)
+            warn_user(QueueDeclarationWarning, logging.ERROR, "%s", conflict)
         declared[queue.name] = conflict
         return conflict
 
