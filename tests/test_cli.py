@@ -7,13 +7,24 @@ import json
 import os
 import re
 import socket
+import time
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 import anyio
 import pytest
 
-from werkfluss import get_events_async, get_run_async, hook, invoke_hook_async, start_async, workflow
+from werkfluss import (
+    RunCancelledError,
+    get_events_async,
+    get_run_async,
+    hook,
+    invoke_hook_async,
+    start_async,
+    step,
+    workflow,
+)
 from werkfluss._store._open import open_store
 from werkfluss.events import RunPaused, RunResumed, RunStarted, StepCompleted, StepFailed
 
@@ -28,7 +39,8 @@ if TYPE_CHECKING:
 
 ROW = re.compile(r"^ {0,3}(\d+) (.{22}) (\S+)\s+(\d*)\s+(\S*) \|(.{28})\|$")
 ANSI = re.compile(r"\033\[[0-9;]*m")
-RESET = (attempts,)  # What conftest's `wf` clears before each test.
+gates: dict[str, anyio.Event] = {}
+RESET = (attempts, gates)  # What conftest's `wf` clears before each test.
 
 
 @pytest.fixture
@@ -46,6 +58,20 @@ def cli(server: Server, prefix: str) -> Cli:
 @workflow(name="cli.waits")
 async def waits(x: int) -> int:
     return await hook(f"cli-wait:{x}", type=int) + x
+
+
+@step(name="cli.stubborn")
+async def stubborn(n: int) -> int:
+    gates["entered"].set()
+    # Shielded: the cancel cannot stop it mid-step, so the run is still running when the CLI reads it.
+    with anyio.CancelScope(shield=True):
+        await gates["open"].wait()
+    return n
+
+
+@workflow(name="cli.busy")
+async def busy(n: int) -> int:
+    return await stubborn(n) + await stubborn(n + 1)  # the second call is the boundary the cancel stops at
 
 
 async def until(settings: Settings, run_id: str, status: str) -> None:
@@ -176,6 +202,30 @@ async def test_runs_cancel_and_resume(wf: Settings, cli: Cli) -> None:
     assert cast("list[Any]", await store.client.xrange(store.queue_key("queue")))[-1][1][b"r"] == b"bad-9"
 
 
+async def test_runs_cancel_of_a_run_a_live_process_holds_says_it_is_only_requested(wf: Settings, cli: Cli) -> None:
+    gates["entered"], gates["open"] = anyio.Event(), anyio.Event()
+    async with anyio.create_task_group() as tg:
+
+        async def execute() -> None:
+            with pytest.raises(RunCancelledError):
+                await start_async(busy.options(run_id="cli-busy", settings=wf), 1)
+
+        tg.start_soon(execute)
+        try:
+            with anyio.fail_after(20):
+                await gates["entered"].wait()
+            done = await cli("runs", "cancel", "cli-busy", "--reason", "stop it")
+            assert (done.returncode, done.stdout.strip()) == (
+                0,
+                "run cli-busy: cancel requested; it stops at its next step (status: running)",
+            ), done.stderr
+            assert (await get_run_async("cli-busy", settings=wf)).status == "running"
+        finally:  # a failed assertion must not leave the step waiting forever
+            gates["open"].set()
+    run = await get_run_async("cli-busy", settings=wf)
+    assert (run.status, run.cancel_reason, run.last_seq) == ("cancelled", "stop it", 1)
+
+
 # -- hooks -----------------------------------------------------------------------------------------------------------
 
 
@@ -216,11 +266,21 @@ async def test_dead_list_and_redrive(wf: Settings, cli: Cli) -> None:
     for message, _fields in await store.read_queue("workers", "cli-test", 10, 0.1):
         await store.dead_letter("workers", message, "some-run", "poison (test)")
     letters = json.loads((await cli("dead", "list", "--json")).stdout)
-    assert [(d["r"], d["reason"]) for d in letters] == [("some-run", "poison (test)")]
+    assert [(d["run_id"], d["reason"], d["queue"], d["source"]) for d in letters] == [
+        ("some-run", "poison (test)", "default", None)
+    ]
+    assert isinstance(letters[0]["deliveries"], int) and letters[0]["deliveries"] >= 1
+    assert datetime.fromisoformat(letters[0]["at"]).utcoffset() == timedelta(0)
+    assert abs(datetime.fromisoformat(letters[0]["at"]).timestamp() - time.time()) < 60
+    assert not {"r", "at_ms"} & letters[0].keys() and letters[0]["fields"]["r"] == "some-run"  # raw: under "fields"
     table = (await cli("dead", "list")).stdout.splitlines()
     assert table[0].split() == ["ID", "RUN", "REASON"] and table[1].split()[1:] == ["some-run", "poison", "(test)"]
     redrive = await cli("dead", "redrive", letters[0]["id"])
-    assert redrive.returncode == 0 and "re-driven as" in redrive.stdout
+    assert (redrive.returncode, redrive.stdout.strip()) == (
+        0,
+        f"{letters[0]['id']}: re-driven (run some-run back on queue default)",
+    ), redrive.stderr
+    assert cast("list[Any]", await store.client.xrange(store.queue_key("queue")))[-1][1][b"r"] == b"some-run"
     missing = await cli("dead", "redrive", "1-1")
     assert missing.returncode == 1 and "no such dead letter" in missing.stdout
     one_line_error(await cli("dead", "redrive"), "name the dead letters to re-drive, or pass --all")

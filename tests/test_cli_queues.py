@@ -205,24 +205,34 @@ async def test_dead_list_shows_each_letters_queue_and_redrive_finds_it(wf: Setti
     assert table[0].split() == ["ID", "QUEUE", "RUN", "REASON"]
     assert [line.split()[1:3] for line in table[1:]] == [["default", "lost-run"], [billing.name, run_id]]
     letters = json.loads((await cli("dead", "list", "--json")).stdout)
-    assert [(d["queue"], d["r"], d["reason"]) for d in letters] == [
+    assert [(d["queue"], d["run_id"], d["reason"]) for d in letters] == [
         ("default", "lost-run", "no run took it (test)"),
         (billing.name, run_id, "poison (test)"),
     ]
+    assert [(d["source"], d["deliveries"], "r" in d) for d in letters] == [
+        ("hook:t1", None, False),
+        ("queue", None, False),
+    ]
     only = json.loads((await cli("dead", "list", "--queue", billing.name, "--json")).stdout)
-    assert [d["r"] for d in only] == [run_id]
+    assert [d["run_id"] for d in only] == [run_id]
     default_only = (await cli("dead", "list", "--queue", "default")).stdout.splitlines()
     assert default_only[0].split() == ["ID", "RUN", "REASON"]  # the default queue alone: the table as it was
 
     mine = letters[1]["id"]
     redriven = await cli("dead", "redrive", mine)
-    assert (redriven.returncode, redriven.stdout.strip()) == (0, f"{mine}: re-driven as {mine}")
+    assert (redriven.returncode, redriven.stdout.strip()) == (
+        0,
+        f"{mine}: re-driven (run {run_id} back on queue {billing.name})",
+    )
     assert mine.endswith(f"@{billing.name}")
-    assert [d["r"] for d in json.loads((await cli("dead", "list", "--json")).stdout)] == ["lost-run"]
+    assert [d["run_id"] for d in json.loads((await cli("dead", "list", "--json")).stdout)] == ["lost-run"]
     entries = cast("list[Any]", await store.client.xrange(store.queue_key("queue", tag)))
     assert [entry_fields(fields)[b"r"] for _, fields in entries][-1] == run_id.encode()  # back on its own queue
     everything = await cli("dead", "redrive", "--all")
-    assert everything.returncode == 0 and f"{letters[0]['id']}: re-driven as" in everything.stdout
+    assert (everything.returncode, everything.stdout.strip()) == (
+        0,
+        f"{letters[0]['id']}: re-driven (run lost-run back on queue default)",
+    )
     assert (await cli("dead", "list")).stdout.strip() == "no dead letters"
 
 

@@ -143,15 +143,25 @@ async def _runs(args: argparse.Namespace, settings: Settings) -> int:
             print(line)
         return 0
     if args.action == "cancel":
-        if await cancel_async(args.run_id, args.reason, settings=settings):
-            print(f"run {args.run_id}: cancelled")
-        else:
-            status = (await get_run_async(args.run_id, settings=settings)).status
-            print(f"run {args.run_id}: already {status}, nothing to cancel")
+        acted = await cancel_async(args.run_id, args.reason, settings=settings)
+        # cancel_async says only that there was something to cancel. A run a live process
+        # holds is only asked to stop (at its next step boundary): its status says which.
+        status = (await get_run_async(args.run_id, settings=settings)).status
+        print(f"run {args.run_id}: {_cancelled(status) if acted else f'already {status}, nothing to cancel'}")
         return 0
     before = await resume_async(args.run_id, settings=settings)
     print(f"run {args.run_id} ({before}) is back on the queue: a worker will resume it")
     return 0
+
+
+def _cancelled(status: str) -> str:
+    """What a cancel that acted did, worded from the run's status read right after it."""
+    if status == "cancelled":
+        return "cancelled"
+    if status in ("completed", "failed"):
+        # Its holder reached the end before it reached a step boundary.
+        return f"cancel requested, but it ended first (status: {status})"
+    return f"cancel requested; it stops at its next step (status: {status})"
 
 
 # -- werkfluss hooks -------------------------------------------------------------------
@@ -199,14 +209,19 @@ async def dead(args: argparse.Namespace) -> int:
     if args.action == "list":
         letters = await dead_letters_async(queue=args.queue, limit=args.limit, settings=settings)
         if args.json:
-            print_json([{"id": letter.id, "queue": letter.queue, **letter.fields} for letter in letters])
+            # The documented DeadLetter fields (``at`` as ISO-8601 UTC); the raw stream fields stay under "fields".
+            print_json(letters)
         elif not letters:
             print("no dead letters")
         else:
             _dead_table(letters)
         return 0
+    if not args.all and not args.ids:
+        raise ConfigurationError("name the dead letters to re-drive, or pass --all")
+    # Read before re-driving (which removes them): redrive_async returns only the dead
+    # letter's ID, and the output names the run and the queue it goes back on.
+    found = await dead_letters_async(queue=args.queue, limit=100_000, settings=settings)
     if args.all:
-        found = await dead_letters_async(queue=args.queue, limit=100_000, settings=settings)
         if not found:
             # Nothing to do is not a failure: after this, no dead letter is left, as asked.
             print("no dead letters to re-drive")
@@ -214,14 +229,26 @@ async def dead(args: argparse.Namespace) -> int:
         targets: list[tuple[str, str | None]] = [(letter.id, letter.queue) for letter in found]
     else:
         targets = [(dead_id, args.queue) for dead_id in args.ids]
-    if not targets:
-        raise ConfigurationError("name the dead letters to re-drive, or pass --all")
     missing = 0
     for dead_id, queue in targets:
-        message = await redrive_async(dead_id, queue=queue, settings=settings)
-        print(f"{dead_id}: re-driven as {message}" if message else f"{dead_id}: no such dead letter")
-        missing += not message
+        letter = _named(found, dead_id)
+        if await redrive_async(dead_id, queue=queue, settings=settings) is None:
+            print(f"{dead_id}: no such dead letter")
+            missing += 1
+        elif letter is None:  # beyond the listing read above: re-driven all the same
+            print(f"{dead_id}: re-driven")
+        else:
+            print(f"{dead_id}: re-driven (run {letter.run_id or '?'} back on queue {letter.queue})")
     return 1 if missing else 0
+
+
+def _named(letters: list[DeadLetter], dead_id: str) -> DeadLetter | None:
+    """The dead letter `dead_id` names: by its full ID, or a bare entry ID as redrive_async finds it
+    (the default queue's first, then in the listing's order)."""
+    exact = [letter for letter in letters if letter.id == dead_id]
+    bare = [letter for letter in letters if letter.id.partition("@")[0] == dead_id]
+    bare.sort(key=lambda letter: letter.queue != "default")
+    return next(iter(exact or bare), None)
 
 
 def _dead_table(letters: list[DeadLetter]) -> None:
@@ -229,10 +256,7 @@ def _dead_table(letters: list[DeadLetter]) -> None:
     # queue alone the table reads as it always did.
     named = any(letter.queue != "default" for letter in letters)
     header = ["ID", "QUEUE", "RUN", "REASON"] if named else ["ID", "RUN", "REASON"]
-    rows = [
-        [letter.id, *([letter.queue] if named else []), letter.fields.get("r", "?"), letter.reason]
-        for letter in letters
-    ]
+    rows = [[letter.id, *([letter.queue] if named else []), letter.run_id or "?", letter.reason] for letter in letters]
     _table(header, rows)
 
 
