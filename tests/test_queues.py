@@ -441,13 +441,18 @@ async def test_a_priority_zero_run_goes_next_and_runs_of_one_priority_go_first_i
 async def test_a_queue_rate_starts_no_more_runs_per_window_than_it_allows(
     wf: Settings, declare: Callable[..., Queue]
 ) -> None:
-    five = declare("rate", rate="5/s")
+    # A key rate that never binds records each admission on the server's clock (runs without a key: key "").
+    five = declare("rate", rate="5/s", key_rate="100000/h")
     ids = [await enqueue_async(job.options(settings=wf, queue=five), f"r{n}") for n in range(20)]
     async with Worker(settings=wf, queues=[five]):
         await until_all(wf, ids, timeout=30)
+    admitted = sorted(ms / 1000 for ms in (await admissions(wf, five, "")).values())
+    assert len(admitted) == 20
+    assert most_in_window(admitted, 0.999) <= 5  # exact where the limit is kept: any second of the server's clock
     times = [at for what, _, at in trail if what == "start"]
-    # Admission counts on the server's clock; a step starts a few ms after: 0.9 s allows for that.
-    assert most_in_window(times, 0.9) <= 5
+    # A step starts some ms after its admission (more on a loaded machine or a cluster), so the starts of
+    # two windows' batches can bunch at their edge (the README says so): never more than two batches.
+    assert most_in_window(times, 0.9) <= 10
     spread = max(times) - min(times)
     print(f"20 runs at 5/s started over {spread:.2f} s")
     assert 2.5 < spread < 6  # four windows' worth: 0, 1, 2, 3 s
@@ -473,7 +478,9 @@ async def test_a_key_rate_slows_that_key_and_not_another(wf: Settings, declare: 
         await until_all(wf, ids, timeout=30)
     busy = [at for what, label, at in trail if what == "start" and label.startswith("busy")]
     calm = [at for what, label, at in trail if what == "start" and label.startswith("calm")]
-    assert most_in_window(busy, 0.9) <= 3
+    # Admissions are exact on the server's clock (the queue rate test reads them); step starts can
+    # bunch at a window's edge, two batches at most.
+    assert most_in_window(busy, 0.9) <= 6
     assert 1.5 < max(busy) - min(busy) < 5  # three windows: 0, 1, 2 s
     assert max(calm) - min(busy) < 0.5  # the calm key's runs did not wait for the busy key's windows
 
