@@ -3,6 +3,7 @@ running the `werkfluss` console script. Test modules import from here, never fro
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from collections import Counter
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "WERKFLUSS",
+    "append_to_ledger",
     "events",
     "every_server",
     "one_line_error",
@@ -38,6 +40,18 @@ __all__ = [
 ]
 
 WERKFLUSS = str(Path(sys.executable).parent / "werkfluss")  # the console script pip installed
+
+
+def append_to_ledger(line: str) -> None:
+    """Append `line` to the file ``$WF_LEDGER`` names, if any (worker processes write it): one
+    small ``O_APPEND`` write, so the lines of many processes never interleave."""
+    ledger = os.environ.get("WF_LEDGER")
+    if ledger:
+        fd = os.open(ledger, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.write(fd, line.encode())
+        finally:
+            os.close(fd)
 
 
 @pytest.fixture(name="server", params=["valkey", "redis", "cluster"])

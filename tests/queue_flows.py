@@ -20,19 +20,14 @@ import anyio
 
 from werkfluss import Queue, enqueue, step, workflow
 
+from .helpers import append_to_ledger
+
 SHARED = Queue("qf-shared", concurrency=3)
 """The queue two worker processes share: at most 3 of its runs execute at once, across both."""
 
 
 def _note(what: str, n: int) -> None:
-    ledger = os.environ.get("WF_LEDGER")
-    if ledger:
-        line = f"{what} {n} {os.getpid()} {time.time():.6f}\n"
-        fd = os.open(ledger, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        try:
-            os.write(fd, line.encode())  # one small O_APPEND write: lines never interleave
-        finally:
-            os.close(fd)
+    append_to_ledger(f"{what} {n} {os.getpid()} {time.time():.6f}\n")
 
 
 @step

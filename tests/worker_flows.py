@@ -15,16 +15,11 @@ import anyio
 
 from werkfluss import StepFailedError, sleep, step, step_key, workflow
 
+from .helpers import append_to_ledger
+
 
 def _mark() -> None:
-    ledger = os.environ.get("WF_LEDGER")
-    if ledger:
-        line = f"{step_key()} {os.getpid()} {time.time():.6f}\n"
-        fd = os.open(ledger, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        try:
-            os.write(fd, line.encode())  # one small O_APPEND write: lines never interleave
-        finally:
-            os.close(fd)
+    append_to_ledger(f"{step_key()} {os.getpid()} {time.time():.6f}\n")
 
 
 @step
