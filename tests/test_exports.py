@@ -117,7 +117,7 @@ LAYER_OF = {
     "werkfluss._pytest_plugin": "face",
     "werkfluss._errors": "pure", "werkfluss._ids": "pure", "werkfluss._options": "pure",
     "werkfluss._events": "pure", "werkfluss._values": "pure", "werkfluss._logging": "pure",
-    "werkfluss._holder": "pure", "werkfluss._queues": "pure",
+    "werkfluss._holder": "pure", "werkfluss._queues": "pure", "werkfluss._clock": "pure",
     "werkfluss._context": "context",
     "werkfluss._wrappers": "api", "werkfluss._waits": "api", "werkfluss._sync": "api", "werkfluss._client": "api",
     "werkfluss._queries": "api", "werkfluss._dead_letters": "api", "werkfluss._queue_info": "api",

@@ -89,7 +89,7 @@ if _typing.TYPE_CHECKING:
     )
     from ._queue_info import KeyLoad, QueueInfo, list_queues, list_queues_async, queue_info, queue_info_async
     from ._queues import Queue
-    from ._waits import Hook, hook, race, sleep
+    from ._waits import Hook, hook, race, sleep, sleep_until
     from ._worker import Worker
     from ._wrappers import Step, Workflow, step, workflow
 
@@ -159,6 +159,7 @@ __all__ = [
     "resume",
     "resume_async",
     "sleep",
+    "sleep_until",
     "start",
     "start_async",
     "step",
@@ -222,7 +223,7 @@ _DEFINED_IN = {
     **dict.fromkeys(
         ("KeyLoad", "QueueInfo", "list_queues", "list_queues_async", "queue_info", "queue_info_async"), "_queue_info"
     ),
-    **dict.fromkeys(("Hook", "hook", "race", "sleep"), "_waits"),
+    **dict.fromkeys(("Hook", "hook", "race", "sleep", "sleep_until"), "_waits"),
     **dict.fromkeys(("Step", "Workflow", "step", "workflow"), "_wrappers"),
     "Queue": "_queues",
     "RetryPolicy": "_options",

@@ -173,7 +173,8 @@ async def enqueue_async(workflow: Workflow[P, R], /, *args: P.args, **kwargs: P.
         holder = await _deduplicate(store, options.dedup, run_id, tag)
         if holder is not None:
             return holder
-    delay = options.delay or (max(options.at - time.time(), 0.0) if options.at is not None else 0.0)
+    # `at` is on the clock timers are due by (the server's, or a test clock's).
+    delay = options.delay or (max(options.at - store.now(), 0.0) if options.at is not None else 0.0)
     started = encode_event(RunStarted(time.time(), workflow.id, msgspec.Raw(args_raw)))
     kind, detail, home = await store.create(
         run_id, workflow=workflow.id, started=started, args_digest=args_digest(canonical), queue=tag, delay=delay

@@ -89,8 +89,8 @@ class Runner(Protocol):
     ) -> Any:
         """Child run `child_id`'s result."""
 
-    async def sleep(self, seq: int, seconds: float) -> None:
-        """Durable sleep `seq`."""
+    async def sleep(self, seq: int, seconds: float | None = None, *, until: float | None = None) -> None:
+        """Durable sleep `seq`: `seconds` long, or `until` a Unix time."""
 
     async def receive(self, seq: int, token: str, n: int, type_: Any) -> Any:
         """Payload `n` of hook `seq` (`token`), decoded to `type_`."""

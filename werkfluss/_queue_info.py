@@ -183,7 +183,7 @@ async def _info(store: RedisStore, name: str, partitions: int, *, top: int) -> Q
     limited = config.get("flow") == "1"
     concurrency, per_key, rate, key_rate = _limits(config, partitions)
     figures = [await store.queue_figures(tag, group=GROUP, keys=KEYS_LOOKED_AT) for tag in tags]
-    now = store.now()
+    now = store.server_now()  # message IDs are the server's times
     if limited:
         waiting, running = sum(f.waiting for f in figures), sum(f.active for f in figures)
         ready = sum(f.undelivered for f in figures)

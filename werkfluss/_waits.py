@@ -1,4 +1,4 @@
-"""What a workflow can wait for: `hook()`, `sleep()`, `race()`.
+"""What a workflow can wait for: `hook()`, `sleep()`, `sleep_until()`, `race()`.
 
 Each takes the run's next sequence number *when it is called*, like a step,
 so that replays number them identically. Waiting never holds a process for
@@ -8,6 +8,8 @@ resumed by a replay when the awaited thing happens.
 
 from __future__ import annotations
 
+import time
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
 
 import anyio
@@ -21,7 +23,7 @@ if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Coroutine, Generator
     from datetime import timedelta
 
-__all__ = ["Hook", "hook", "race", "sleep"]
+__all__ = ["Hook", "hook", "race", "sleep", "sleep_until"]
 
 T = TypeVar("T")
 
@@ -152,6 +154,34 @@ def sleep(duration: float | timedelta | str) -> Awaitable[None]:
     if run is None or current_step() is not None:
         return anyio.sleep(seconds)
     return run.runner.sleep(run.next_seq(), seconds)
+
+
+def sleep_until(moment: datetime) -> Awaitable[None]:
+    """Pause the workflow until `moment`, an aware `datetime` (any timezone).
+
+    Durable like `sleep`: the moment is recorded when first reached, so a
+    replay waits for the recorded moment even if the body computes another
+    one now (``next_business_morning()`` from today's date), and the run
+    resumes then even if every process was restarted meanwhile. A moment
+    already past returns at once. In a step or outside a run it is a plain
+    ``anyio.sleep`` until then.
+
+    Raises:
+        ConfigurationError: `moment` is not a `datetime`, or it is naive (no
+            timezone: which 9 o'clock would it be?).
+    """
+    if not isinstance(moment, datetime):
+        raise ConfigurationError(f"sleep_until() needs an aware datetime, got {moment!r}")
+    if moment.utcoffset() is None:
+        raise ConfigurationError(
+            f"sleep_until({moment.isoformat()}): the datetime is naive (no timezone); give it one, "
+            f"e.g. datetime(..., tzinfo=ZoneInfo('Europe/Berlin')) or .replace(tzinfo=UTC)"
+        )
+    due = moment.timestamp()
+    run = current_run()
+    if run is None or current_step() is not None:
+        return anyio.sleep(max(due - time.time(), 0.0))
+    return run.runner.sleep(run.next_seq(), until=due)
 
 
 def race(*awaitables: Awaitable[Any]) -> Coroutine[Any, Any, tuple[int, Any]]:

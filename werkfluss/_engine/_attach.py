@@ -168,7 +168,7 @@ async def attach(
     queue = got.queue or (call.queue if call is not None else "")
     watchdog = call is not None and not call.parent
     if watchdog:
-        await store.wake(run_id, time.time() + settings.lease, queue=queue)
+        await store.wake(run_id, settings.lease, queue=queue)
     try:
         replay = await read_replay(store, run_id, got.retry_seq, got.retry_index) if got.kind == "resumed" else Replay()
         if call is not None:

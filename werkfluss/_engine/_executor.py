@@ -251,7 +251,7 @@ class RunExecutor(StepCalls, WaitCalls):
         parent_queue = ""
         if self.parent and not self.inline:
             parent_queue = await self.store.queue_of(self.parent)
-            await self.store.wake(self.parent, time.time() + self.lease, queue=parent_queue)
+            await self.store.wake(self.parent, self.lease, queue=parent_queue)
         await record()
         self.ended = True
         self._progressed()

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import msgspec
 
+from .._clock import nap
 from .._events import Waiting
 from .._logging import log
 
@@ -241,7 +242,7 @@ async def wait_for_wake(store: Store, run_id: str, lease: float, *, caller: bool
         soonest = min((due for due in dues if due is not None), default=None)
         if caller:
             _raise_lost_cancellation()
-        await anyio.sleep(delay if soonest is None else min(delay, max(soonest - now, 0.001)))
+        await nap(store.prefix, delay if soonest is None else min(delay, max(soonest - now, 0.001)), due=soonest)
         delay = min(delay * 2, 0.5)
 
 

@@ -16,6 +16,7 @@ from typing import Any, cast
 import anyio
 import msgspec
 
+from .._clock import nap
 from .._errors import HookConflictError, NonDeterminismError, RunNotFoundError, SerializationError
 from .._events import HookReceived, RaceWon, TimerStarted, Waiting
 from .._values import decode_value
@@ -32,8 +33,12 @@ _POLL = 0.2  # how often a held run looks for a hook payload
 class WaitCalls(RunBase):
     """What a run's body waits for: `sleep()`, a hook's next payload, `race()`."""
 
-    async def sleep(self, seq: int, seconds: float) -> None:
-        """Durable sleep number `seq`: due `seconds` after it was first reached."""
+    async def sleep(self, seq: int, seconds: float | None = None, *, until: float | None = None) -> None:
+        """Durable sleep number `seq`: due `seconds` after it was first reached, or at Unix time `until`.
+
+        The due time is recorded when first reached, and a replay takes the
+        recorded one: a moment the body computes from the clock is not computed again.
+        """
         self.check(seq, "sleep")
         due = self.replay.timers.get(seq)
         if due is None:
@@ -41,22 +46,22 @@ class WaitCalls(RunBase):
                 await self._history_ends(seq)
             await self._checkpoint()
             # On the server's clock, as the timer set is: a skewed worker fires it neither early nor late.
-            due = self.store.now() + seconds
+            due = until if until is not None else self.store.now() + (seconds or 0.0)
             await self.record(f"t{seq}", TimerStarted(time.time(), seq, due))
             self.replay.timers[seq] = due
         if not self.live:
             return  # a replay check does not wait for a recorded timer
-        hold = self.settings.hold
+        hold, prefix = self.settings.hold, self.store.prefix
         while True:
             left = due - self.store.now()
             if left <= 0:
                 return
             if left <= hold:
                 with Busy(self._activity):
-                    await anyio.sleep(left)
+                    await nap(prefix, left, due=due)
                 continue
             with self._activity.waiting(Waiting("timer", due=due)):
-                await anyio.sleep(left - hold)
+                await nap(prefix, left - hold, due=due - hold)
 
     async def receive(self, seq: int, token: str, n: int, type_: Any) -> Any:
         """Payload number `n` of hook `seq`: recorded, waiting in its mailbox, or awaited."""

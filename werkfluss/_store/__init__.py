@@ -69,8 +69,14 @@ SCRIPTS: tuple[Script, ...] = (
 class RunStore(Protocol):
     """What the engine asks of a run's keys: hold it, record its events, end it, read it back."""
 
+    prefix: str  # the key prefix: whose test clock (`werkfluss._clock`) the store's `now` follows
+
     def now(self) -> float:
-        """The server's clock, as Unix time."""
+        """The time timers are due by, as Unix time: the server's clock, or a test clock's."""
+        ...
+
+    def server_now(self) -> float:
+        """The server's clock, as Unix time: what leases run out by."""
         ...
 
     async def acquire(
@@ -206,8 +212,8 @@ class QueueStore(Protocol):
     """What workers and waits ask of a queue partition (its tag is `queue`, ``q`` the default queue's):
     its stream, timers, dead letters and flow control."""
 
-    async def wake(self, run_id: str, at: float | None = None, *, queue: str = ...) -> None:
-        """Make run `run_id` due at Unix time `at` (default now), unless it is due sooner."""
+    async def wake(self, run_id: str, after: float = 0.0, *, queue: str = ...) -> None:
+        """Make run `run_id` due `after` seconds from now (default: now), unless it is due sooner."""
         ...
 
     async def reschedule(self, run_id: str, at: float | None, *, queue: str = ...) -> None:

@@ -39,6 +39,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisClusterException, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from .._clock import skew
 from .._errors import LossyServerWarning, StorageError
 from .._options import redact
 from ._deadline import CALL_DEADLINE, FIRST_CALL_DEADLINE, SOCKET_TIMEOUT, DeadlineRetry, carried, carry
@@ -61,15 +62,26 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 """
 
+# `clock`: the time timers are due by (ms): the server's, moved ahead by a test clock
+# (`werkfluss._clock`). A script that uses it is `Script(..., clocked=True)`: the
+# store passes the skew as its last argument. Leases keep `now`.
+CLOCK = (
+    NOW
+    + """
+local clock = now + tonumber(ARGV[#ARGV])
+"""
+)
+
 
 class Script:
     """A Lua script the store runs by its SHA1 (``EVALSHA``), with its `name` for messages."""
 
-    __slots__ = ("name", "packed_sha", "sha", "source")
+    __slots__ = ("clocked", "name", "packed_sha", "sha", "source")
 
-    def __init__(self, name: str, source: str) -> None:
+    def __init__(self, name: str, source: str, *, clocked: bool = False) -> None:
         self.name = name
         self.source = source
+        self.clocked = clocked  # takes the test clock's skew (ms) as its last argument (see CLOCK)
         self.sha = hashlib.sha1(source.encode()).hexdigest()
         self.packed_sha = self.sha.encode()  # as the fast lane sends it, computed once
 
@@ -240,12 +252,17 @@ class Connection:
         self._clock = (seconds + micros / 1e6, (before + after) / 2)
 
     def now(self) -> float:
-        """The server's clock, as Unix time: what timers are due by.
+        """The time timers are due by, as Unix time: the server's clock (`server_now`),
+        moved ahead by a test clock for this prefix (`werkfluss._clock`).
 
         Deadlines a worker computes (a durable sleep's) are taken from it, so a
         worker whose clock runs ahead does not fire them early, nor one behind late,
         nor one whose clock is stepped while it runs.
         """
+        return self.server_now() + skew(self.prefix)
+
+    def server_now(self) -> float:
+        """The server's clock, as Unix time: what leases run out by."""
         if self._clock is None:
             return time.time()
         # Counted on the monotonic clock from one reading of the server's: a wall clock set
@@ -344,6 +361,8 @@ class Connection:
 
     async def _run(self, script: Script, keys: list[str], args: list[Arg]) -> Any:
         """`script` with `keys` and `args`: on the fast lane, else through redis-py; its raw reply."""
+        if script.clocked:
+            args = [*args, int(skew(self.prefix) * 1000)]
         if self._lane is not None:
             try:
                 reply = await self._lane.call((b"EVALSHA", script.packed_sha, len(keys), *keys, *args))

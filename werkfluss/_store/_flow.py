@@ -229,18 +229,20 @@ SUBMIT = Script(
     FLOW
     + """
 local run, retry, meta, delay = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+local clock = now + tonumber(ARGV[#ARGV])
 if meta ~= '' then redis.call('HSET', K('meta'), run, meta) end
 if delay > 0 then
-  redis.call('ZADD', K('delayed'), now + delay, run)
+  redis.call('ZADD', K('delayed'), clock + delay, run)
   if retry == '1' then redis.call('HSET', K('delayedx'), run, '1') end
   redis.call('LPUSH', K('nudge'), 1)
   redis.call('LTRIM', K('nudge'), 0, 0)
-  return now + delay
+  return clock + delay
 end
 redis.call('ZREM', K('delayed'), run)
 enqueue(limits(), run, retry)
-return now
+return clock
 """,
+    clocked=True,
 )
 
 # KEYS: queue. ARGV: group, consumer, how many. Admits up to that many waiting

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, cast
 
-from ._connect import NOW, Connection, Script, text
+from ._connect import CLOCK, NOW, Connection, Script, text
 from ._keys import LOG, STATE
 
 if TYPE_CHECKING:
@@ -78,7 +78,7 @@ return {'resumed', epoch, status, more[1] or '', more[2] or '', cur[2], cur[5] o
 # Creates a pending run for the queue; an existing run is reported, not touched.
 CREATE = Script(
     "CREATE",
-    NOW
+    CLOCK
     + """
 local workflow, started, args, queue, delay = ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
 local cur = redis.call('HMGET', KEYS[1], 'status', 'workflow', 'queue')
@@ -86,7 +86,7 @@ if not cur[1] then
   redis.call('HSET', KEYS[1], 'status', 'pending', 'workflow', workflow, 'holder', '', 'lease', 0,
              'epoch', 0, 'n', 1, 'created', now, 'updated', now, 'args', args, 'parent', '')
   if queue ~= '' then redis.call('HSET', KEYS[1], 'queue', queue) end
-  if delay > 0 then redis.call('HSET', KEYS[1], 'due', now + delay) end
+  if delay > 0 then redis.call('HSET', KEYS[1], 'due', clock + delay) end
   redis.call('XADD', KEYS[2], '0-1', 'e', started)
   return {'new', now, queue}
 end
@@ -94,6 +94,7 @@ if cur[2] ~= workflow then return {'conflict', cur[2], cur[3] or ''} end
 if redis.call('HGET', KEYS[1], 'args') ~= args then return {'other-arguments', '', cur[3] or ''} end
 return {'exists', cur[1], cur[3] or ''}
 """,
+    clocked=True,
 )
 
 # KEYS: state. ARGV: epoch, lease_ms. Returns {1, cancel reason} or {0} if fenced.

@@ -7,9 +7,7 @@ timer moves to the queue in the same script, and so does a delayed start
 
 from __future__ import annotations
 
-import time
-
-from ._connect import NOW, Connection, Script
+from ._connect import CLOCK, Connection, Script
 from ._deadline import SOCKET_TIMEOUT
 from ._flow import FLOW
 from ._keys import DEFAULT_TAG, NUDGE, QUEUE, SWEEP, TIMERS
@@ -21,7 +19,7 @@ from ._keys import DEFAULT_TAG, NUDGE, QUEUE, SWEEP, TIMERS
 _NUDGE = """
 local function nudge(run_ms)
   local head = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-  if run_ms <= now or not head[2] or run_ms <= tonumber(head[2]) then
+  if run_ms <= clock or not head[2] or run_ms <= tonumber(head[2]) then
     redis.call('LPUSH', KEYS[2], 1)
     redis.call('LTRIM', KEYS[2], 0, 0)
   end
@@ -32,15 +30,16 @@ end
 # sooner (a delay, not a time: the server's clock, never the caller's).
 WAKE = Script(
     "WAKE",
-    NOW
+    CLOCK
     + _NUDGE
     + """
 local run, delay_ms = ARGV[1], ARGV[2]
-local at = now + tonumber(delay_ms)
+local at = clock + tonumber(delay_ms)
 nudge(at)
 redis.call('ZADD', KEYS[1], 'LT', at, run)
 return 1
 """,
+    clocked=True,
 )
 
 # KEYS: queue, timers. ARGV: how many at most. Moves due timers and due delayed
@@ -50,13 +49,14 @@ MOVE_DUE = Script(
     "MOVE_DUE",
     FLOW
     + """
+local clock = now + tonumber(ARGV[#ARGV])
 local limit, L = tonumber(ARGV[1]), limits()
-local due = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, limit)
+local due = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', clock, 'LIMIT', 0, limit)
 for _, run in ipairs(due) do
   enqueue(L, run, '0')
   redis.call('ZREM', KEYS[2], run)
 end
-local starts = redis.call('ZRANGEBYSCORE', K('delayed'), '-inf', now, 'LIMIT', 0, limit)
+local starts = redis.call('ZRANGEBYSCORE', K('delayed'), '-inf', clock, 'LIMIT', 0, limit)
 for _, run in ipairs(starts) do
   enqueue(L, run, redis.call('HGET', K('delayedx'), run) or '0')
   redis.call('ZREM', K('delayed'), run)
@@ -66,12 +66,13 @@ local wait = -1
 for _, key in ipairs({KEYS[2], K('delayed')}) do
   local nxt = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
   if nxt[2] then
-    local ms = math.max(tonumber(nxt[2]) - now, 0)
+    local ms = math.max(tonumber(nxt[2]) - clock, 0)
     if wait < 0 or ms < wait then wait = ms end
   end
 end
 return {#due + #starts, wait}
 """,
+    clocked=True,
 )
 
 # KEYS: timers. ARGV: run, ms to push the entry by.
@@ -79,28 +80,29 @@ return {#due + #starts, wait}
 # (if the process then dies, the entry comes due again). Returns 1 if taken.
 CLAIM_TIMER = Script(
     "CLAIM_TIMER",
-    NOW
+    CLOCK
     + """
 local run, push_ms = ARGV[1], ARGV[2]
 local s = redis.call('ZSCORE', KEYS[1], run)
-if s and tonumber(s) <= now then
-  redis.call('ZADD', KEYS[1], now + tonumber(push_ms), run)
+if s and tonumber(s) <= clock then
+  redis.call('ZADD', KEYS[1], clock + tonumber(push_ms), run)
   return 1
 end
 return 0
 """,
+    clocked=True,
 )
 
 # KEYS: timers, nudge. ARGV: run, due ms ('' removes the entry).
 # A due entry is a wake-up nobody has handled yet: it is kept. Returns 1 if set.
 RESCHEDULE = Script(
     "RESCHEDULE",
-    NOW
+    CLOCK
     + _NUDGE
     + """
 local run, due_ms = ARGV[1], ARGV[2]
 local s = redis.call('ZSCORE', KEYS[1], run)
-if s and tonumber(s) <= now then return 0 end
+if s and tonumber(s) <= clock then return 0 end
 if due_ms == '' then redis.call('ZREM', KEYS[1], run)
 else
   nudge(tonumber(due_ms))
@@ -108,6 +110,7 @@ else
 end
 return 1
 """,
+    clocked=True,
 )
 
 SCRIPTS = (WAKE, MOVE_DUE, CLAIM_TIMER, RESCHEDULE)
@@ -116,13 +119,13 @@ SCRIPTS = (WAKE, MOVE_DUE, CLAIM_TIMER, RESCHEDULE)
 class RedisTimers(Connection):
     """Timers: set, moved to the queue when due, and waited for."""
 
-    async def wake(self, run_id: str, at: float | None = None, *, queue: str = DEFAULT_TAG) -> None:
-        """Make run `run_id` due at Unix time `at` (default now), unless it is due sooner.
+    async def wake(self, run_id: str, after: float = 0.0, *, queue: str = DEFAULT_TAG) -> None:
+        """Make run `run_id` due `after` seconds from now (default: now), unless it is due sooner.
 
         Workers learn of it at once (a nudge), not at their next look. The time
-        counts from the server's clock: `at` is taken as a delay from now here.
+        counts from the server's clock, never the caller's.
         """
-        delay = 0 if at is None else max(int((at - time.time()) * 1000), 0)
+        delay = max(int(after * 1000), 0)
         await self._run(WAKE, [self.queue_key(TIMERS, queue), self.queue_key(NUDGE, queue)], [run_id, delay])
 
     async def reschedule(self, run_id: str, at: float | None, *, queue: str = DEFAULT_TAG) -> None:

@@ -186,7 +186,7 @@ async def sweep(
                 break
             ids = [run for run, _ in batch]
             states = await store.states(ids, _FIELDS)
-            now = store.now()  # leases are the server's times
+            now = store.server_now()  # leases are the server's times
             candidates = [
                 run
                 for run, state in zip(ids, states, strict=True)

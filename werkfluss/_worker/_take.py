@@ -18,7 +18,6 @@
 
 from __future__ import annotations
 
-import time
 from typing import TYPE_CHECKING, Literal
 
 from .._engine._attach import acquire, attach
@@ -89,8 +88,8 @@ async def take(
             # Its holder is alive and will finish it; look again when its lease would run out
             # (a holder in this process may be past its lease: then in a moment). The run
             # itself sees hooks and timers as it goes.
-            at = time.time() + (got.lease_left + 0.1 if got.lease_left > 0 else 1.0)
-            await store.wake(run_id, at, queue=got.queue or tag)
+            after = got.lease_left + 0.1 if got.lease_left > 0 else 1.0
+            await store.wake(run_id, after, queue=got.queue or tag)
             return "ack"
         if attached.kind == "undefined":
             await store.release(run_id, got.epoch, pending=True)  # for a worker that defines it
