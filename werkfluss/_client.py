@@ -12,13 +12,11 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
-import msgspec
-
 from ._engine._call import RunCall
 from ._engine._cancel import cancel_run
-from ._engine._drive import args_digest, drive
+from ._engine._drive import drive
+from ._engine._submit import submit_run
 from ._errors import ConfigurationError, HookClosedError, RunConflictError, RunNotFoundError
-from ._events import RunStarted, encode_event
 from ._ids import check_run_id, check_token, derive_run_id
 from ._options import Settings, check_limit, parse_duration
 from ._queues import DEFAULT_PRIORITY
@@ -175,22 +173,9 @@ async def enqueue_async(workflow: Workflow[P, R], /, *args: P.args, **kwargs: P.
             return holder
     # `at` is on the clock timers are due by (the server's, or a test clock's).
     delay = options.delay or (max(options.at - store.now(), 0.0) if options.at is not None else 0.0)
-    started = encode_event(RunStarted(time.time(), workflow.id, msgspec.Raw(args_raw)))
-    kind, detail, home = await store.create(
-        run_id, workflow=workflow.id, started=started, args_digest=args_digest(canonical), queue=tag, delay=delay
-    )
-    if kind == "conflict":
-        raise RunConflictError(run_id, f"run {run_id!r} belongs to workflow {detail!r}, not {workflow.id!r}")
-    if kind == "other-arguments":
-        raise RunConflictError(run_id, f"run {run_id!r} was enqueued with other arguments; use another run_id")
     priority = options.priority if options.priority is not None else DEFAULT_PRIORITY
     meta = f"{priority}|1|{options.key or ''}" if queue.limited else ""
-    if kind == "new":
-        await store.submit(run_id, queue=tag, meta=meta, delay=delay)
-    elif detail == "pending":  # its enqueue may have died before queueing it
-        await store.submit(run_id, queue=home or tag, meta=meta, delay=delay)
-    elif detail in ("failed", "blocked"):
-        await store.submit(run_id, queue=home or tag, retry=True)
+    await submit_run(store, workflow.id, run_id, args_raw, canonical, tag=tag, meta=meta, delay=delay)
     return run_id
 
 
