@@ -26,13 +26,14 @@ import hashlib
 import os
 import threading
 import time
+from datetime import UTC, datetime
 from typing import Any
 
 import anyio
 import msgspec
 
 import werkfluss._holder
-from werkfluss import RetryPolicy, Settings, StepFailedError, hook, sleep, step, step_key, workflow
+from werkfluss import RetryPolicy, Settings, StepFailedError, hook, sleep, sleep_until, step, step_key, workflow
 from werkfluss._store._open import _stores, open_store
 
 from .flows import VERSION, conclude, fault_dir, reserve, row, ship, work
@@ -104,8 +105,8 @@ async def after_herd(n: int) -> int:
 
 @workflow(name="faults:herd")
 async def herd(n: int, at: float) -> int:
-    # The sleep's length is only read the first time: a replay takes the recorded due time.
-    await sleep(max(at - time.time(), 0.0))
+    # One moment for every run (not a length from each run's own now): the timers share one score.
+    await sleep_until(datetime.fromtimestamp(at, UTC))
     return await after_herd(n)
 
 
