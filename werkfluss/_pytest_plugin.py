@@ -1,4 +1,4 @@
-"""werkfluss's pytest plugin: the ``werkfluss_server`` and ``werkfluss_settings`` fixtures.
+"""werkfluss's pytest plugin: the ``werkfluss_server``, ``werkfluss_settings`` and ``werkfluss_clock`` fixtures.
 
 pytest loads this module (the ``pytest11`` entry point) in every run in an
 environment where werkfluss is installed, whether the suite uses werkfluss
@@ -17,8 +17,9 @@ if TYPE_CHECKING:
     from collections.abc import Iterator
 
     from ._options import Settings
+    from ._test_clock import TestClock
 
-__all__ = ["werkfluss_server", "werkfluss_settings"]
+__all__ = ["werkfluss_clock", "werkfluss_server", "werkfluss_settings"]
 
 
 @pytest.fixture(scope="session")
@@ -45,3 +46,17 @@ def werkfluss_settings(werkfluss_server: Settings, monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv("WERKFLUSS_DIR", settings.directory)
     monkeypatch.setenv("WERKFLUSS_PREFIX", settings.prefix)
     return settings
+
+
+@pytest.fixture
+def werkfluss_clock(werkfluss_settings: Settings) -> Iterator[TestClock]:
+    """A `werkfluss.testing.TestClock` in auto mode on ``werkfluss_settings``' prefix, for one test.
+
+    Durable sleeps, `sleep_until` and delayed starts of the test's runs are
+    skipped whenever nothing else goes on in the process; the clock is the
+    server's again after the test. ``werkfluss_clock.advance("1d")`` moves it too.
+    """
+    from ._test_clock import TestClock
+
+    with TestClock(werkfluss_settings) as clock:
+        yield clock

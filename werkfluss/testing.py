@@ -23,6 +23,11 @@ embedded Valkey server in a temporary directory for the whole session,
 and ``werkfluss_settings``, `Settings` with a fresh key prefix per test,
 also set as the environment's default so plain ``start(...)`` calls use
 it. Without pytest, `throwaway_server()` is the same as a context manager.
+
+**A test clock.** `TestClock` moves the clock timers are due by ahead, so
+that a test of a workflow that sleeps for a week takes milliseconds, on the
+same server: by itself whenever nothing else goes on (auto mode, the
+``werkfluss_clock`` fixture), or when the test says (``advance("7d")``).
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from ._events import ErrorInfo, RunFailed, RunStarted
 from ._queries import get_events_async
 from ._store._embedded import throwaway_server
 from ._sync import blocking
+from ._test_clock import TestClock
 
 if TYPE_CHECKING:
     from ._events import AnyEvent
@@ -46,6 +52,7 @@ if TYPE_CHECKING:
 __all__ = [
     "Divergence",
     "ReplayCheck",
+    "TestClock",
     "assert_replays",
     "check_replay",
     "check_replay_async",
@@ -183,6 +190,7 @@ def _divergence(checker: RunExecutor, outcome: Body, failed: RunFailed | None) -
 try:
     # Still importable from here, and `-p werkfluss.testing` / ``pytest_plugins`` still register
     # them; the entry point loads the light `_pytest_plugin` itself.
+    from ._pytest_plugin import werkfluss_clock as werkfluss_clock
     from ._pytest_plugin import werkfluss_server as werkfluss_server
     from ._pytest_plugin import werkfluss_settings as werkfluss_settings
 except ImportError:  # pragma: no cover - pytest is only needed for the fixtures

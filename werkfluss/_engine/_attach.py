@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 
 import msgspec
 
+from .._clock import WORKING
 from .._errors import SerializationError
 from .._events import RunResumed, RunStarted, decode_event, encode_event
 from .._holder import holder_is_dead, holder_prefix
@@ -154,9 +155,10 @@ async def attach(
     Raises:
         StorageError: Redis/Valkey is unreachable.
     """
-    got = await acquire(
-        store, run_id, holding, settings.lease, call=call, retry=retry, take_over=take_over, route=route
-    )
+    with WORKING:  # taking a run up is work: a test clock in auto mode does not skip meanwhile
+        got = await acquire(
+            store, run_id, holding, settings.lease, call=call, retry=retry, take_over=take_over, route=route
+        )
     if got.kind not in ("new", "resumed"):
         return Attached(got.kind, got)
     if call is not None:
@@ -170,7 +172,10 @@ async def attach(
     if watchdog:
         await store.wake(run_id, settings.lease, queue=queue)
     try:
-        replay = await read_replay(store, run_id, got.retry_seq, got.retry_index) if got.kind == "resumed" else Replay()
+        replay = Replay()
+        if got.kind == "resumed":
+            with WORKING:
+                replay = await read_replay(store, run_id, got.retry_seq, got.retry_index)
         if call is not None:
             args, kwargs, parent = call.args, call.kwargs, call.parent
         else:

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import msgspec
 
-from .._clock import nap
+from .._clock import TALLY, nap
 from .._events import Waiting
 from .._logging import log
 
@@ -209,11 +209,13 @@ class Busy:
         elif activity.closed:
             activity.enter()  # raises: nothing new starts for an execution that is over
         activity.active += 1
+        TALLY.begun += 1  # work going on in this process: a test clock in auto mode does not skip meanwhile
         activity.touch()
 
     def __exit__(self, *_: object) -> None:
         activity = self.activity
         activity.active -= 1
+        TALLY.ended += 1
         activity.leave(self.task)
         activity.touch()
 

@@ -58,7 +58,7 @@ class WaitCalls(RunBase):
                 return
             if left <= hold:
                 with Busy(self._activity):
-                    await nap(prefix, left, due=due)
+                    await nap(prefix, left, due=due, held=True)
                 continue
             with self._activity.waiting(Waiting("timer", due=due)):
                 await nap(prefix, left - hold, due=due - hold)
