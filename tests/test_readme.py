@@ -82,6 +82,7 @@ EXPECTED = {
     "Workers and the queue": ["order-41", "order-42"],
     "Queries from Python": ["completed shipped 3 parcels (receipt-order-42)", "order-41 [Wait(kind='hook'"],
     "Testing: replay checks and a throwaway server": ["1 passed"],
+    "Testing with a test clock": ["2 passed"],
     "Configuration": ["running: pid", "stopped"],
 }
 
