@@ -119,6 +119,7 @@ async def start_async(workflow: Workflow[P, R], /, *args: P.args, **kwargs: P.kw
         encoded=encoded,
         settings=settings,
         queue=workflow.queue_tag(run_id),
+        deadline=workflow.deadline,
     )
     result: R = await drive(call)
     return result
@@ -175,7 +176,9 @@ async def enqueue_async(workflow: Workflow[P, R], /, *args: P.args, **kwargs: P.
     delay = options.delay or (max(options.at - store.now(), 0.0) if options.at is not None else 0.0)
     priority = options.priority if options.priority is not None else DEFAULT_PRIORITY
     meta = f"{priority}|1|{options.key or ''}" if queue.limited else ""
-    await submit_run(store, workflow.id, run_id, args_raw, canonical, tag=tag, meta=meta, delay=delay)
+    await submit_run(
+        store, workflow.id, run_id, args_raw, canonical, tag=tag, meta=meta, delay=delay, deadline=workflow.deadline
+    )
     return run_id
 
 

@@ -67,6 +67,10 @@ class WorkflowLike(Protocol):
     def fn(self) -> Callable[..., Awaitable[Any]]:
         """The body."""
 
+    @property
+    def deadline(self) -> float | None:
+        """The seconds a new run of it may take (None: no deadline)."""
+
     def return_type(self) -> Any:
         """The annotated return type: a recorded result decodes to it."""
 

@@ -14,6 +14,7 @@ Every error a user can catch derives from `WerkflussError`::
     ├── RunConflictError        a run ID already belongs to another workflow or arguments
     ├── RunNotFoundError        no run has this ID (queries, cancel, resume)
     ├── RunCancelledError       the run was cancelled (by `cancel()` or the CLI)
+    │   └── RunTimeoutError         the run was cancelled because its deadline passed
     ├── HookConflictError       a hook token already belongs to another run
     ├── HookClosedError         a payload for a hook whose run completed or was cancelled
     └── NotInWorkflowError      a run-only function was called outside a run or step
@@ -44,6 +45,7 @@ __all__ = [
     "RunConflictError",
     "RunFailedError",
     "RunNotFoundError",
+    "RunTimeoutError",
     "SerializationError",
     "StepFailedError",
     "StorageError",
@@ -211,6 +213,15 @@ class RunCancelledError(WerkflussError):
         super().__init__(f"run {run_id!r} was cancelled" + (f": {reason}" if reason else ""))
         self.run_id = run_id
         self.reason = reason
+
+
+class RunTimeoutError(RunCancelledError):
+    """The run was cancelled because its deadline passed (``@workflow(deadline=...)``
+    or ``options(deadline=...)``); `reason` says which deadline and when.
+
+    A subclass of `RunCancelledError`: a run past its deadline is a cancelled run,
+    and starting it again raises this again instead of executing it.
+    """
 
 
 class HookConflictError(WerkflussError):

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, get_args
 
 import msgspec
 
+from ._engine._run_deadline import is_deadline_reason
 from ._errors import ConfigurationError, RunNotFoundError, StorageError
 from ._events import (
     AnyEvent,
@@ -136,6 +137,10 @@ class RunInfo(RunSummary, frozen=True, kw_only=True):
             invoices (3 runs ahead)"`` (with keys, approximate: keys take turns). Read when
             asked; None when nothing holds it there (a worker has it, it runs, or it waits
             for a hook, a timer or a child).
+        deadline: When its deadline passes, UTC (``@workflow(deadline=...)`` or
+            ``options(deadline=...)``, counted from its creation on the timer clock),
+            else None. A run cancelled for its deadline has a `cancel_reason` naming it.
+        timed_out: Whether the run was cancelled because its deadline passed.
     """
 
     args: list[Any] = []
@@ -150,6 +155,8 @@ class RunInfo(RunSummary, frozen=True, kw_only=True):
     queue: str = DEFAULT_QUEUE
     due: datetime | None = None
     waiting_on: str | None = None
+    deadline: datetime | None = None
+    timed_out: bool = False
 
 
 class RunPage(msgspec.Struct, frozen=True, kw_only=True):
@@ -201,6 +208,8 @@ async def get_run_async(run_id: str, *, settings: Settings | None = None) -> Run
         queue=queue_of_tag(state.queue),
         due=_time(state.due) if state.due else None,
         waiting_on=await waiting_on(store, run_id, state),
+        deadline=_time(state.deadline) if state.deadline else None,
+        timed_out=status == "cancelled" and is_deadline_reason(state.cancel),
     )
 
 

@@ -15,6 +15,7 @@ from typing import Any, Generic, ParamSpec, TypeVar, final, overload
 import msgspec
 
 from ._context import current_run, current_step
+from ._engine._run_deadline import check_deadline
 from ._errors import ConfigurationError, NotInWorkflowError, SerializationError
 from ._ids import callable_id, check_run_id, child_run_id, register
 from ._options import RetryPolicy, Settings, StepOptions, parse_duration, step_options
@@ -112,10 +113,10 @@ _MAX_KEY = 256  # characters of a flow-control key or a deduplication ID
 
 
 class RunOptions:
-    """Options of one start of a workflow: its run ID, storage settings, and how it
-    waits in its queue (key, priority, delay, deduplication ID; `enqueue` only)."""
+    """Options of one start of a workflow: its run ID, storage settings, its deadline, and
+    how it waits in its queue (key, priority, delay, deduplication ID; `enqueue` only)."""
 
-    __slots__ = ("at", "dedup", "delay", "key", "priority", "queue", "run_id", "settings")
+    __slots__ = ("at", "deadline", "dedup", "delay", "key", "priority", "queue", "run_id", "settings")
 
     def __init__(self, run_id: str | None = None, settings: Settings | None = None) -> None:
         self.run_id = run_id
@@ -126,6 +127,7 @@ class RunOptions:
         self.at: float | None = None  # Unix time
         self.dedup: str | None = None
         self.queue: Queue | None = None
+        self.deadline: float | None = None  # seconds, instead of the workflow's
 
     def queued(self) -> list[str]:
         """The names of the options only `enqueue` takes that are set."""
@@ -165,13 +167,28 @@ class Workflow(_Wrapper, Generic[P, R]):
         name: str | None,
         run_options: RunOptions | None = None,
         queue: Queue | str | None = None,
+        deadline: float | timedelta | str | None = None,
     ) -> None:
-        # Before the ID is claimed: a definition refused for an unknown queue leaves nothing registered.
+        # Before the ID is claimed: a definition refused for an unknown queue or a bad
+        # deadline leaves nothing registered.
         resolved = default_queue() if queue is None else queue_named(queue)
+        seconds = None
+        if deadline is not None:
+            _check_async(fn, "workflow")
+            seconds = check_deadline(deadline, callable_id(fn, name))
         # A bound copy (`options()`) is the same definition: only the original claims the ID.
         self._wrap(fn, "workflow", name, claim=run_options is None)
         self.run_options = run_options or RunOptions()
         self.queue: Queue = resolved
+        self._deadline = seconds
+
+    @property
+    def deadline(self) -> float | None:
+        """The seconds a new run of it may take from its creation: the ``options(deadline=...)``
+        of this copy, or the workflow's own ``@workflow(deadline=...)`` (None: no deadline)."""
+        if self.run_options.deadline is not None:
+            return self.run_options.deadline
+        return self._deadline
 
     def queue_tag(self, run_id: str, key: str | None = None) -> str:
         """The tag of the queue partition a new run `run_id` (of `key`) of this workflow goes to."""
@@ -190,6 +207,7 @@ class Workflow(_Wrapper, Generic[P, R]):
         delay: float | timedelta | str | None = None,
         at: datetime | float | None = None,
         dedup: str | None = None,
+        deadline: float | timedelta | str | None = None,
     ) -> Workflow[P, R]:
         """This workflow with run options, for `start()`, `enqueue()` and friends.
 
@@ -208,6 +226,10 @@ class Workflow(_Wrapper, Generic[P, R]):
             at: Start no sooner than this moment (an aware `datetime` or Unix time).
             dedup: A deduplication ID: while a run enqueued with it has not
                 ended, enqueueing another with it returns that run's ID.
+            deadline: How long a new run may take from its creation (seconds, a
+                `timedelta`, ``"30m"``), instead of the workflow's own deadline;
+                past it the run is cancelled (`RunTimeoutError`). Stored with the
+                run when it is created: a run that exists keeps its own.
         """
         if run_id is not None:
             check_run_id(run_id)
@@ -229,6 +251,7 @@ class Workflow(_Wrapper, Generic[P, R]):
         merged.priority = priority if priority is not None else old.priority
         merged.delay = parse_duration(delay, what="delay") if delay is not None else old.delay
         merged.at = _when(at) if at is not None else old.at
+        merged.deadline = check_deadline(deadline, self.id) if deadline is not None else old.deadline
         if merged.delay is not None and merged.at is not None:
             raise ConfigurationError("give a run either delay= or at=, not both")
         bound = Workflow.__new__(Workflow)
@@ -341,10 +364,15 @@ def step(
 def workflow(fn: Callable[P, Awaitable[R]], /) -> Workflow[P, R]: ...
 @overload
 def workflow(
-    *, name: str | None = None, queue: Queue | str | None = None
+    *, name: str | None = None, queue: Queue | str | None = None, deadline: float | timedelta | str | None = None
 ) -> Callable[[Callable[P, Awaitable[R]]], Workflow[P, R]]: ...
 def workflow(
-    fn: Callable[P, Awaitable[R]] | None = None, /, *, name: str | None = None, queue: Queue | str | None = None
+    fn: Callable[P, Awaitable[R]] | None = None,
+    /,
+    *,
+    name: str | None = None,
+    queue: Queue | str | None = None,
+    deadline: float | timedelta | str | None = None,
 ) -> Workflow[P, R] | Callable[[Callable[P, Awaitable[R]]], Workflow[P, R]]:
     """Make an async function a durable workflow.
 
@@ -353,11 +381,16 @@ def workflow(
         name: The workflow ID (default ``module:qualname``).
         queue: The `Queue` (or a declared queue's name) its enqueued runs wait
             in (default: the ``"default"`` queue, with no limits).
+        deadline: How long each run may take from its creation (`start` or
+            `enqueue`): seconds, a `timedelta` or text like ``"2h"`` (default:
+            no deadline). Past it the run is cancelled, its running step and
+            its child runs with it, and its callers get `RunTimeoutError`.
+            ``options(deadline=...)`` sets one per run.
     """
     if fn is not None:
-        return Workflow(fn, name=name, queue=queue)
+        return Workflow(fn, name=name, queue=queue, deadline=deadline)
 
     def decorate(f: Callable[P, Awaitable[R]]) -> Workflow[P, R]:
-        return Workflow(f, name=name, queue=queue)
+        return Workflow(f, name=name, queue=queue, deadline=deadline)
 
     return decorate

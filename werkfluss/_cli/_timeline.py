@@ -229,6 +229,9 @@ def render(run: RunInfo, events: list[AnyEvent], *, colour: bool = False, now: f
     out = [_fit(title, glyphs), _fit(facts + (f" · parent {run.parent}" if run.parent else ""), glyphs)]
     if run.queue != "default" or run.due:  # the default queue goes without saying
         out.append(_fit(f"queue {run.queue}" + (f" · due {run.due:%Y-%m-%d %H:%M:%S} UTC" if run.due else ""), glyphs))
+    if run.deadline:
+        passed = " · passed: the run was cancelled" if run.timed_out else ""
+        out.append(_fit(f"deadline {run.deadline:%Y-%m-%d %H:%M:%S} UTC{passed}", glyphs))
     if run.waiting_on:
         out.append(_fit(f"waiting: {run.waiting_on}", glyphs))
     if run.waiting:

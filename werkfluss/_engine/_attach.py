@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from logging import INFO
 from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 
@@ -24,8 +24,10 @@ from .._errors import SerializationError
 from .._events import RunResumed, RunStarted, decode_event, encode_event
 from .._holder import holder_is_dead, holder_prefix
 from .._logging import note
+from ._cancel import cancel_run
 from ._executor import RunExecutor
 from ._replay import Replay
+from ._run_deadline import reason as deadline_reason
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -68,10 +70,15 @@ async def acquire(
     the run. `take_over` names one to take over from the start. A worker
     passes the queue partition its message came from (`route`): a run of
     another queue is found ``elsewhere``, not taken.
+
+    A run past its deadline (one nobody live holds) is cancelled here, with
+    its children, and found ``cancelled``: nothing of it executes again.
     """
     workflow = digest = parent = queue = ""
     started = b""
+    deadline = None
     if call is not None:
+        deadline = call.deadline
         # Stored as given (the body sees a dict's keys in the caller's order); compared canonically.
         args_raw, canonical = call.encoded
         workflow, parent, digest, queue = call.workflow.id, call.parent, args_digest(canonical), call.queue
@@ -91,7 +98,15 @@ async def acquire(
             process=holder_prefix(),
             queue=queue,
             route=route,
+            deadline=deadline,
         )
+        if got.kind == "expired":
+            assert got.deadline is not None
+            why = deadline_reason(got.allowed, got.deadline)
+            if await cancel_run(store, run_id, why, gone=take_over):
+                note(INFO, "run.timed_out", run_id, "run %s: %s; cancelled", run_id, why)
+                return replace(got, kind="cancelled", cancel=why)
+            continue  # it ended, or a live holder took it, meanwhile: look again
         if got.kind != "busy" or take_over or not holder_is_dead(got.holder):
             return got
         take_over = got.holder
@@ -204,6 +219,8 @@ async def attach(
         holding=holding,
         queue=queue,
     )
+    if got.deadline is not None:
+        executor.deadline, executor.allowed = got.deadline, got.allowed
     return Attached("execute", got, executor, args, kwargs, watchdog=watchdog)
 
 

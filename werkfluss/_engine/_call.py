@@ -27,7 +27,8 @@ class RunCall(msgspec.Struct, frozen=True, kw_only=True):
     sees a dict's keys in the caller's order) and canonically (compared, to
     refuse another call under the same run ID). `parent` is the run that
     drives this one as its child, ``""`` for a run of its own; `queue` the tag
-    of the queue partition a new run belongs to (``""``: the default queue).
+    of the queue partition a new run belongs to (``""``: the default queue);
+    `deadline` the seconds a new run may take (None: no deadline).
     """
 
     store: Store
@@ -39,6 +40,7 @@ class RunCall(msgspec.Struct, frozen=True, kw_only=True):
     settings: Settings
     parent: str = ""
     queue: str = ""
+    deadline: float | None = None
 
 
 # How an executor drives a child run (`_drive.drive_child`, handed in: the engine's driver

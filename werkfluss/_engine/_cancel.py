@@ -12,29 +12,32 @@ from typing import TYPE_CHECKING
 from .._errors import RunNotFoundError
 from .._events import RunCancelled, decode_waits, encode_event
 from .._holder import live_holding
+from ._run_deadline import is_deadline_reason
 
 if TYPE_CHECKING:
     from .._holder import Holding
     from .._store import Store
 
-__all__ = ["cancel_run"]
+__all__ = ["cancel_run", "child_reason"]
 
 # How deep a cancel follows child runs: deeper trees are cancelled by their own
 # runs' next step (a cancelled parent's child finds it when it wakes the parent).
 _MAX_DEPTH = 20
 
 
-async def cancel_run(store: Store, run_id: str, reason: str, *, depth: int = 0) -> bool:
+async def cancel_run(store: Store, run_id: str, reason: str, *, depth: int = 0, gone: str = "") -> bool:
     """Cancel run `run_id` and the child runs it is waiting for.
 
     Returns False when the run had already completed or been cancelled.
+    `gone` names a holder known to be gone (a process that died): the run
+    is cancelled at once instead of waiting for that holder to act.
 
     Raises:
         RunNotFoundError: there is no run `run_id`.
     """
     state = await store.state(run_id)
     waiting = state.waiting
-    outcome, parent = await store.cancel(run_id, reason, encode_event(RunCancelled(time.time(), reason)))
+    outcome, parent = await store.cancel(run_id, reason, encode_event(RunCancelled(time.time(), reason)), gone=gone)
     if outcome == "missing":
         raise RunNotFoundError(run_id)
     if outcome == "requested":
@@ -51,8 +54,16 @@ async def cancel_run(store: Store, run_id: str, reason: str, *, depth: int = 0) 
     if waiting and depth < _MAX_DEPTH:
         for wait in decode_waits(waiting) or []:
             if wait.kind == "child" and wait.run:
-                await cancel_run(store, wait.run, reason or f"parent run {run_id!r} was cancelled", depth=depth + 1)
+                await cancel_run(store, wait.run, child_reason(run_id, reason), depth=depth + 1)
     return outcome in ("cancelled", "requested")
+
+
+def child_reason(run_id: str, reason: str) -> str:
+    """The reason a child run of `run_id` is cancelled with, when `run_id` is cancelled for `reason`."""
+    if is_deadline_reason(reason):
+        # The child did not time out itself: its callers get a RunCancelledError, not a RunTimeoutError.
+        return f"parent run {run_id!r} timed out: {reason}"
+    return reason or f"parent run {run_id!r} was cancelled"
 
 
 def _stop_here(holding: Holding, reason: str) -> None:

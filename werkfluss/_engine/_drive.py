@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from .._errors import RunCancelledError, RunConflictError, RunFailedError, StorageError, _Suspend
+from .._errors import RunConflictError, RunFailedError, StorageError, _Suspend
 from .._events import error_info
 from .._holder import holder_is_dead, live_holding
 from .._holder import holding as new_holding
@@ -23,6 +23,7 @@ from .._logging import log, note
 from .._values import decode_value
 from ._attach import Attached, args_digest, attach, resumed_from
 from ._executor import Paused, RunExecutor, wait_for_wake
+from ._run_deadline import cancelled_error
 
 if TYPE_CHECKING:
     from .._holder import Holding
@@ -43,7 +44,7 @@ async def drive(call: RunCall, *, wait: bool = True, holding: Holding | None = N
 
     Raises:
         RunConflictError: the run ID names another workflow's run or other arguments.
-        RunCancelledError: the run was cancelled.
+        RunCancelledError: the run was cancelled (`RunTimeoutError`: its deadline passed).
         RunFailedError: the run failed in another process while this one waited.
         SerializationError: the run's log does not decode.
         Exception: what the workflow raised (the run is recorded failed).
@@ -91,7 +92,7 @@ def _refusal(call: RunCall, attached: Attached) -> Exception:
     if attached.error is not None:
         return attached.error
     if got.kind == "cancelled":
-        return RunCancelledError(run_id, got.cancel or "")
+        return cancelled_error(run_id, got.cancel or "")
     if got.kind == "conflict":
         return RunConflictError(
             run_id, f"run {run_id!r} belongs to workflow {got.workflow!r}, not {workflow.id!r}; choose another run_id"
@@ -164,7 +165,7 @@ async def _wait_for_holder(store: Store, run_id: str, busy: AcquireResult) -> st
             info = error_info(state.error or b"")
             raise RunFailedError(run_id, info.type, info.message, info.traceback)
         if status == "cancelled":
-            raise RunCancelledError(run_id, state.cancel or "")
+            raise cancelled_error(run_id, state.cancel or "")
         holder = state.holder
         if status != "running" or not holder:
             return ""

@@ -24,12 +24,15 @@ import anyio
 import msgspec
 
 from .._context import RunContext, enter_run, exit_run
-from .._errors import RunCancelledError, SerializationError, StepFailedError, StorageError, _Suspend
+from .._errors import RunNotFoundError, SerializationError, StepFailedError, StorageError, _Suspend
 from .._events import ErrorInfo, RunPaused, Waiting, describe, encode_event
 from .._logging import log, note
 from .._options import Settings
 from .._values import convert_value, encode_checked
+from ._cancel import cancel_run, child_reason
 from ._pause import Paused, Released, wait_for_wake
+from ._run_deadline import cancelled_error
+from ._run_deadline import watch as watch_deadline
 from ._steps import StepCalls, fails
 from ._waiting import WaitCalls
 
@@ -110,14 +113,17 @@ class RunExecutor(StepCalls, WaitCalls):
         body = anyio.CancelScope()
         # Created here and closed below if their tasks never ran: a task cancelled
         # before its first step (a loop shutting down) never awaits what it wraps.
-        helpers = (self._keep_lease(), activity.watch(body))
+        named = [(self._keep_lease(), "lease"), (activity.watch(body), "watch")]
+        if self.deadline is not None:
+            named.append((watch_deadline(self.store, self.deadline, self.allowed, self._deadline_passed), "deadline"))
+        helpers = [helper for helper, _ in named]
         try:
             async with anyio.create_task_group() as tg:
                 with body:
                     self._body = body
                     if self.cancel_reason is not None:
                         body.cancel()
-                    for helper, name in zip(helpers, ("lease", "watch"), strict=True):
+                    for helper, name in named:
                         tg.start_soon(_given, helper, name=f"werkfluss {name} of run {self.run_id}")
                     token = enter_run(RunContext(self.run_id, self))
                     try:
@@ -237,11 +243,24 @@ class RunExecutor(StepCalls, WaitCalls):
         raise error
 
     async def cancelled(self, reason: str) -> Any:
-        """Record the run as cancelled and raise `RunCancelledError`."""
+        """Record the run as cancelled, cancel the child runs it was driving, and raise
+        `RunCancelledError` (`RunTimeoutError` when its deadline passed)."""
         await self._finish(lambda: self.store.mark_cancelled(self.run_id, self.epoch, reason, seen=self.events))
         message = "run %s (%s) cancelled: %s"
         self._note(INFO, "run.cancelled", message, self.workflow.id, reason or "no reason given")
-        raise RunCancelledError(self.run_id, reason)
+        # A child driven here stopped with this body (handed back, unfinished), or waits
+        # paused: either way nobody would end it now.
+        for child in sorted(self.driving):
+            try:
+                await cancel_run(self.store, child, child_reason(self.run_id, reason))
+            except (StorageError, RunNotFoundError) as exc:  # not found: it was never created
+                log.warning("run %s: could not cancel its child run %s: %s", self.run_id, child, exc)
+        raise cancelled_error(self.run_id, reason)
+
+    def _deadline_passed(self, reason: str) -> None:
+        """The run's deadline passed while it executes here: stop it as a cancel would."""
+        if self.cancel_reason is None:  # a cancel asked for first keeps its reason
+            self.request_cancel(reason)
 
     async def _finish(self, record: Callable[[], Awaitable[str]]) -> None:
         """Record the run's end with `record` (one of the store's complete, fail, block, mark_cancelled)."""
@@ -277,6 +296,8 @@ class RunExecutor(StepCalls, WaitCalls):
             elif wait.kind == "child" and wait.run is not None:
                 woken = woken or await self.store.status(wait.run) != "paused"
         dues = [w.due for w in waits if w.due is not None]
+        if self.deadline is not None:
+            dues.append(self.deadline)  # woken at its deadline at the latest, to be cancelled then
         if woken:
             await self.store.wake(self.run_id, queue=self.queue)
         else:

@@ -88,6 +88,12 @@ class RunBase:
         self.frontier: int | None = None
         self._body: anyio.CancelScope | None = None
         self._activity = Activity(run_id, settings.settle)
+        # When its deadline passes (the timer clock's Unix time; None: none) and how long it
+        # allowed (seconds), as stored with the run; and the child runs this execution
+        # drives, cancelled with it if it is cancelled meanwhile.
+        self.deadline: float | None = None
+        self.allowed = 0.0
+        self.driving: set[str] = set()
         # Called once when this execution first records something (an event, a pause, its
         # end): a worker trusts a redelivered run again once it got past where it was.
         self.on_progress: Callable[[], None] | None = None

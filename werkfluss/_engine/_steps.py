@@ -181,7 +181,9 @@ class StepCalls(RunBase):
             settings=self.settings,
             parent=self.run_id,
             queue=workflow.queue_tag(child_id),
+            deadline=workflow.deadline,
         )
+        self.driving.add(child_id)
         while True:
             try:
                 with Busy(self._activity):
@@ -189,6 +191,7 @@ class StepCalls(RunBase):
             except (_Suspend, NonDeterminismError):
                 raise
             except Exception as exc:
+                self.driving.discard(child_id)
                 attempt = self.replay.attempts.get(seq, 0) + 1
                 info = await self._record_failure(workflow.id, seq, attempt, started, exc, digest=digest)
                 raise self._failure(workflow.id, seq, attempt, info, exc) from exc
@@ -196,6 +199,7 @@ class StepCalls(RunBase):
                 break
             with self._activity.waiting(Waiting("child", run=child_id)):
                 await wait_for_wake(self.store, child_id, self.lease)
+        self.driving.discard(child_id)
         raw = encode_checked(outcome, owner=workflow.id, where="result", limit=self.settings.max_payload)
         attempt = self.replay.attempts.get(seq, 0) + 1
         event = StepCompleted(

@@ -35,17 +35,25 @@ async def submit_run(
     tag: str,
     meta: str,
     delay: float = 0.0,
+    deadline: float | None = None,
 ) -> str:
     """Create run `run_id` of `workflow_id` on queue partition `tag` and submit it; returns
     ``"new"``, or the status of the run that existed (a failed or blocked one is put back on
     its queue to resume, a pending one whose submit may have died is submitted again).
+    A new run gets `deadline` seconds from now to finish (None: no deadline).
 
     Raises:
         RunConflictError: the run ID belongs to another workflow or other arguments.
     """
     started = encode_event(RunStarted(time.time(), workflow_id, msgspec.Raw(args_raw)))
     kind, detail, home = await store.create(
-        run_id, workflow=workflow_id, started=started, args_digest=args_digest(canonical), queue=tag, delay=delay
+        run_id,
+        workflow=workflow_id,
+        started=started,
+        args_digest=args_digest(canonical),
+        queue=tag,
+        delay=delay,
+        deadline=deadline,
     )
     if kind == "conflict":
         raise RunConflictError(run_id, f"run {run_id!r} belongs to workflow {detail!r}, not {workflow_id!r}")

@@ -95,12 +95,21 @@ class RunStore(Protocol):
         process: str = "",
         queue: str = "",
         route: str = "",
+        deadline: float | None = None,
     ) -> AcquireResult:
-        """Create run `run_id` or take it over."""
+        """Create run `run_id` (with `deadline` seconds to finish) or take it over."""
         ...
 
     async def create(
-        self, run_id: str, *, workflow: str, started: bytes, args_digest: str, queue: str = "", delay: float = 0
+        self,
+        run_id: str,
+        *,
+        workflow: str,
+        started: bytes,
+        args_digest: str,
+        queue: str = "",
+        delay: float = 0,
+        deadline: float | None = None,
     ) -> tuple[str, str, str]:
         """Create a pending run for the queue: ``(kind, detail, its queue)``."""
         ...
@@ -113,7 +122,7 @@ class RunStore(Protocol):
         """Give up the lease at once."""
         ...
 
-    async def cancel(self, run_id: str, reason: str, event: bytes) -> tuple[str, str]:
+    async def cancel(self, run_id: str, reason: str, event: bytes, *, gone: str = "") -> tuple[str, str]:
         """Cancel a run: ``(outcome, parent)``."""
         ...
 

@@ -68,6 +68,8 @@ State fields (``P{R}:state``):
     retry_index  the log index up to which recorded failures are replayed
     queue        the tag of the queue partition it belongs to (``""``: the default queue)
     due          when its delayed start is due (ms; absent for a run that starts at once)
+    deadline     when the run's deadline passes (ms, on the timer clock; absent for none)
+    allowed      how long the deadline allowed from the run's creation (ms)
 """
 
 from __future__ import annotations
@@ -127,7 +129,7 @@ STATUS, WORKFLOW, HOLDER, LEASE, EPOCH, N = "status", "workflow", "holder", "lea
 CREATED, UPDATED, ARGS, PARENT = "created", "updated", "args", "parent"
 RESULT, ERROR, CANCEL, WAITING = "result", "error", "cancel", "waiting"
 FAILED_SEQ, RETRY_SEQ, RETRY_INDEX = "failed_seq", "retry_seq", "retry_index"
-QUEUE_TAG, DUE = "queue", "due"
+QUEUE_TAG, DUE, DEADLINE, ALLOWED = "queue", "due", "deadline", "allowed"
 
 StateField = Literal[
     "status",
@@ -149,6 +151,8 @@ StateField = Literal[
     "retry_index",
     "queue",
     "due",
+    "deadline",
+    "allowed",
 ]
 """A field of a run's state hash."""
 
@@ -196,6 +200,8 @@ class RunState(msgspec.Struct, frozen=True, kw_only=True):
     retry_index: int = 0
     queue: str = ""
     due: int | None = None
+    deadline: int | None = None
+    allowed: int | None = None
 
     @classmethod
     def from_hash(cls, raw: Mapping[Any, bytes | None]) -> RunState:
@@ -236,6 +242,8 @@ _KINDS: dict[str, type | None] = {
     "cancel": str,
     "queue": str,
     "due": None,
+    "deadline": None,
+    "allowed": None,
     "lease": int,
     "epoch": int,
     "n": int,

@@ -10,7 +10,7 @@ a worker's. A new run also enters the run index (``Pruns``).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 from ._connect import CLOCK, NOW, Connection, Script, text
 from ._keys import LOG, STATE
@@ -26,23 +26,32 @@ if TYPE_CHECKING:
 # tell whether it still executes (it passes the holder to take over if not),
 # the tag of the queue partition a new run belongs to ('' the default queue), and
 # the tag a worker's message came from ('' any): a run of another queue partition
-# is reported 'elsewhere', not taken (a wake-up that reached the wrong queue).
+# is reported 'elsewhere', not taken (a wake-up that reached the wrong queue), and
+# the ms a new run's deadline allows ('' or 0: none; due on the timer clock). A
+# run past its deadline that nobody live holds is reported 'expired', not taken:
+# the caller cancels it (`_engine._run_deadline`).
 ACQUIRE = Script(
     "ACQUIRE",
-    NOW
+    CLOCK
     + """
 local holder, lease_ms, workflow, started, resumed = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local take_over, args, retry, parent, process = ARGV[6], ARGV[7], ARGV[8], ARGV[9], ARGV[10]
-local queue, route = ARGV[11], ARGV[12]
-local cur = redis.call('HMGET', KEYS[1], 'status', 'workflow', 'holder', 'lease', 'cancel', 'queue')
+local queue, route, allowed = ARGV[11], ARGV[12], tonumber(ARGV[13]) or 0
+local cur = redis.call('HMGET', KEYS[1], 'status', 'workflow', 'holder', 'lease', 'cancel', 'queue',
+                       'deadline', 'allowed')
 if not cur[1] then
   if started == '' then return {'missing'} end
   redis.call('HSET', KEYS[1], 'status', 'running', 'workflow', workflow, 'holder', holder,
              'lease', now + tonumber(lease_ms), 'epoch', 1, 'n', 1, 'created', now, 'updated', now,
              'args', args, 'parent', parent)
   if queue ~= '' then redis.call('HSET', KEYS[1], 'queue', queue) end
+  local deadline = ''
+  if allowed > 0 then
+    deadline = clock + allowed
+    redis.call('HSET', KEYS[1], 'deadline', deadline, 'allowed', allowed)
+  end
   redis.call('XADD', KEYS[2], '0-1', 'e', started)
-  return {'new', 1, now}
+  return {'new', 1, now, deadline, allowed}
 end
 if workflow ~= '' and cur[2] ~= workflow then return {'conflict', cur[2]} end
 local home = cur[6] or ''
@@ -57,6 +66,7 @@ if status == 'running' and cur[3] ~= '' and cur[3] ~= holder and cur[3] ~= take_
    and (tonumber(cur[4]) > now or (process ~= '' and string.sub(cur[3], 1, #process) == process)) then
   return {'busy', cur[3], tonumber(cur[4]) - now, cur[2], cur[6] or ''}
 end
+if cur[7] and tonumber(cur[7]) <= clock then return {'expired', cur[7], cur[8] or '0', cur[6] or ''} end
 local epoch = redis.call('HINCRBY', KEYS[1], 'epoch', 1)
 local n = redis.call('HINCRBY', KEYS[1], 'n', 1)
 redis.call('XADD', KEYS[2], '0-' .. n, 'e', resumed)
@@ -69,24 +79,29 @@ if status == 'failed' then
   redis.call('HSET', KEYS[1], 'retry_seq', redis.call('HGET', KEYS[1], 'failed_seq') or '', 'retry_index', n)
 end
 local more = redis.call('HMGET', KEYS[1], 'retry_seq', 'retry_index')
-return {'resumed', epoch, status, more[1] or '', more[2] or '', cur[2], cur[5] or '', cur[6] or ''}
+return {'resumed', epoch, status, more[1] or '', more[2] or '', cur[2], cur[5] or '', cur[6] or '',
+        cur[7] or '', cur[8] or ''}
 """,
+    clocked=True,
 )
 
 # KEYS: state, log. ARGV: workflow, run-started event, digest of the arguments,
-# its queue partition's tag ('' the default queue), ms until its delayed start (0 none).
+# its queue partition's tag ('' the default queue), ms until its delayed start (0 none),
+# ms its deadline allows (0 none; counted from now on the timer clock).
 # Creates a pending run for the queue; an existing run is reported, not touched.
 CREATE = Script(
     "CREATE",
     CLOCK
     + """
 local workflow, started, args, queue, delay = ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
+local allowed = tonumber(ARGV[6]) or 0
 local cur = redis.call('HMGET', KEYS[1], 'status', 'workflow', 'queue')
 if not cur[1] then
   redis.call('HSET', KEYS[1], 'status', 'pending', 'workflow', workflow, 'holder', '', 'lease', 0,
              'epoch', 0, 'n', 1, 'created', now, 'updated', now, 'args', args, 'parent', '')
   if queue ~= '' then redis.call('HSET', KEYS[1], 'queue', queue) end
   if delay > 0 then redis.call('HSET', KEYS[1], 'due', clock + delay) end
+  if allowed > 0 then redis.call('HSET', KEYS[1], 'deadline', clock + allowed, 'allowed', allowed) end
   redis.call('XADD', KEYS[2], '0-1', 'e', started)
   return {'new', now, queue}
 end
@@ -128,7 +143,7 @@ return 1
 """,
 )
 
-# KEYS: state, log. ARGV: reason, run-cancelled event.
+# KEYS: state, log. ARGV: reason, run-cancelled event, a holder known to be gone ('' none).
 # A run held by a live process is only marked: its holder stops at the next
 # step boundary and records the end. Anything else ends here, fencing out
 # whatever process may still think it holds the run.
@@ -136,11 +151,11 @@ CANCEL = Script(
     "CANCEL",
     NOW
     + """
-local reason, event = ARGV[1], ARGV[2]
+local reason, event, gone = ARGV[1], ARGV[2], ARGV[3] or ''
 local cur = redis.call('HMGET', KEYS[1], 'status', 'holder', 'lease', 'parent')
 if not cur[1] then return {'missing', ''} end
 if cur[1] == 'completed' or cur[1] == 'cancelled' then return {'already-' .. cur[1], cur[4] or ''} end
-if cur[1] == 'running' and cur[2] ~= '' and tonumber(cur[3]) > now then
+if cur[1] == 'running' and cur[2] ~= '' and cur[2] ~= gone and tonumber(cur[3]) > now then
   redis.call('HSET', KEYS[1], 'cancel', reason)
   return {'requested', cur[4] or ''}
 end
@@ -157,7 +172,17 @@ SCRIPTS = (ACQUIRE, CREATE, RENEW, RELEASE, CANCEL)
 
 
 AcquireKind = Literal[
-    "new", "resumed", "completed", "busy", "cancelled", "ended", "missing", "conflict", "other-arguments", "elsewhere"
+    "new",
+    "resumed",
+    "completed",
+    "busy",
+    "cancelled",
+    "ended",
+    "missing",
+    "conflict",
+    "other-arguments",
+    "elsewhere",
+    "expired",
 ]
 """What `RedisStore.acquire` found (see `AcquireResult`)."""
 
@@ -167,8 +192,12 @@ class AcquireResult:
     """What `RedisStore.acquire` found: ``kind`` is new, resumed, completed, busy,
     cancelled, ended (failed or blocked, not resumed), missing, conflict
     (another workflow's run), other-arguments, or elsewhere (a run of another
-    queue partition, `queue`, than the worker's message came from). `cancel` is a pending
-    cancel's reason."""
+    queue partition, `queue`, than the worker's message came from), or expired (its
+    deadline passed and no live process holds it: not taken). `cancel` is a pending
+    cancel's reason. `deadline` is when the run's deadline passes (Unix time on the
+    timer clock, None for none), `allowed` how long it allowed (seconds).
+
+    `deadline` is known for new, resumed and expired runs."""
 
     kind: AcquireKind
     epoch: int = 0
@@ -181,6 +210,17 @@ class AcquireResult:
     retry_index: int = 0
     cancel: str | None = None
     queue: str = ""
+    deadline: float | None = None
+    allowed: float = 0.0
+
+
+def _deadline(due: Any, allowed: Any) -> tuple[float | None, float]:
+    """A run's ``deadline`` and ``allowed`` fields as a script returns them (ms, ``''`` for none)."""
+    try:
+        due_ms, allowed_ms = int(due), int(allowed or 0)
+    except (TypeError, ValueError):
+        return None, 0.0
+    return (due_ms / 1000 if due_ms else None), allowed_ms / 1000
 
 
 class RedisRuns(Connection):
@@ -206,6 +246,7 @@ class RedisRuns(Connection):
         process: str = "",
         queue: str = "",
         route: str = "",
+        deadline: float | None = None,
     ) -> AcquireResult:
         """Create run `run_id` or take it over; see `AcquireResult` for the outcomes.
 
@@ -213,7 +254,8 @@ class RedisRuns(Connection):
         workflow, never create, do not compare arguments (what a worker
         passes, knowing only the run ID). `retry` lets a failed or blocked
         run resume. A holder whose name starts with `process` (the caller's
-        own process) is reported busy even past its lease.
+        own process) is reported busy even past its lease. `deadline`: the
+        seconds a new run may take, counted on the timer clock from now.
         """
         args: list[Arg] = [
             holder,
@@ -228,13 +270,18 @@ class RedisRuns(Connection):
             process,
             queue,
             route,
+            int(deadline * 1000) if deadline else "",
         ]
         reply = await self._run(ACQUIRE, self._run_keys(run_id, STATE, LOG), args)
         kind = text(reply[0])
         if kind == "new":
             await self._index_run(run_id, int(reply[2]))
-            return AcquireResult("new", epoch=int(reply[1]), workflow=workflow, queue=queue)
+            due, allowed = _deadline(reply[3], reply[4])
+            return AcquireResult(
+                "new", epoch=int(reply[1]), workflow=workflow, queue=queue, deadline=due, allowed=allowed
+            )
         if kind == "resumed":
+            due, allowed = _deadline(reply[8], reply[9])
             return AcquireResult(
                 "resumed",
                 epoch=int(reply[1]),
@@ -244,7 +291,12 @@ class RedisRuns(Connection):
                 workflow=text(reply[5]),
                 cancel=text(reply[6]) if reply[6] else None,
                 queue=text(reply[7]),
+                deadline=due,
+                allowed=allowed,
             )
+        if kind == "expired":
+            due, allowed = _deadline(reply[1], reply[2])
+            return AcquireResult("expired", deadline=due, allowed=allowed, queue=text(reply[3]))
         if kind == "completed":
             return AcquireResult("completed", result=bytes(reply[1] or b""))
         if kind == "busy":
@@ -266,12 +318,22 @@ class RedisRuns(Connection):
         return AcquireResult(cast("AcquireKind", kind))  # missing, other-arguments
 
     async def create(
-        self, run_id: str, *, workflow: str, started: bytes, args_digest: str, queue: str = "", delay: float = 0
+        self,
+        run_id: str,
+        *,
+        workflow: str,
+        started: bytes,
+        args_digest: str,
+        queue: str = "",
+        delay: float = 0,
+        deadline: float | None = None,
     ) -> tuple[str, str, str]:
-        """Create a pending run for queue partition `queue`, due in `delay` seconds:
+        """Create a pending run for queue partition `queue`, due in `delay` seconds, with
+        `deadline` seconds to finish (counted from now on the timer clock; None for no deadline):
         ``(kind, detail, queue)``: ``("new", "", queue)``, ``("exists", status, its queue)``,
         ``("conflict", workflow, its queue)`` or ``("other-arguments", "", its queue)``."""
-        args: list[Arg] = [workflow, started, args_digest, queue, max(int(delay * 1000), 0)]
+        allowed = int(deadline * 1000) if deadline else 0
+        args: list[Arg] = [workflow, started, args_digest, queue, max(int(delay * 1000), 0), allowed]
         reply = await self._run(CREATE, self._run_keys(run_id, STATE, LOG), args)
         kind = text(reply[0])
         if kind == "new":
@@ -295,8 +357,9 @@ class RedisRuns(Connection):
         """
         await self._run(RELEASE, [self.key(run_id, STATE)], [epoch, "1" if pending else ""])
 
-    async def cancel(self, run_id: str, reason: str, event: bytes) -> tuple[str, str]:
+    async def cancel(self, run_id: str, reason: str, event: bytes, *, gone: str = "") -> tuple[str, str]:
         """Cancel a run: ``(outcome, parent)``; outcome is cancelled, requested (its live
-        holder stops at the next step), already-completed, already-cancelled or missing."""
-        reply = await self._run(CANCEL, self._run_keys(run_id, STATE, LOG), [reason, event])
+        holder stops at the next step), already-completed, already-cancelled or missing.
+        `gone` names a holder known to be gone: its lease does not make the run live."""
+        reply = await self._run(CANCEL, self._run_keys(run_id, STATE, LOG), [reason, event, gone])
         return text(reply[0]), text(reply[1])
