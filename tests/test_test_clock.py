@@ -13,6 +13,7 @@ import pytest
 
 from werkfluss import (
     ConfigurationError,
+    RunTimeoutError,
     Settings,
     Worker,
     enqueue_async,
@@ -108,6 +109,12 @@ async def hold_then(name: str) -> str:
 async def later(label: str, duration: str) -> str:
     await sleep(duration)
     return await mark(label)
+
+
+@workflow(deadline="2h")
+async def answer_in_time(user: str) -> str:
+    answer: str = await hook(f"late-{user}")
+    return answer
 
 
 def elapsed_since(began: float, what: str) -> float:
@@ -218,6 +225,15 @@ async def test_a_delayed_start_waits_for_auto_mode_too(wf: Settings) -> None:
     assert ran == ["delayed"]
 
 
+async def test_auto_mode_skips_to_a_deadline_when_a_hook_waits_for_longer(wf: Settings) -> None:
+    began = time.monotonic()
+    async with TestClock(wf) as clock:
+        with pytest.raises(RunTimeoutError, match="deadline 2h"):
+            await start_async(answer_in_time.options(settings=wf, run_id="late"), "u")
+        assert clock.skipped >= timedelta(hours=2) - SLACK
+    assert elapsed_since(began, "a hook outwaited by its run's 2 h deadline") < 5
+
+
 async def test_the_fixture_skips(werkfluss_clock: TestClock) -> None:
     assert werkfluss_clock.auto
     assert await start_async(nap_week.options(run_id="fixture")) == "rested"
@@ -323,3 +339,15 @@ def test_at_starts_the_clock_at_a_moment(settings: Settings) -> None:
     moment = datetime(2031, 3, 30, 1, 30, tzinfo=UTC)
     with TestClock(settings, at=moment, auto=False) as clock:
         assert moment <= clock.now() < moment + timedelta(seconds=5)
+
+
+def test_a_clock_left_can_be_installed_again_from_the_servers_time(settings: Settings) -> None:
+    clock = TestClock(settings, auto=False)
+    with clock:
+        clock.advance("1h")
+    assert clock.skipped == timedelta(hours=1) and not installed(settings.prefix)
+    with clock:
+        assert clock.skipped == timedelta(0)
+        assert abs(clock.time() - time.time()) < 60  # the server's clock again, on a fresh connection
+        clock.advance("1m")
+    assert clock.skipped == timedelta(minutes=1)

@@ -93,6 +93,12 @@ class TestClock:
             process before the clock jumps (work about to begin, such as a
             run just woken and being taken up, begins within them).
 
+    Attributes:
+        settings: Whose clock it runs.
+        auto: Whether it skips waits by itself.
+        quiet: Auto mode's quiet time, in seconds.
+        jumps: How many times it jumped by itself or by `next_timer`.
+
     Raises:
         ConfigurationError: a test clock already runs this prefix's clock in
             this process, `at` is naive or in the past, or `quiet` is negative.
@@ -110,7 +116,7 @@ class TestClock:
         self.settings = settings or Settings.from_env()
         self.auto = auto
         self.quiet = quiet
-        self.jumps = 0  # how many times auto mode or next_timer jumped
+        self.jumps = 0
         self._at = at
         self._skipped = 0.0
         self._installed = False
@@ -121,6 +127,7 @@ class TestClock:
         self._ready = threading.Event()
         self._failure: BaseException | None = None
         self._moves = 0  # advances whose nudges are still being sent
+        self._nudges: set[asyncio.Task[None]] = set()
 
     # -- installing ------------------------------------------------------------------
 
@@ -130,6 +137,8 @@ class TestClock:
             raise ConfigurationError(f"a test clock already runs the clock of prefix {prefix!r} in this process")
         set_skew(prefix, 0.0)
         self._installed = True
+        self._ready.clear()  # a clock may be installed again after it was left
+        self._failure = self._store = self._loop = None
         self._thread = threading.Thread(target=self._serve, name=f"werkfluss test clock {prefix}", daemon=True)
         self._thread.start()
         self._ready.wait(_CALL_TIMEOUT)
@@ -239,7 +248,12 @@ class TestClock:
         loop = self._loop
         assert loop is not None
         self._moves += 1
-        loop.call_soon_threadsafe(lambda: loop.create_task(self._nudge_all()))
+        loop.call_soon_threadsafe(self._start_nudge)
+
+    def _start_nudge(self) -> None:
+        task = asyncio.get_running_loop().create_task(self._nudge_all())
+        self._nudges.add(task)  # held: the loop keeps only a weak reference to a task
+        task.add_done_callback(self._nudges.discard)
 
     # -- the clock's thread ----------------------------------------------------------
 
