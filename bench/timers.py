@@ -194,7 +194,7 @@ def measure(kind: str, runs: int, workers: int, concurrency: int, lead: float, p
             wait_until(lambda: len(read_lines(starts)) >= runs, "every run to get past its sleep", lead + patience)
         finally:
             herd.pings_ms = [ms for sent, ms in pinger.stop() if sent >= at]
-        herd.latency = {str(e[0], "utf-8", "replace"): int(e[2]) for e in latest(client)}
+        herd.latency = {str(e[0], "utf-8", "replace"): int(e[3]) for e in latest(client)}
         entries = client.slowlog_get(4096)
         if entries:
             worst = max(entries, key=lambda e: e["duration"])
