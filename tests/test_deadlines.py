@@ -37,6 +37,7 @@ from werkfluss._clock import advance, set_skew
 from werkfluss._engine._run_deadline import cancelled_error, duration_text, is_deadline_reason, reason
 from werkfluss._events import HookReceived, RunCancelled
 from werkfluss._store._open import close_stores, open_store
+from werkfluss.testing import TestClock
 
 from .deadline_flows import slow_job
 from .helpers import (
@@ -178,6 +179,22 @@ async def test_a_paused_run_wakes_at_its_deadline_and_ends_cancelled(wf: Setting
     if waits_on == "hook":
         with pytest.raises(HookClosedError):
             await invoke_hook_async(token, "too late", settings=wf)
+
+
+@workflow(deadline="30d")
+async def naps_within_its_deadline() -> str:
+    await sleep("7d")
+    return await note("a week later")
+
+
+async def test_with_an_auto_test_clock_a_week_long_sleep_meets_or_misses_its_deadline_in_no_time(wf: Settings) -> None:
+    began = time.monotonic()
+    async with TestClock(wf):
+        assert await start_async(naps_within_its_deadline.options(settings=wf, run_id="in-time")) == "a week later"
+        with pytest.raises(RunTimeoutError, match=PASSED.format("1d")):
+            await start_async(naps_within_its_deadline.options(settings=wf, run_id="too-late", deadline="1d"))
+    assert time.monotonic() - began < 5
+    assert calls["a week later"] == 1
 
 
 # --- children -------------------------------------------------------------------------------------------------------
