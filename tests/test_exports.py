@@ -19,6 +19,7 @@ STRUCTS = {
     "Settings": "_options", "RetryPolicy": "_options", "ErrorRecord": "_queries", "RunInfo": "_queries",
     "RunPage": "_queries", "RunSummary": "_queries", "Wait": "_queries", "DeadLetter": "_dead_letters",
     "QueueDepth": "_dead_letters", "QueueInfo": "_queue_info", "KeyLoad": "_queue_info",
+    "ScheduleInfo": "_schedule_info",
 }  # fmt: skip
 
 
@@ -118,9 +119,11 @@ LAYER_OF = {
     "werkfluss._errors": "pure", "werkfluss._ids": "pure", "werkfluss._options": "pure",
     "werkfluss._events": "pure", "werkfluss._values": "pure", "werkfluss._logging": "pure",
     "werkfluss._holder": "pure", "werkfluss._queues": "pure", "werkfluss._clock": "pure",
+    "werkfluss._schedules": "pure",
     "werkfluss._context": "context",
     "werkfluss._wrappers": "api", "werkfluss._waits": "api", "werkfluss._sync": "api", "werkfluss._client": "api",
     "werkfluss._queries": "api", "werkfluss._dead_letters": "api", "werkfluss._queue_info": "api",
+    "werkfluss._schedule_info": "api",
     "werkfluss._test_clock": "api",
 }  # fmt: skip
 FOLDERS = {

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 
-from werkfluss._store import SCRIPTS, RunState, _flow, _hooks, _keys, _queue, _run_log, _runs, _timers
+from werkfluss._store import SCRIPTS, RunState, _flow, _hooks, _keys, _queue, _run_log, _runs, _schedules, _timers
 
 DOC = _keys.__doc__ or ""
 
@@ -25,6 +25,7 @@ def test_the_layout_lists_every_key_and_no_other() -> None:
         {f"{{R}}:{part}" for part in _keys.RUN_PARTS}
         | {f"{{hook:T}}:{part}" for part in _keys.HOOK_PARTS}
         | {f"{{q}}:{part}" for part in _keys.QUEUE_PARTS}
+        | {f"{{s:N}}:{part}" for part in _keys.SCHEDULE_PARTS}
         | set(_keys.UNTAGGED)
     )
     assert _documented_keys() == expected
@@ -71,7 +72,10 @@ def test_every_state_field_a_run_script_touches_is_a_known_field() -> None:
 
 
 def test_scripts_are_listed_once_by_family() -> None:
-    families = (_runs.SCRIPTS, _run_log.SCRIPTS, _hooks.SCRIPTS, _timers.SCRIPTS, _queue.SCRIPTS, _flow.SCRIPTS)
+    families = (
+        *(_runs.SCRIPTS, _run_log.SCRIPTS, _hooks.SCRIPTS, _timers.SCRIPTS, _queue.SCRIPTS, _flow.SCRIPTS),
+        _schedules.SCRIPTS,
+    )
     assert SCRIPTS == tuple(script for family in families for script in family)
     assert len({script.sha for script in SCRIPTS}) == len({script.name for script in SCRIPTS}) == len(SCRIPTS)
 

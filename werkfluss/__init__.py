@@ -10,7 +10,7 @@ in layers that import only downwards: pure (``_errors``, ``_ids``,
 ``_options``, ``_events``, ``_values``, ``_logging``, ``_holder``), the run
 context (``_context``), the store (``_store/``), the engine (``_engine/``),
 the API (``_wrappers``, ``_waits``, ``_sync``, ``_client``, ``_queries``,
-``_dead_letters``, ``_queue_info``) beside the worker (``_worker/``), and
+``_dead_letters``, ``_queue_info``, ``_schedule_info``) beside the worker (``_worker/``), and
 the command line (``_cli/``); ``tests/test_exports.py`` checks every import
 against these layers. ``werkfluss.events`` names the log's events and
 ``werkfluss.testing`` holds helpers for users' test suites.
@@ -90,6 +90,18 @@ if _typing.TYPE_CHECKING:
     )
     from ._queue_info import KeyLoad, QueueInfo, list_queues, list_queues_async, queue_info, queue_info_async
     from ._queues import Queue
+    from ._schedule_info import (
+        ScheduleInfo,
+        list_schedules,
+        list_schedules_async,
+        pause_schedule,
+        pause_schedule_async,
+        resume_schedule,
+        resume_schedule_async,
+        trigger_schedule,
+        trigger_schedule_async,
+    )
+    from ._schedules import Schedule, schedule
     from ._waits import Hook, hook, race, sleep, sleep_until
     from ._worker import Worker
     from ._wrappers import Step, Workflow, step, workflow
@@ -121,6 +133,8 @@ __all__ = [
     "RunPage",
     "RunSummary",
     "RunTimeoutError",
+    "Schedule",
+    "ScheduleInfo",
     "SerializationError",
     "Settings",
     "Step",
@@ -149,6 +163,10 @@ __all__ = [
     "list_queues_async",
     "list_runs",
     "list_runs_async",
+    "list_schedules",
+    "list_schedules_async",
+    "pause_schedule",
+    "pause_schedule_async",
     "pending_hooks",
     "pending_hooks_async",
     "queue_depth",
@@ -160,12 +178,17 @@ __all__ = [
     "redrive_async",
     "resume",
     "resume_async",
+    "resume_schedule",
+    "resume_schedule_async",
+    "schedule",
     "sleep",
     "sleep_until",
     "start",
     "start_async",
     "step",
     "step_key",
+    "trigger_schedule",
+    "trigger_schedule_async",
     "workflow",
 ]
 
@@ -228,6 +251,21 @@ _DEFINED_IN = {
     **dict.fromkeys(("Hook", "hook", "race", "sleep", "sleep_until"), "_waits"),
     **dict.fromkeys(("Step", "Workflow", "step", "workflow"), "_wrappers"),
     "Queue": "_queues",
+    **dict.fromkeys(
+        (
+            "ScheduleInfo",
+            "list_schedules",
+            "list_schedules_async",
+            "pause_schedule",
+            "pause_schedule_async",
+            "resume_schedule",
+            "resume_schedule_async",
+            "trigger_schedule",
+            "trigger_schedule_async",
+        ),
+        "_schedule_info",
+    ),
+    **dict.fromkeys(("Schedule", "schedule"), "_schedules"),
     "RetryPolicy": "_options",
     "Settings": "_options",
     "Worker": "_worker",

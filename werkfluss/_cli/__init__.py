@@ -6,6 +6,7 @@ Commands:
     werkfluss worker MODULE[:ATTR] ... [--queue NAME]  serve the workflows these modules define
     werkfluss queues list | show NAME                the queues: limits, waiting, running, busiest keys
     werkfluss dead list | redrive ID... | redrive --all   dead letters of the queues
+    werkfluss schedules list | show|pause|resume|trigger NAME   cron and interval schedules
     werkfluss server start|stop|status [--dir DIR]   the embedded Valkey server
 
 Connection options (``--redis-url``, ``--dir``, ``--prefix``) default to the
@@ -33,6 +34,7 @@ from .._store._embedded import ensure_server, server_status, stop_server
 from .._sync import blocking
 from .._worker import Worker
 from ._commands import dead, hooks, print_json, queues, runs, settings_of
+from ._schedules import schedules
 
 __all__ = ["main", "run"]
 
@@ -106,6 +108,20 @@ def _parser() -> argparse.ArgumentParser:
     queue_show.add_argument("--top", type=int, default=10, help="how many of the busiest keys to show (default 10)")
     for sub in (queue_list, queue_show):
         _connection(sub, json=True)
+
+    scheduled = commands.add_parser("schedules", help="the schedules: next ticks, last runs; pause, resume, trigger")
+    scheduled_actions = scheduled.add_subparsers(dest="action", required=True)
+    schedule_list = scheduled_actions.add_parser("list", help="every schedule: when, next tick, last run, state")
+    _connection(schedule_list, json=True)
+    for action, what in (
+        ("show", "one schedule: its declaration, policies, counts"),
+        ("pause", "skip its ticks until it is resumed"),
+        ("resume", "fire again from its next tick"),
+        ("trigger", "start a run now (a worker starts it at its next look)"),
+    ):
+        sub = scheduled_actions.add_parser(action, help=what)
+        sub.add_argument("name", help="the schedule's name (werkfluss schedules list names them)")
+        _connection(sub, json=action == "show")
 
     dead = commands.add_parser("dead", help="list or re-drive the queues' dead letters")
     dead.add_argument("action", choices=["list", "redrive"])
@@ -261,7 +277,7 @@ def _command(args: argparse.Namespace) -> int:
         return _worker(args)
     if args.command == "server":
         return _server(args)
-    command = {"runs": runs, "hooks": hooks, "dead": dead, "queues": queues}[args.command]
+    command = {"runs": runs, "hooks": hooks, "dead": dead, "queues": queues, "schedules": schedules}[args.command]
     return blocking(args.command, lambda: command(args))
 
 

@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from .._dead_letters import DeadLetter
     from .._queue_info import QueueInfo
 
-__all__ = ["dead", "hooks", "print_json", "queues", "runs", "settings_of"]
+__all__ = ["dead", "existing_settings", "hooks", "print_json", "queues", "runs", "settings_of", "table"]
 
 
 def settings_of(args: argparse.Namespace) -> Settings:
@@ -73,6 +73,9 @@ def _existing(args: argparse.Namespace) -> Settings:
     return settings
 
 
+existing_settings = _existing  # for the commands in other modules (`_schedules`)
+
+
 def _not_found(exc: RunNotFoundError, settings: Settings) -> WerkflussError:
     return WerkflussError(f"{exc} in {_looked_in(settings)}: `werkfluss runs list` shows the runs there; {_ELSEWHERE}")
 
@@ -89,6 +92,9 @@ def _table(header: list[str], rows: list[list[str]]) -> None:
     widths = [max(len(cell) for cell in column) for column in zip(header, *rows, strict=True)]
     for line in [header, *rows]:
         print("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip())
+
+
+table = _table  # for the commands in other modules (`_schedules`)
 
 
 def _when(moment: datetime | float) -> str:

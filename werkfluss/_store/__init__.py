@@ -8,6 +8,7 @@ module with the Lua it sends, and all on one connection (`_connect`):
 - `_hooks`: a hook token's mailbox (``P{hook:T}:...``);
 - `_timers`, `_queue` and `_flow`: each queue partition's stream, timers, dead
   letters and flow control (``P{q}:...``, ``P{q:N}:...``).
+- `_schedules`: a schedule's state (``P{s:N}:schedule``).
 
 Each family is one Redis Cluster hash slot per run, token or queue partition, and a
 script never touches two families, so each is atomic on a cluster too. The
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Protocol
 
-from . import _flow, _hooks, _queue, _run_log, _runs, _timers
+from . import _flow, _hooks, _queue, _run_log, _runs, _schedules, _timers
 from ._connect import Script
 from ._deadline import CALL_DEADLINE, SOCKET_TIMEOUT
 from ._flow import QueueFigures, RedisFlow
@@ -30,6 +31,7 @@ from ._queue import RedisQueue
 from ._run_log import RedisRunLog
 from ._run_reads import RedisRunReads
 from ._runs import AcquireKind, AcquireResult, RedisRuns
+from ._schedules import RedisSchedules
 from ._timers import RedisTimers
 
 if TYPE_CHECKING:
@@ -62,6 +64,7 @@ SCRIPTS: tuple[Script, ...] = (
     *_timers.SCRIPTS,
     *_queue.SCRIPTS,
     *_flow.SCRIPTS,
+    *_schedules.SCRIPTS,
 )
 """Every Lua script the store runs, by family (for tools naming an ``EVALSHA`` by its SHA)."""
 
@@ -379,7 +382,9 @@ class Store(RunStore, HookStore, QueueStore, Protocol):
     """All three: what an executing run asks of the store (`RedisStore` is one)."""
 
 
-class RedisStore(RedisRuns, RedisRunLog, RedisRunReads, RedisHooks, RedisTimers, RedisQueue, RedisFlow):
+class RedisStore(
+    RedisRuns, RedisRunLog, RedisRunReads, RedisHooks, RedisTimers, RedisQueue, RedisFlow, RedisSchedules
+):
     """The run log and run state, hooks, timers and the queue on one Redis/Valkey server or one Redis Cluster.
 
     Connect with `RedisStore.connect`; on a cluster every script's keys share

@@ -46,6 +46,11 @@ exists per tag.
     P{q}:bell        list     at most one "a run may be admitted", for a worker's BLPOP
     P{q}:dedup       hash     deduplication ID -> the run that holds it
     P{q}:dedupof     hash     run -> its deduplication ID
+    Pschedules       hash     declared schedule name -> ``""``
+    P{s:N}:schedule  hash     schedule N's state (`_schedules`): ``declared`` (JSON), ``seen``
+                              (renewed, ms), ``last`` (the last tick handled, ms), ``last_run``,
+                              ``last_at``, ``fired``, ``skipped``, ``paused``, ``held`` (a tick
+                              waiting for the previous run), ``claim``, ``triggers``, ``t:<n>``
 
 State fields (``P{R}:state``):
 
@@ -103,7 +108,9 @@ ACTIVE, RUNNING, AGAIN, RATE, BELL, DEDUP, DEDUPOF = "active", "running", "again
 KEY_WAITING, KEY_RATE = "k:", "rate:"
 DEFAULT_TAG = "q"
 # Keys without a hash tag: P<name>.
-RUNS, HOOKS, QUEUES = "runs", "hooks", "queues"
+RUNS, HOOKS, QUEUES, SCHEDULES = "runs", "hooks", "queues", "schedules"
+# The part of a schedule's key: P{s:<name>}:<part>.
+SCHEDULE = "schedule"
 # The workers' consumer group on the queue stream: every worker reads as it, and
 # the queue's depth and dead letters are counted against it.
 GROUP = "workers"
@@ -114,7 +121,8 @@ QUEUE_PARTS = (
     *(QUEUE, TIMERS, NUDGE, DEAD, ERRORS, PROBATION, SWEEP, DELAYED, DELAYEDX, CONFIG, META, WAIT),
     *(RING, LATER, ACTIVE, RUNNING, AGAIN, RATE, BELL, DEDUP, DEDUPOF),
 )
-UNTAGGED = (RUNS, HOOKS, QUEUES)
+SCHEDULE_PARTS = (SCHEDULE,)
+UNTAGGED = (RUNS, HOOKS, QUEUES, SCHEDULES)
 
 # Stream entry fields: a log event, a hook payload, a queue message's run, its "may
 # resume a failed run" flag and its deliveries before a hand-back.
@@ -167,6 +175,11 @@ def run_key(prefix: str, run_id: str, part: str) -> str:
 def hook_key(prefix: str, token: str, part: str) -> str:
     """The key of `part` (box, meta, keys) of hook `token`."""
     return f"{prefix}{{hook:{token}}}:{part}"
+
+
+def schedule_key(prefix: str, name: str, part: str = SCHEDULE) -> str:
+    """The key of `part` (schedule) of schedule `name`."""
+    return f"{prefix}{{s:{name}}}:{part}"
 
 
 def queue_key(prefix: str, part: str, tag: str = DEFAULT_TAG) -> str:

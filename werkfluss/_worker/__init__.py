@@ -11,8 +11,9 @@ messages it holds; a worker that dies stops doing so, and after the lease
 another worker claims its messages with ``XAUTOCLAIM`` and resumes the runs
 from their logs. A message delivered more than `max_deliveries` times goes
 to the dead letters with its last error. Every worker also moves due
-timers to the queue (`_due_timers`) and sweeps for runs nobody would
-resume (`_recovery`). Here: its start and stop, and its message loops;
+timers to the queue (`_due_timers`), sweeps for runs nobody would
+resume (`_recovery`), and fires the ticks of the schedules it serves
+(`_scheduler`). Here: its start and stop, and its message loops;
 what it does with one message's run is `_take`.
 """
 
@@ -29,12 +30,15 @@ import anyio
 from .._engine._executor import fails
 from .._errors import ConfigurationError, StorageError, _Suspend
 from .._holder import process_holder
+from .._ids import registered_workflow
 from .._logging import log
 from .._options import Settings
 from .._queues import Queue, all_tags, declared_queues, queue_named
+from .._schedules import declared_schedules
 from .._store._open import open_store
 from ._due_timers import move_due_timers
 from ._recovery import recover_stuck_runs, sweep_after_outage
+from ._scheduler import serve_schedules
 from ._take import GROUP, Outcome, fail_buried, take
 
 if TYPE_CHECKING:
@@ -160,6 +164,15 @@ class Worker:
                     self._tg.start_soon(self._reclaim, tag)
             self._tg.start_soon(self._touch)
             self._tg.start_soon(recover_stuck_runs, self)  # runs nobody would ever resume
+            # The schedules of the workflows it defines, on the queues it serves.
+            served = {queue.name for queue in self.queues}
+            schedules = [
+                s
+                for s in declared_schedules()
+                if registered_workflow(s.workflow.id) is not None and s.workflow.queue.name in served
+            ]
+            if schedules:
+                self._tg.start_soon(serve_schedules, self.settings, self.name, schedules, self._stopping)
             self._exit = stack.pop_all()
         names = ", ".join(q.name for q in self.queues)
         log.info("worker %s serving %d concurrent runs from queues %s", self.name, self.concurrency, names)
