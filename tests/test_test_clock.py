@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+import uuid
 from datetime import UTC, datetime, timedelta
 
 import anyio
@@ -14,12 +15,14 @@ import pytest
 from werkfluss import (
     ConfigurationError,
     RunTimeoutError,
+    Schedule,
     Settings,
     Worker,
     enqueue_async,
     hook,
     invoke_hook,
     invoke_hook_async,
+    list_schedules_async,
     sleep,
     sleep_until,
     start,
@@ -27,6 +30,7 @@ from werkfluss import (
     step,
     workflow,
 )
+from werkfluss import _schedules as schedules_registry
 from werkfluss._clock import installed, skew
 from werkfluss._events import RunPaused, TimerStarted
 from werkfluss._store._keys import TIMERS
@@ -115,6 +119,11 @@ async def later(label: str, duration: str) -> str:
 async def answer_in_time(user: str) -> str:
     answer: str = await hook(f"late-{user}")
     return answer
+
+
+@workflow(name="test_clock.hourly")
+async def hourly(at: datetime) -> str:
+    return await mark(at.isoformat())
 
 
 def elapsed_since(began: float, what: str) -> float:
@@ -305,6 +314,26 @@ async def test_a_replay_after_the_clock_is_restored_returns_the_recorded_values(
     check = await check_replay_async(week_apart, "r", settings=wf)
     assert check.ok and check.replayed == 3
     assert elapsed_since(began, "the attach and the replay check") < 5
+
+
+async def test_next_tick_drives_a_schedule_tick_by_tick(wf: Settings) -> None:
+    declared = Schedule(f"t-{uuid.uuid4().hex[:8]}", hourly, every="1h")
+    try:
+        async with TestClock(wf, auto=False) as clock, Worker(settings=wf):
+            with anyio.fail_after(10):
+                while declared.name not in [s.name for s in await list_schedules_async(settings=wf)]:
+                    await anyio.sleep(0.01)
+            first = clock.next_tick(declared.name)
+            assert first is not None and first.minute == first.second == 0 and first <= clock.now()
+            await until_status(wf, declared.run_id(int(first.timestamp() * 1000)), "completed", timeout=5)
+            second = clock.next_tick(declared.name)
+            assert second == first + timedelta(hours=1)
+            await until_status(wf, declared.run_id(int(second.timestamp() * 1000)), "completed", timeout=5)
+        assert ran == [first.isoformat(), second.isoformat()]  # one run per tick, with its tick
+        with pytest.raises(ConfigurationError, match="no schedule 'nope'"):
+            clock.next_tick("nope")
+    finally:
+        schedules_registry._SCHEDULES.pop(declared.name, None)  # later workers must not serve it
 
 
 # -- bad input ------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ from ._errors import ConfigurationError
 from ._logging import log
 from ._options import Settings, parse_duration
 from ._queues import all_tags, declared_queues, tags_of
+from ._schedules import declared_schedules, tick_time
 from ._store._keys import DELAYED, GROUP, NUDGE, QUEUE, TIMERS, WAIT
 from ._store._open import close_stores, open_store
 
@@ -79,8 +80,8 @@ class TestClock:
     being taken up, nothing queued) and something waits for a due time: a
     durable sleep, a paused run's timer, a delayed start. A run that only
     waits on a hook is not skipped past: nothing is due. In manual mode
-    (``auto=False``) time moves only by `advance`, `advance_to` and
-    `next_timer`. Every method is a plain call, in async and blocking tests
+    (``auto=False``) time moves only by `advance`, `advance_to`,
+    `next_timer` and `next_tick` (a schedule's next tick). Every method is a plain call, in async and blocking tests
     alike; `next_timer` takes a round trip to the server.
 
     Args:
@@ -242,6 +243,28 @@ class TestClock:
             self.jumps += 1
             self._move(ahead)
         return self.now()
+
+    def next_tick(self, name: str) -> datetime | None:
+        """Jump to the next tick of schedule `name` after the clock's time; returns the tick.
+
+        The workers serving the schedule fire that tick at once, as they
+        would at that moment: one run, with the tick as its argument. None
+        (the clock unmoved) for a cron expression that never matches again.
+
+        Raises:
+            ConfigurationError: no schedule `name` is declared in this process.
+        """
+        declared = {s.name: s for s in declared_schedules()}
+        found = declared.get(name)
+        if found is None:
+            known = ", ".join(repr(n) for n in declared) or "none"
+            raise ConfigurationError(f"no schedule {name!r} is declared in this process (declared: {known})")
+        tick = found.timing.after(int(self.time() * 1000))
+        if tick is None:
+            return None
+        moment = tick_time(tick)
+        self.advance_to(moment)
+        return moment
 
     def _move(self, seconds: float) -> None:
         self._skipped = advance_clock(self.settings.prefix, seconds)
