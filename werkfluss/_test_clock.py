@@ -81,8 +81,9 @@ class TestClock:
     durable sleep, a paused run's timer, a delayed start. A run that only
     waits on a hook is not skipped past: nothing is due. In manual mode
     (``auto=False``) time moves only by `advance`, `advance_to`,
-    `next_timer` and `next_tick` (a schedule's next tick). Every method is a plain call, in async and blocking tests
-    alike; `next_timer` takes a round trip to the server.
+    `next_timer` and `next_tick` (a schedule's next tick). Every method is
+    a plain call, in async and blocking tests alike; `next_timer` reads the
+    server (two round trips per queue partition, on the clock's connection).
 
     Args:
         settings: Whose clock (its key prefix) and which server; default
