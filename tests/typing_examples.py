@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, ParamSpec, TypeVar, assert_type
 
 from werkfluss import RetryPolicy, Settings, Step, Workflow, start, start_async, step, step_key, workflow
@@ -61,6 +62,11 @@ async def fulfil(order: str, cents: int = 100) -> Receipt:
     receipt = await charge(order, cents)
     await ship(order)
     return receipt
+
+
+@workflow(deadline="2h")
+async def onboarding(user_id: str, /) -> None:
+    await ship(user_id)
 
 
 plain_workflow = workflow(_plain_double)
@@ -155,6 +161,10 @@ def check_options() -> None:
     greet.options("a")  # type: ignore[call-arg]
     greet.options(run_id=1)  # type: ignore[arg-type]
     greet.options(settings="redis://x")  # type: ignore[arg-type]
+    assert_type(onboarding.options(deadline="30m"), Workflow[[str], None])
+    assert_type(greet.options(deadline=timedelta(hours=1)).deadline, float | None)
+    greet.options(deadline=[1])  # type: ignore[arg-type]
+    workflow(deadline=object())  # type: ignore[call-overload]
 
 
 def check_decoration_is_checked() -> None:
