@@ -24,6 +24,7 @@ from werkfluss import (
     Settings,
     Worker,
     _clock,
+    get_run_async,
     list_runs_async,
     list_schedules_async,
     pause_schedule_async,
@@ -67,6 +68,11 @@ async def held(at: datetime) -> str:
     """Runs until the test opens its gate: a run that overlaps the next ticks."""
     seen.append(at)
     return await hold(at)
+
+
+@workflow(name="sched.bounded", deadline="1h")
+async def bounded(at: datetime) -> str:
+    return at.isoformat()
 
 
 @workflow(name="sched.two_args")
@@ -190,6 +196,17 @@ async def test_decorator_registers_the_schedule_and_returns_the_workflow(wf: Set
         assert declared.jitter_delay(run_id) == declared.jitter_delay(run_id)
     finally:
         schedules_registry._SCHEDULES.pop(decorated.id, None)
+
+
+async def test_a_ticks_run_gets_the_workflows_deadline(wf: Settings, declare: Callable[..., Schedule]) -> None:
+    declared = declare(bounded, every="1s")
+    async with Worker(settings=wf):
+        await until(lambda: _count(wf, declared, 1), "a tick")
+        run_id = next(iter(await runs_of(wf, declared)))
+        info = await get_run_async(run_id, settings=wf)
+    # Counted from the run's creation, which is the tick (or just after it).
+    assert info.deadline is not None
+    assert timedelta(minutes=59) < info.deadline - tick_of(run_id) <= timedelta(hours=1, seconds=5)
 
 
 # -- missed ticks ------------------------------------------------------------------------------------------------------

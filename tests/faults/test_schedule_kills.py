@@ -113,19 +113,10 @@ def test_a_schedule_starts_one_run_per_tick_through_a_kill_storm(faults: Faults)
     assert first <= storm_start and last >= storm_end - 3, "the schedule fired throughout the storm"
 
 
-# Known bug (werkfluss/_worker/_scheduler.py, found by this test): a worker's claim on a tick holds the
-# others off for CLAIM (10 s), longer than GRACE (5 s), after which a tick counts as missed while no
-# worker ran; with catch_up="skip" the others then skip the dead claimer's tick, never firing it. With
-# CLAIM below GRACE (2 s, tried by hand) the tick fires about 2 s late, once. Strict: remove the mark
-# once fixed.
-CLAIM_OUTLIVES_GRACE = pytest.mark.xfail(
-    strict=True, reason="a tick claimed by a worker that died is skipped: the claim (10 s) outlives GRACE (5 s)"
-)
-
-
-@pytest.mark.parametrize(
-    "point", [pytest.param("after-claim_tick", marks=CLAIM_OUTLIVES_GRACE), "before-advance_schedule"]
-)
+# This test found that a tick claimed by a worker that died before firing it was skipped as missed
+# (the claim outlived the grace after which a tick counts as missed): a tick up to the end of a
+# claim is owed now, and fired once the claim runs out.
+@pytest.mark.parametrize("point", ["after-claim_tick", "before-advance_schedule"])
 def test_a_worker_killed_while_firing_a_tick_leaves_it_to_the_others(faults: Faults, point: str) -> None:
     faults.workers.module = "tests.faults.schedule_flows"
     for _ in range(WORKERS):
@@ -138,7 +129,7 @@ def test_a_worker_killed_while_firing_a_tick_leaves_it_to_the_others(faults: Fau
     killed = time.time()
     faults.workers.spawn()
     run_id = run_id_of(tick)
-    # Well beyond the scheduler's claim on a tick (10 s), after which the others fire it.
+    # Well beyond the scheduler's claim on a tick (3 s), after which the others fire it.
     faults.wait(
         lambda: faults.status(run_id) == "completed", f"tick {run_id} to run without the killed worker", timeout=20
     )

@@ -158,12 +158,14 @@ class ScheduleState:
     skipped: int = 0
     paused: int = 0
     held: int = 0
+    claim_until: int = 0  # when the latest claim on a tick runs out (the server's clock), 0 none
     triggers: list[tuple[int, int]] = field(default_factory=list)  # (number, requested at), oldest first
 
     @classmethod
     def from_hash(cls, raw: dict[str, str]) -> ScheduleState:
         """The state from the hash's fields (anything unreadable reads as absent)."""
         triggers = sorted((_int(k[2:]), _int(v)) for k, v in raw.items() if k.startswith("t:"))
+        claim = raw.get("claim", "").rsplit("|", 1)
         return cls(
             declared=raw.get("declared", ""),
             seen=_int(raw.get("seen")),
@@ -174,6 +176,7 @@ class ScheduleState:
             skipped=_int(raw.get("skipped")),
             paused=_int(raw.get("paused")),
             held=_int(raw.get("held")),
+            claim_until=_int(claim[1]) if len(claim) == 2 else 0,
             triggers=triggers,
         )
 

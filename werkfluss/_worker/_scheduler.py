@@ -41,7 +41,7 @@ __all__ = ["CLAIM", "GRACE", "LOOK", "serve_schedules"]
 GRACE = 5.0  # seconds: a tick later than this when a worker first looks was missed (no worker ran)
 LOOK = 2.0  # seconds: the longest nap between looks at the schedules' state
 SOON = 0.25  # seconds: the next look while a tick waits for the previous run, or for another worker's claim
-CLAIM = 10.0  # seconds a worker's claim on a tick holds off the others (one that dies leaves it then)
+CLAIM = 3.0  # seconds a worker's claim on a tick holds off the others (one that dies leaves it then)
 DECLARE_EVERY = 20.0  # seconds between renewals of the declarations
 _ENDED = frozenset({"", "completed", "failed", "cancelled", "blocked"})  # "" no run: its enqueue died first
 
@@ -129,8 +129,12 @@ async def _look(store: RedisStore, settings: Settings, holder: str, declared: Sc
         upcoming = declared.timing.after(max(last, now_ms))
         return (upcoming / 1000, True) if upcoming is not None else (now + LOOK, False)
     edge = now_ms - int(GRACE * 1000)
+    # A tick up to the end of a claim was reached by a live worker (the claimer, which may have died
+    # before firing it; the claim held the others off): it is owed, not missed. The claim runs on the
+    # server's clock, the ticks on the timer clock.
+    blocked = state.claim_until + int((now - store.server_now()) * 1000) if state.claim_until else 0
     held = state.held if declared.overlap == "queue" else 0
-    late = [t for t in ticks if t < edge and not (held and t >= held)]
+    late = [t for t in ticks if t < edge and t > blocked and not (held and t >= held)]
     keep = {"skip": 0, "latest": 1, "all": declared.max_catch_up}[declared.catch_up]
     caught = late[len(late) - keep :] if keep else []
     skipped = late[: len(late) - len(caught)]
@@ -174,7 +178,15 @@ async def _fire(
     meta = f"{DEFAULT_PRIORITY}|1|" if queue.limited else ""
     try:
         await submit_run(
-            store, workflow.id, run_id, args_raw, canonical, tag=queue.tag_for(None, run_id), meta=meta, delay=delay
+            store,
+            workflow.id,
+            run_id,
+            args_raw,
+            canonical,
+            tag=queue.tag_for(None, run_id),
+            meta=meta,
+            delay=delay,
+            deadline=workflow.deadline,  # the workflow's own: a tick's run has no options
         )
     except RunConflictError as exc:  # another workflow's run holds the ID: the tick cannot be fired
         log.error("schedule %s cannot fire its tick: %s", declared.name, exc)
