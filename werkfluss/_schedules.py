@@ -66,7 +66,7 @@ COUNT_BOUND = 10_000  # missed cron ticks counted beyond the newest few (the cou
 
 
 class Schedulable(Protocol):
-    """What a schedule needs of its workflow (a `Workflow`): its ID, its body, its queue."""
+    """What a schedule needs of its workflow (a `Workflow`): its ID, its body, its queue, its deadline."""
 
     @property
     def id(self) -> str:
@@ -81,6 +81,11 @@ class Schedulable(Protocol):
     @property
     def queue(self) -> Queue:
         """The queue its runs go to."""
+        ...
+
+    @property
+    def deadline(self) -> float | None:
+        """Seconds each run has to finish, or None."""
         ...
 
 
