@@ -28,6 +28,7 @@ import redis
 
 from werkfluss import (
     HookClosedError,
+    RunConflictError,
     StorageError,
     Worker,
     enqueue_async,
@@ -349,7 +350,13 @@ async def _processes(world: World, program: Program, fault: Fault) -> None:
             elif fault.mode == "start-to-worker":
                 faults.workers.start()
                 if not _terminal(world):
-                    await resume_async(world.run_id, settings=world.settings)
+                    try:
+                        await resume_async(world.run_id, settings=world.settings)
+                    except RunConflictError:
+                        # The killed start()'s watchdog may have put the run on the queue already:
+                        # the worker can end it between the look above and the resume.
+                        if not _terminal(world):
+                            raise
         if fault.mode == "restart":
             await _poll(lambda: "start-1" in world.outcomes, "the first start() to return", world)
             if world.outcomes["start-1"][1:2] == ["StorageError"]:  # the outage outlasted its retries: rerun
