@@ -382,9 +382,7 @@ class Store(RunStore, HookStore, QueueStore, Protocol):
     """All three: what an executing run asks of the store (`RedisStore` is one)."""
 
 
-class RedisStore(
-    RedisRuns, RedisRunLog, RedisRunReads, RedisHooks, RedisTimers, RedisQueue, RedisFlow, RedisSchedules
-):
+class RedisStore(RedisRuns, RedisRunLog, RedisRunReads, RedisHooks, RedisTimers, RedisQueue, RedisFlow, RedisSchedules):
     """The run log and run state, hooks, timers and the queue on one Redis/Valkey server or one Redis Cluster.
 
     Connect with `RedisStore.connect`; on a cluster every script's keys share
