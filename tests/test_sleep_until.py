@@ -11,7 +11,7 @@ import anyio
 import msgspec
 import pytest
 
-from werkfluss import ConfigurationError, Settings, sleep, sleep_until, start_async, step, workflow
+from werkfluss import ConfigurationError, Settings, hook, race, sleep, sleep_until, start_async, step, workflow
 from werkfluss._clock import advance, set_skew
 from werkfluss._events import RunPaused, TimerStarted
 
@@ -42,11 +42,11 @@ async def wait_until(moment: datetime) -> str:
 
 
 @workflow
-async def wait_from_now(seconds: float) -> float:
-    # A moment computed from the clock: a replay computes another one, and must not use it.
-    moment = datetime.now(UTC) + timedelta(seconds=seconds)
-    await sleep_until(moment)
-    return moment.timestamp()
+async def wait_from_now(seconds: float) -> str:
+    # A moment computed from the clock: a replay computes another one, and gets the recorded one back.
+    moment = datetime.now(ZoneInfo("Europe/Berlin")) + timedelta(seconds=seconds)
+    woke = await sleep_until(moment)
+    return await mark(f"woke {woke.isoformat()}")
 
 
 async def test_sleep_until_pauses_the_run_until_the_moment(wf: Settings) -> None:
@@ -81,6 +81,10 @@ async def test_a_replay_waits_for_the_recorded_moment_not_a_recomputed_one(wf: S
     log = await events(wf, "recorded")
     assert [e.due for e in log if isinstance(e, TimerStarted)] == [first.due]
     assert first.due <= log[-1].time < first.due + 0.4  # a recomputed moment would end 0.5 s later
+    # What sleep_until returned on the replay is the recorded moment, in the timezone asked for: a step
+    # given it records the same argument (a recomputed one would be 0.5 s later, and a divergence).
+    recorded = datetime.fromtimestamp(first.due, ZoneInfo("Europe/Berlin"))
+    assert ran == [f"woke {recorded.isoformat()}"]
 
 
 @pytest.mark.parametrize(
@@ -98,8 +102,20 @@ async def test_sleep_until_refuses_what_is_not_an_aware_datetime(bad: object, me
 
 async def test_outside_a_run_it_is_a_plain_sleep() -> None:
     began = time.monotonic()
-    await sleep_until(datetime.now(UTC) + timedelta(seconds=0.2))
+    moment = datetime.now(UTC) + timedelta(seconds=0.2)
+    assert await sleep_until(moment) == moment
     assert 0.15 <= time.monotonic() - began < 5
+
+
+@workflow
+async def race_a_moment(moment: datetime) -> int:
+    winner, _ = await race(hook(token="never-sent"), sleep_until(moment))
+    return winner
+
+
+async def test_sleep_until_races_like_sleep(wf: Settings) -> None:
+    moment = datetime.now(UTC) + timedelta(seconds=0.3)
+    assert await start_async(race_a_moment.options(settings=wf, run_id="raced"), moment) == 1
 
 
 # --- the timer clock: what a test clock moves ----------------------------------------------------------------------

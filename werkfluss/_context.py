@@ -22,6 +22,7 @@ from ._errors import NotInWorkflowError
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
+    from datetime import datetime
 
     from ._options import StepOptions
 
@@ -93,8 +94,8 @@ class Runner(Protocol):
     ) -> Any:
         """Child run `child_id`'s result."""
 
-    async def sleep(self, seq: int, seconds: float | None = None, *, until: float | None = None) -> None:
-        """Durable sleep `seq`: `seconds` long, or `until` a Unix time."""
+    async def sleep(self, seq: int, seconds: float | None = None, *, until: datetime | None = None) -> datetime | None:
+        """Durable sleep `seq`: `seconds` long, or `until` a moment (then returns the recorded moment)."""
 
     async def receive(self, seq: int, token: str, n: int, type_: Any) -> Any:
         """Payload `n` of hook `seq` (`token`), decoded to `type_`."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast, overload
 
 import anyio
 
@@ -153,18 +153,19 @@ def sleep(duration: float | timedelta | str) -> Awaitable[None]:
     run = current_run()
     if run is None or current_step() is not None:
         return anyio.sleep(seconds)
-    return run.runner.sleep(run.next_seq(), seconds)
+    return cast("Awaitable[None]", run.runner.sleep(run.next_seq(), seconds))
 
 
-def sleep_until(moment: datetime) -> Awaitable[None]:
-    """Pause the workflow until `moment`, an aware `datetime` (any timezone).
+def sleep_until(moment: datetime) -> Awaitable[datetime]:
+    """Pause the workflow until `moment`, an aware `datetime` (any timezone); returns the moment waited for.
 
-    Durable like `sleep`: the moment is recorded when first reached, so a
-    replay waits for the recorded moment even if the body computes another
-    one now (``next_business_morning()`` from today's date), and the run
-    resumes then even if every process was restarted meanwhile. A moment
-    already past returns at once. In a step or outside a run it is a plain
-    ``anyio.sleep`` until then.
+    Durable like `sleep`: the moment is recorded when first reached, and the
+    run resumes then even if every process was restarted meanwhile. A replay
+    waits for the recorded moment and returns it, even if the body computed
+    another one this time (``datetime.now()`` is later on every replay): use
+    the returned moment, or compute it in a step, if the body goes on to use
+    it. A moment already past returns at once. In a step or outside a run it
+    is a plain sleep until then.
 
     Raises:
         ConfigurationError: `moment` is not a `datetime`, or it is naive (no
@@ -177,11 +178,16 @@ def sleep_until(moment: datetime) -> Awaitable[None]:
             f"sleep_until({moment.isoformat()}): the datetime is naive (no timezone); give it one, "
             f"e.g. datetime(..., tzinfo=ZoneInfo('Europe/Berlin')) or .replace(tzinfo=UTC)"
         )
-    due = moment.timestamp()
     run = current_run()
     if run is None or current_step() is not None:
-        return anyio.sleep(max(due - time.time(), 0.0))
-    return run.runner.sleep(run.next_seq(), until=due)
+        return _plain_sleep_until(moment)
+    # The runner's own coroutine, not a wrapper: race() recognises a sleep by it.
+    return cast("Awaitable[datetime]", run.runner.sleep(run.next_seq(), until=moment))
+
+
+async def _plain_sleep_until(moment: datetime) -> datetime:
+    await anyio.sleep(max(moment.timestamp() - time.time(), 0.0))
+    return moment
 
 
 def race(*awaitables: Awaitable[Any]) -> Coroutine[Any, Any, tuple[int, Any]]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Coroutine
+from datetime import datetime
 from logging import DEBUG, WARNING
 from typing import Any, cast
 
@@ -33,12 +34,17 @@ _POLL = 0.2  # how often a held run looks for a hook payload
 class WaitCalls(RunBase):
     """What a run's body waits for: `sleep()`, a hook's next payload, `race()`."""
 
-    async def sleep(self, seq: int, seconds: float | None = None, *, until: float | None = None) -> None:
-        """Durable sleep number `seq`: due `seconds` after it was first reached, or at Unix time `until`.
+    async def sleep(self, seq: int, seconds: float | None = None, *, until: datetime | None = None) -> datetime | None:
+        """Durable sleep number `seq`: due `seconds` after it was first reached, or at moment `until`.
 
         The due time is recorded when first reached, and a replay takes the
-        recorded one: a moment the body computes from the clock is not computed again.
+        recorded one: a moment the body computes from the clock is not computed
+        again. Returns the recorded moment for `until` (in its timezone), else None.
         """
+        due = await self._sleep(seq, seconds, None if until is None else until.timestamp())
+        return None if until is None else datetime.fromtimestamp(due, until.tzinfo)
+
+    async def _sleep(self, seq: int, seconds: float | None, until: float | None) -> float:
         self.check(seq, "sleep")
         due = self.replay.timers.get(seq)
         if due is None:
@@ -50,12 +56,12 @@ class WaitCalls(RunBase):
             await self.record(f"t{seq}", TimerStarted(time.time(), seq, due))
             self.replay.timers[seq] = due
         if not self.live:
-            return  # a replay check does not wait for a recorded timer
+            return due  # a replay check does not wait for a recorded timer
         hold, prefix = self.settings.hold, self.store.prefix
         while True:
             left = due - self.store.now()
             if left <= 0:
-                return
+                return due
             if left <= hold:
                 with Busy(self._activity):
                     await nap(prefix, left, due=due, held=True)
