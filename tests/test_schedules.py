@@ -401,6 +401,31 @@ async def test_a_different_declaration_stands_while_its_workers_renew_it(
     assert "every='1s'" in (await info_of(wf, declared)).declared
 
 
+async def test_a_worker_stopping_hands_the_schedule_to_a_new_declaration_at_once(
+    wf: Settings, declare: Callable[..., Schedule]
+) -> None:
+    """A deploy that stops every old worker and starts new ones with a changed schedule: the new
+    declaration fires within seconds, not a minute later (a new user's redeploy lost a minute of ticks)."""
+    declared = declare(every="1s")
+    store = await open_store(wf)
+    old = Schedule(f"{declared.name}-old", ticked, every="1h").declaration() | {"name": declared.name}
+    schedules_registry._SCHEDULES.pop(f"{declared.name}-old")
+    import json
+
+    old_json = json.dumps(old, sort_keys=True, separators=(",", ":"))
+    await store.declare_schedule(declared.name, old_json)  # an old worker, alive
+    async with Worker(settings=wf):
+        await until(lambda: _declared(wf, declared), "listed")
+        assert await runs_of(wf, declared) == {}  # held off while the old declaration stands
+        assert await store.withdraw_schedule(declared.name, old_json)  # the old worker stops gracefully
+        began = anyio.current_time()
+        await until(lambda: _count(wf, declared, 1), "the new declaration to fire", timeout=10)
+        assert anyio.current_time() - began < 8  # the worker looks again every 2 s, not every 20
+    # This worker stopped gracefully too: its declaration no longer stands against another.
+    assert not await store.withdraw_schedule(declared.name, old_json)
+    assert await store.declare_schedule(declared.name, old_json) is None
+
+
 # -- bad input ---------------------------------------------------------------------------------------------------------
 
 

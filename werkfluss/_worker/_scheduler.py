@@ -20,6 +20,8 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
+import anyio
+
 from .._clock import nap
 from .._engine._submit import submit_run
 from .._errors import RunConflictError, StorageError
@@ -30,8 +32,6 @@ from .._store._open import open_store
 from .._values import encode_run_call
 
 if TYPE_CHECKING:
-    import anyio
-
     from .._options import Settings
     from .._schedules import Schedule
     from .._store import RedisStore
@@ -52,8 +52,32 @@ async def serve_schedules(settings: Settings, holder: str, schedules: list[Sched
     served: list[Schedule] = []
     conflicts: dict[str, str] = {}
     renewed = float("-inf")
+    try:
+        await _serve(store, settings, holder, schedules, stopping, served, conflicts, renewed)
+    finally:
+        # A graceful stop (or a crash of this task) withdraws this worker's declarations, so
+        # that a deploy's new declaration takes over at its workers' next look.
+        with anyio.CancelScope(shield=True), anyio.move_on_after(2.0):
+            for declared in schedules:
+                try:
+                    await store.withdraw_schedule(declared.name, declared.encoded())
+                except StorageError:
+                    break
+
+
+async def _serve(
+    store: RedisStore,
+    settings: Settings,
+    holder: str,
+    schedules: list[Schedule],
+    stopping: anyio.Event,
+    served: list[Schedule],
+    conflicts: dict[str, str],
+    renewed: float,
+) -> None:
     while not stopping.is_set():
-        if time.monotonic() - renewed >= DECLARE_EVERY:
+        # A declaration held off by another is looked at again soon: it takes over once that one is withdrawn.
+        if time.monotonic() - renewed >= (LOOK if conflicts else DECLARE_EVERY):
             renewed = time.monotonic()
             served = await _declare(store, holder, schedules, conflicts, served)
         now = store.now()
