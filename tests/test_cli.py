@@ -334,3 +334,20 @@ async def test_unreachable_redis_is_a_one_line_error() -> None:
     for done in outcomes.values():
         one_line_error(done, f"127.0.0.1:{port}")
         assert "hunter2" not in done.stderr
+
+
+def test_a_run_cancelled_while_paused_ends_its_pause_at_the_cancel() -> None:
+    """The pause's bar ends where the run did, not at the moment of looking (it grew each time)."""
+    import msgspec
+
+    from werkfluss._cli._timeline import rows
+    from werkfluss._events import RunCancelled, Waiting
+
+    events: list[Any] = [
+        RunStarted(1000.0, "w", msgspec.Raw(b"\x90")),
+        RunPaused(1001.0, [Waiting("hook", token="t")]),
+        RunCancelled(1006.0, "deadline 6s passed at 2026-12-02T00:00:06Z"),
+    ]
+    for now in (1100.0, 1200.0):
+        [pause] = [row for row in rows(events, now=now) if row.kind == "pause"]
+        assert (pause.start, pause.end, pause.spans) == (1001.0, 1006.0, [(1001.0, 1006.0, "paused")])

@@ -144,6 +144,10 @@ def rows(events: list[AnyEvent], *, now: float | None = None) -> list[Row]:
             pause.notes.append(f"waiting for {describe(event.waits)}")
             out.append(pause)
         elif isinstance(event, (RunCompleted, RunFailed, RunBlocked, RunCancelled)):
+            if pause is not None:  # ended while paused (cancelled, a deadline): the pause ends there too
+                pause.end = event.time
+                pause.spans = [(pause.start, event.time, "paused")]
+                pause = None
             out.append(_end_row(event))
     if pause is not None:  # still paused: the gap runs until now
         pause.end = now if now is not None else time.time()
