@@ -157,6 +157,9 @@ async def test_each_tick_fires_one_run_across_three_workers(
     async with Worker(settings=wf), Worker(settings=wf), Worker(settings=wf):
         await until(lambda: _count(wf, declared, 4), "four ticks")
         runs = await runs_of(wf, declared)
+        live = await info_of(wf, declared)
+        assert live.served and live.next_tick is not None and live.last_run is not None
+        assert live.next_tick > tick_of(live.last_run)
     ticks = sorted(tick_of(r) for r in runs)
     # One run per tick, and no tick missed between the first and the last (1 s apart).
     assert len(ticks) == len(set(ticks)) == len(runs)
@@ -167,8 +170,8 @@ async def test_each_tick_fires_one_run_across_three_workers(
     assert set(ticks) <= set(seen)
     assert all(at.tzinfo is UTC for at in seen)
     info = await info_of(wf, declared)
-    assert info.fired >= len(ticks) and info.served and not info.paused
-    assert info.last_run is not None and info.next_tick is not None and info.next_tick > tick_of(info.last_run)
+    # The workers stopped gracefully: they withdrew their declaration, nobody serves it now.
+    assert info.fired >= len(ticks) and not info.served and not info.paused and info.next_tick is None
 
 
 async def _count(settings: Settings, declared: Schedule, wanted: int) -> bool:
@@ -234,6 +237,28 @@ async def test_ticks_missed_while_no_worker_ran(
     info = await info_of(wf, declared)
     assert info.fired == fired
     assert info.skipped == 10 - fired
+
+
+async def test_a_tick_a_dead_worker_claimed_fires_even_after_long_downtime(
+    wf: Settings, declare: Callable[..., Schedule], clock: str
+) -> None:
+    """Every worker died right after one claimed a tick, ten minutes ago: that tick is owed (a live
+    worker reached it), the ten after it were missed (catch_up="skip": none of them fires)."""
+    declared = declare(every="1m", catch_up="skip", overlap="allow")
+    _clock.set_skew(clock, (30 - datetime.now(UTC).timestamp() % 60) % 60)
+    store = await open_store(wf)
+    await store.declare_schedule(declared.name, declared.encoded())
+    minute = 60_000
+    claimed = (now_ms(wf.prefix) // minute - 10) * minute
+    # The claim ran out on the server's clock 3 s after the tick (the test clock is `skew` ahead of it).
+    until_ms = claimed + 3000 - int(_clock.skew(clock) * 1000)
+    await set_state(wf, declared, last=claimed - minute, claim=f"{claimed}|dead-worker|{until_ms}")
+    async with Worker(settings=wf):
+        await until(lambda: _handled_up_to_now(wf, declared), "the ticks handled")
+        runs = await runs_of(wf, declared)
+    assert sorted(runs) == [declared.run_id(claimed)]
+    info = await info_of(wf, declared)
+    assert (info.fired, info.skipped) == (1, 10)
 
 
 async def _handled_up_to_now(settings: Settings, declared: Schedule) -> bool:

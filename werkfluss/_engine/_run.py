@@ -191,7 +191,7 @@ class RunBase:
     def request_cancel(self, reason: str) -> None:
         """Stop the body at its next checkpoint; the run ends cancelled."""
         if self.cancel_reason is None:
-            log.info("run %s: cancel requested (%s); stopping at the next step", self.run_id, reason or "no reason")
+            log.info("run %s: cancelling it (%s)", self.run_id, reason or "no reason")
         self.cancel_reason = reason
         if self._body is not None:
             self._body.cancel()

@@ -157,6 +157,9 @@ async def _look(store: RedisStore, settings: Settings, holder: str, declared: Sc
     # before firing it; the claim held the others off): it is owed, not missed. The claim runs on the
     # server's clock, the ticks on the timer clock.
     blocked = state.claim_until + int((now - store.server_now()) * 1000) if state.claim_until else 0
+    owed = [t for t in ticks if t <= blocked]
+    if owed:  # fired first, on their own: the policies below apply to the rest at the next look
+        ticks = owed
     held = state.held if declared.overlap == "queue" else 0
     late = [t for t in ticks if t < edge and t > blocked and not (held and t >= held)]
     keep = {"skip": 0, "latest": 1, "all": declared.max_catch_up}[declared.catch_up]
@@ -168,7 +171,15 @@ async def _look(store: RedisStore, settings: Settings, holder: str, declared: Sc
     count = len(skipped) + older  # `older`: passed over, older than every tick the policies look at
     if count:
         await store.advance_schedule(name, max(skipped) if skipped else ticks[0] - 1, "skipped", count=count)
-        log.info("worker %s: schedule %s skipped %d ticks (catch_up=%s)", holder, name, count, declared.catch_up)
+        log.info(
+            "worker %s: schedule %s skipped %d missed tick%s (catch_up=%s, max_catch_up=%d)",
+            holder,
+            name,
+            count,
+            "" if count == 1 else "s",
+            declared.catch_up,
+            declared.max_catch_up,
+        )
     previous = state.last_run
     for tick in due:
         claim = await store.claim_tick(name, tick, holder, CLAIM)
