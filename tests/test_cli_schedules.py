@@ -90,6 +90,10 @@ async def test_list_show_pause_resume_trigger(wf: Settings, cli: Cli, minutely: 
         shown = await cli("schedules", "show", name)
         assert f"last run          {run_id} (completed)" in shown.stdout
 
+    # The worker stopped (and withdrew its declaration): a trigger waits for one, and says so.
+    waiting = await cli("schedules", "trigger", name)
+    assert waiting.returncode == 0, waiting.stderr
+    assert "no worker serves it now; run " in waiting.stdout and "starts when one does" in waiting.stdout
     one_line_error(await cli("schedules", "pause", "nope"), "there is no schedule 'nope'", name)
     one_line_error(await cli("schedules", "show", "nope"), "there is no schedule 'nope'")
 

@@ -91,5 +91,9 @@ async def schedules(args: argparse.Namespace) -> int:
         print(f"schedule {args.name} resumed: it fires from its next tick")
     else:
         run_id = await trigger_schedule_async(args.name, settings=settings)
-        print(f"schedule {args.name} triggered: a worker starts run {run_id} at its next look")
+        served = any(s.served for s in await list_schedules_async(settings=settings) if s.name == args.name)
+        if served:
+            print(f"schedule {args.name} triggered: a worker starts run {run_id} at its next look")
+        else:
+            print(f"schedule {args.name} triggered: no worker serves it now; run {run_id} starts when one does")
     return 0
