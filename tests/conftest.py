@@ -25,6 +25,8 @@ from .servers import RedisCluster3
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable, Iterator
 
+    from .helpers import Cli
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -118,6 +120,20 @@ async def wf(settings: Settings, request: pytest.FixtureRequest) -> AsyncIterato
         state.clear()
     yield settings
     await close_stores()
+
+
+@pytest.fixture
+def cli(server: Server, prefix: str) -> Cli:
+    """Run the `werkfluss` console script against the test's server and prefix (the repo on its path,
+    so that ``werkfluss worker tests.some_module`` finds the tests' modules)."""
+    from .helpers import run_cli
+
+    async def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+        env = {**os.environ, **server.env, "WERKFLUSS_PREFIX": prefix, "PYTHONPATH": str(ROOT)}
+        env.pop("WERKFLUSS_REDIS_URL" if server.kind == "valkey" else "WERKFLUSS_DIR", None)
+        return await run_cli(*args, env=env, stdin=stdin)
+
+    return run
 
 
 @pytest.fixture

@@ -34,25 +34,12 @@ from .shop_flows import SECRET, attempts, run_checkout
 if TYPE_CHECKING:
     from werkfluss import Settings
 
-    from .conftest import Server
     from .helpers import Cli
 
 ROW = re.compile(r"^ {0,3}(\d+) (.{22}) (\S+)\s+(\d*)\s+(\S*) \|(.{28})\|$")
 ANSI = re.compile(r"\033\[[0-9;]*m")
 gates: dict[str, anyio.Event] = {}
 RESET = (attempts, gates)  # What conftest's `wf` clears before each test.
-
-
-@pytest.fixture
-def cli(server: Server, prefix: str) -> Cli:
-    """Run the `werkfluss` console script against the test's server and prefix."""
-
-    async def run(*args: str, stdin: str | None = None) -> Any:
-        env = {**os.environ, **server.env, "WERKFLUSS_PREFIX": prefix}
-        env.pop("WERKFLUSS_REDIS_URL" if server.kind == "valkey" else "WERKFLUSS_DIR", None)
-        return await run_cli(*args, env=env, stdin=stdin)
-
-    return run
 
 
 @workflow(name="cli.waits")

@@ -5,7 +5,6 @@ imported the module declaring the queues (but the worker, which imports this one
 from __future__ import annotations
 
 import json
-import os
 import re
 import uuid
 from collections import Counter
@@ -13,16 +12,13 @@ from typing import TYPE_CHECKING, Any, cast
 
 import anyio
 import msgspec
-import pytest
 
 from werkfluss import Queue, Worker, enqueue_async, queue_info_async, step, workflow
 from werkfluss._store._open import open_store
 
-from .conftest import ROOT
 from .helpers import (
     every_server,  # noqa: F401 - the `server` fixture: each test runs on the cluster too
     one_line_error,
-    run_cli,
     statuses,
     until_all,
     until_status,
@@ -59,18 +55,6 @@ async def held(n: int) -> int:
 @workflow(name="cliq.echo")
 async def echo(n: int) -> int:
     return n
-
-
-@pytest.fixture
-def cli(server: Server, prefix: str) -> Cli:
-    """Run the `werkfluss` console script against the test's server and prefix."""
-
-    async def run(*args: str, stdin: str | None = None) -> Any:
-        env = {**os.environ, **server.env, "WERKFLUSS_PREFIX": prefix, "PYTHONPATH": str(ROOT)}
-        env.pop("WERKFLUSS_REDIS_URL" if server.kind == "valkey" else "WERKFLUSS_DIR", None)
-        return await run_cli(*args, env=env, stdin=stdin)
-
-    return run
 
 
 def entry_fields(fields: dict[bytes, bytes] | list[bytes]) -> dict[bytes, bytes]:

@@ -7,7 +7,7 @@ import json
 import os
 import uuid
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import anyio
 import pytest
@@ -15,7 +15,6 @@ import pytest
 from werkfluss import Schedule, Worker, list_runs_async, list_schedules_async, workflow
 from werkfluss import _schedules as schedules_registry
 
-from .conftest import ROOT
 from .helpers import every_server, one_line_error, run_cli, until_status  # noqa: F401 - every_server: `server`
 from .workers import Workers, server_env
 
@@ -37,16 +36,6 @@ async def tick(at: datetime) -> str:
 # Declared only in the worker process a test starts (others would serve it on their own prefixes).
 if os.environ.get("WF_CLI_SCHEDULE"):
     Schedule(os.environ["WF_CLI_SCHEDULE"], tick, every="1s")
-
-
-@pytest.fixture
-def cli(server: Server, prefix: str) -> Cli:
-    async def run(*args: str, stdin: str | None = None) -> Any:
-        env = {**os.environ, **server.env, "WERKFLUSS_PREFIX": prefix, "PYTHONPATH": str(ROOT)}
-        env.pop("WERKFLUSS_REDIS_URL" if server.kind == "valkey" else "WERKFLUSS_DIR", None)
-        return await run_cli(*args, env=env, stdin=stdin)
-
-    return run
 
 
 @pytest.fixture
