@@ -5,7 +5,19 @@ from __future__ import annotations
 
 import re
 
-from werkfluss._store import SCRIPTS, RunState, _flow, _hooks, _keys, _queue, _run_log, _runs, _schedules, _timers
+from werkfluss._store import (
+    SCRIPTS,
+    RunState,
+    _flow,
+    _fork,
+    _hooks,
+    _keys,
+    _queue,
+    _run_log,
+    _runs,
+    _schedules,
+    _timers,
+)
 
 DOC = _keys.__doc__ or ""
 
@@ -61,7 +73,7 @@ def _calls(source: str) -> list[tuple[str, str, list[str]]]:
 
 def test_every_state_field_a_run_script_touches_is_a_known_field() -> None:
     touched = set()
-    for script in (*_runs.SCRIPTS, *_run_log.SCRIPTS):
+    for script in (*_runs.SCRIPTS, *_run_log.SCRIPTS, *_fork.SCRIPTS):
         for command, key, args in _calls(script.source):
             if key != "KEYS[1]" or not command.startswith("H"):  # KEYS[1] is the state hash in every run script
                 continue
@@ -75,6 +87,7 @@ def test_scripts_are_listed_once_by_family() -> None:
     families = (
         *(_runs.SCRIPTS, _run_log.SCRIPTS, _hooks.SCRIPTS, _timers.SCRIPTS, _queue.SCRIPTS, _flow.SCRIPTS),
         _schedules.SCRIPTS,
+        _fork.SCRIPTS,
     )
     assert SCRIPTS == tuple(script for family in families for script in family)
     assert len({script.sha for script in SCRIPTS}) == len({script.name for script in SCRIPTS}) == len(SCRIPTS)

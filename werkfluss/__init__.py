@@ -10,7 +10,7 @@ in layers that import only downwards: pure (``_errors``, ``_ids``,
 ``_options``, ``_events``, ``_values``, ``_logging``, ``_holder``), the run
 context (``_context``), the store (``_store/``), the engine (``_engine/``),
 the API (``_wrappers``, ``_waits``, ``_sync``, ``_client``, ``_queries``,
-``_dead_letters``, ``_queue_info``, ``_schedule_info``) beside the worker (``_worker/``), and
+``_dead_letters``, ``_queue_info``, ``_schedule_info``, ``_fork``) beside the worker (``_worker/``), and
 the command line (``_cli/``); ``tests/test_exports.py`` checks every import
 against these layers. ``werkfluss.events`` names the log's events and
 ``werkfluss.testing`` holds helpers for users' test suites.
@@ -74,6 +74,7 @@ if _typing.TYPE_CHECKING:
         redrive,
         redrive_async,
     )
+    from ._fork import fork_run, fork_run_async
     from ._options import RetryPolicy, Settings
     from ._queries import (
         ErrorRecord,
@@ -152,6 +153,8 @@ __all__ = [
     "enqueue_async",
     "expire_hooks",
     "expire_hooks_async",
+    "fork_run",
+    "fork_run_async",
     "get_events",
     "get_events_async",
     "get_run",
@@ -251,6 +254,7 @@ _DEFINED_IN = {
     **dict.fromkeys(("Hook", "hook", "race", "sleep", "sleep_until"), "_waits"),
     **dict.fromkeys(("Step", "Workflow", "step", "workflow"), "_wrappers"),
     "Queue": "_queues",
+    **dict.fromkeys(("fork_run", "fork_run_async"), "_fork"),
     **dict.fromkeys(
         (
             "ScheduleInfo",

@@ -141,6 +141,9 @@ class RunInfo(RunSummary, frozen=True, kw_only=True):
             ``options(deadline=...)``, counted from its creation on the timer clock),
             else None. A run cancelled for its deadline has a `cancel_reason` naming it.
         timed_out: Whether the run was cancelled because its deadline passed.
+        forked_from: ``"<run>@<seq>"`` for a run started by `fork_run`: the run whose
+            recorded calls before seq it replays; else None.
+        forks: The runs forked from this one, oldest first.
     """
 
     args: list[Any] = []
@@ -157,6 +160,8 @@ class RunInfo(RunSummary, frozen=True, kw_only=True):
     waiting_on: str | None = None
     deadline: datetime | None = None
     timed_out: bool = False
+    forked_from: str | None = None
+    forks: list[str] = []
 
 
 class RunPage(msgspec.Struct, frozen=True, kw_only=True):
@@ -210,6 +215,8 @@ async def get_run_async(run_id: str, *, settings: Settings | None = None) -> Run
         waiting_on=await waiting_on(store, run_id, state),
         deadline=_time(state.deadline) if state.deadline else None,
         timed_out=status == "cancelled" and is_deadline_reason(state.cancel),
+        forked_from=state.forked_from or None,
+        forks=state.forks.split(),
     )
 
 

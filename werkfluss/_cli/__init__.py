@@ -1,7 +1,7 @@
 """The `werkfluss` command line (also ``python -m werkfluss``).
 
 Commands:
-    werkfluss runs list|show|cancel|resume ...       see and steer runs
+    werkfluss runs list|show|cancel|resume|fork ...  see and steer runs
     werkfluss hooks send TOKEN JSON | list           deliver to hooks, see what waits
     werkfluss worker MODULE[:ATTR] ... [--queue NAME]  serve the workflows these modules define
     werkfluss queues list | show NAME                the queues: limits, waiting, running, busiest keys
@@ -53,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="werkfluss", description="Durable workflows on Redis streams.")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    runs = commands.add_parser("runs", help="list runs, draw a run's timeline, cancel or resume a run")
+    runs = commands.add_parser("runs", help="list runs, draw a run's timeline, cancel, resume or fork a run")
     runs_actions = runs.add_subparsers(dest="action", required=True)
     listing = runs_actions.add_parser("list", help="runs, newest first")
     listing.add_argument("--status", choices=STATUSES, help="only runs in this status")
@@ -68,7 +68,13 @@ def _parser() -> argparse.ArgumentParser:
     cancel.add_argument("--reason", default="cancelled from the command line", help="recorded in the run's log")
     resume = runs_actions.add_parser("resume", help="put a failed, blocked or stuck run back on the queue")
     resume.add_argument("run_id")
-    for sub, reads in ((listing, True), (show, True), (cancel, False), (resume, False)):
+    fork = runs_actions.add_parser(
+        "fork", help="a new run that replays the calls before --from-seq and executes the rest with the current code"
+    )
+    fork.add_argument("run_id")
+    fork.add_argument("--from-seq", type=int, required=True, metavar="N", help="the first call to execute again")
+    fork.add_argument("--run-id", dest="new_run_id", metavar="NEW", help="the new run's ID (default <run>~fork-<k>)")
+    for sub, reads in ((listing, True), (show, True), (cancel, False), (resume, False), (fork, False)):
         _connection(sub, json=reads)
 
     hooks = commands.add_parser("hooks", help="deliver a hook payload, list payloads no run took yet")

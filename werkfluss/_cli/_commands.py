@@ -25,6 +25,7 @@ import msgspec
 from .._client import cancel_async, invoke_hook_async, pending_hooks_async, resume_async
 from .._dead_letters import dead_letters_async, redrive_async
 from .._errors import ConfigurationError, RunNotFoundError, WerkflussError
+from .._fork import fork_run_async
 from .._options import Settings, redact
 from .._queries import event_dict, get_events_async, get_run_async, list_runs_async
 from .._queue_info import list_queues_async, queue_info_async
@@ -113,7 +114,7 @@ def _colour(choice: str) -> bool:
 
 
 async def runs(args: argparse.Namespace) -> int:
-    """``werkfluss runs list|show|cancel|resume``."""
+    """``werkfluss runs list|show|cancel|resume|fork``."""
     settings = _existing(args)
     try:
         return await _runs(args, settings)
@@ -154,6 +155,10 @@ async def _runs(args: argparse.Namespace, settings: Settings) -> int:
         # holds is only asked to stop (at its next step boundary): its status says which.
         status = (await get_run_async(args.run_id, settings=settings)).status
         print(f"run {args.run_id}: {_cancelled(status) if acted else f'already {status}, nothing to cancel'}")
+        return 0
+    if args.action == "fork":
+        forked = await fork_run_async(args.run_id, args.from_seq, new_run_id=args.new_run_id, settings=settings)
+        print(forked)
         return 0
     before = await resume_async(args.run_id, settings=settings)
     print(f"run {args.run_id} ({before}) is back on the queue: a worker will resume it")

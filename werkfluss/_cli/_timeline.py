@@ -231,6 +231,11 @@ def render(run: RunInfo, events: list[AnyEvent], *, colour: bool = False, now: f
     title = paint("bold", f"run {run.run_id}") + f" · {run.workflow} · " + paint(_status_colour(run.status), run.status)
     facts = f"created {run.created:%Y-%m-%d %H:%M:%S} UTC · {duration(t1 - t0)} · {len(events)} events"
     out = [_fit(title, glyphs), _fit(facts + (f" · parent {run.parent}" if run.parent else ""), glyphs)]
+    if run.forked_from or run.forks:
+        origin = run.forked_from.rpartition("@") if run.forked_from else None
+        links = [f"forked from {origin[0]} at seq {origin[2]}"] if origin else []
+        links += [f"forks: {', '.join(run.forks)}"] if run.forks else []
+        out.append(_fit(" · ".join(links), glyphs))
     if run.queue != "default" or run.due:  # the default queue goes without saying
         out.append(_fit(f"queue {run.queue}" + (f" · due {run.due:%Y-%m-%d %H:%M:%S} UTC" if run.due else ""), glyphs))
     if run.deadline:

@@ -3,8 +3,9 @@
 `RedisStore` is composed of one class per family of keys, each in its own
 module with the Lua it sends, and all on one connection (`_connect`):
 
-- `_runs` (who holds a run), `_run_log` (what it records: the hot path) and
-  `_run_reads` (what its keys hold): ``P{R}:state``, ``:log``, ``:steps``, the run index;
+- `_runs` (who holds a run), `_run_log` (what it records: the hot path),
+  `_run_reads` (what its keys hold) and `_fork` (a run started from another's
+  log): ``P{R}:state``, ``:log``, ``:steps``, the run index;
 - `_hooks`: a hook token's mailbox (``P{hook:T}:...``);
 - `_timers`, `_queue` and `_flow`: each queue partition's stream, timers, dead
   letters and flow control (``P{q}:...``, ``P{q:N}:...``).
@@ -21,10 +22,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Protocol
 
-from . import _flow, _hooks, _queue, _run_log, _runs, _schedules, _timers
+from . import _flow, _fork, _hooks, _queue, _run_log, _runs, _schedules, _timers
 from ._connect import Script
 from ._deadline import CALL_DEADLINE, SOCKET_TIMEOUT
 from ._flow import QueueFigures, RedisFlow
+from ._fork import RedisForks
 from ._hooks import RedisHooks
 from ._keys import RunState, StateField
 from ._queue import RedisQueue
@@ -65,6 +67,7 @@ SCRIPTS: tuple[Script, ...] = (
     *_queue.SCRIPTS,
     *_flow.SCRIPTS,
     *_schedules.SCRIPTS,
+    *_fork.SCRIPTS,
 )
 """Every Lua script the store runs, by family (for tools naming an ``EVALSHA`` by its SHA)."""
 
@@ -382,7 +385,9 @@ class Store(RunStore, HookStore, QueueStore, Protocol):
     """All three: what an executing run asks of the store (`RedisStore` is one)."""
 
 
-class RedisStore(RedisRuns, RedisRunLog, RedisRunReads, RedisHooks, RedisTimers, RedisQueue, RedisFlow, RedisSchedules):
+class RedisStore(
+    RedisRuns, RedisRunLog, RedisRunReads, RedisHooks, RedisTimers, RedisQueue, RedisFlow, RedisSchedules, RedisForks
+):
     """The run log and run state, hooks, timers and the queue on one Redis/Valkey server or one Redis Cluster.
 
     Connect with `RedisStore.connect`; on a cluster every script's keys share

@@ -75,6 +75,8 @@ State fields (``P{R}:state``):
     due          when its delayed start is due (ms; absent for a run that starts at once)
     deadline     when the run's deadline passes (ms, on the timer clock; absent for none)
     allowed      how long the deadline allowed from the run's creation (ms)
+    forked_from  ``<run>@<seq>``: the run whose calls before seq this one replays (`fork_run`)
+    forks        the runs forked from this one, space-separated
 """
 
 from __future__ import annotations
@@ -138,6 +140,7 @@ CREATED, UPDATED, ARGS, PARENT = "created", "updated", "args", "parent"
 RESULT, ERROR, CANCEL, WAITING = "result", "error", "cancel", "waiting"
 FAILED_SEQ, RETRY_SEQ, RETRY_INDEX = "failed_seq", "retry_seq", "retry_index"
 QUEUE_TAG, DUE, DEADLINE, ALLOWED = "queue", "due", "deadline", "allowed"
+FORKED_FROM, FORKS = "forked_from", "forks"
 
 StateField = Literal[
     "status",
@@ -161,6 +164,8 @@ StateField = Literal[
     "due",
     "deadline",
     "allowed",
+    "forked_from",
+    "forks",
 ]
 """A field of a run's state hash."""
 
@@ -215,6 +220,8 @@ class RunState(msgspec.Struct, frozen=True, kw_only=True):
     due: int | None = None
     deadline: int | None = None
     allowed: int | None = None
+    forked_from: str = ""
+    forks: str = ""
 
     @classmethod
     def from_hash(cls, raw: Mapping[Any, bytes | None]) -> RunState:
@@ -254,6 +261,8 @@ _KINDS: dict[str, type | None] = {
     "parent": str,
     "cancel": str,
     "queue": str,
+    "forked_from": str,
+    "forks": str,
     "due": None,
     "deadline": None,
     "allowed": None,
