@@ -17,6 +17,15 @@ reports the first divergence: the sequence number, the step the log
 recorded there and the step the code now calls. Runs can also be checked
 offline from saved events (``events=`` a list from `werkfluss.get_events`).
 
+**The pre-deploy check.** `check_deploy(module)` (``werkfluss check MODULE``)
+replays every in-flight run of the module's workflows the same way and says
+which would block on this code: a divergence, or a recorded result that no
+longer decodes to its step's annotation (`DeployCheck.ok`, `DeployCheck.blocking`)::
+
+    def test_the_deploy_blocks_no_run() -> None:
+        report = check_deploy("app.flows")
+        assert report.ok, [v.describe() for v in report.blocking]
+
 **A throwaway server.** With pytest, werkfluss's plugin (loaded when
 werkfluss is installed) gives two fixtures: ``werkfluss_server``, an
 embedded Valkey server in a temporary directory for the whole session,
@@ -35,6 +44,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from ._check import (
+    DeployCheck,
+    Mismatch,
+    RunVerdict,
+    SchemaProblem,
+    check_deploy,
+    check_deploy_async,
+    iter_check_async,
+)
 from ._engine._executor import Body, RunExecutor
 from ._engine._replay import Replay
 from ._errors import ConfigurationError
@@ -50,12 +68,19 @@ if TYPE_CHECKING:
     from ._wrappers import Workflow
 
 __all__ = [
+    "DeployCheck",
     "Divergence",
+    "Mismatch",
     "ReplayCheck",
+    "RunVerdict",
+    "SchemaProblem",
     "TestClock",
     "assert_replays",
+    "check_deploy",
+    "check_deploy_async",
     "check_replay",
     "check_replay_async",
+    "iter_check_async",
     "throwaway_server",
 ]
 

@@ -4,6 +4,7 @@ Commands:
     werkfluss runs list|show|cancel|resume|fork ...  see and steer runs
     werkfluss hooks send TOKEN JSON | list           deliver to hooks, see what waits
     werkfluss worker MODULE[:ATTR] ... [--queue NAME]  serve the workflows these modules define
+    werkfluss check MODULE[:ATTR] ... [--json]       replay the in-flight runs against this code (pre-deploy)
     werkfluss queues list | show NAME                the queues: limits, waiting, running, busiest keys
     werkfluss dead list | redrive ID... | redrive --all   dead letters of the queues
     werkfluss schedules list | show|pause|resume|trigger NAME   cron and interval schedules
@@ -33,6 +34,7 @@ from .._queues import Queue, declared_queues, queue_named
 from .._store._embedded import ensure_server, server_status, stop_server
 from .._sync import blocking
 from .._worker import Worker
+from ._check import check
 from ._commands import dead, hooks, print_json, queues, runs, settings_of
 from ._schedules import schedules
 
@@ -105,6 +107,14 @@ def _parser() -> argparse.ArgumentParser:
         help="logging level (default INFO)",
     )
     _connection(worker)
+
+    checking = commands.add_parser(
+        "check", help="replay every in-flight run against this code, executing no step: exit 1 if any would block"
+    )
+    checking.add_argument("modules", nargs="+", metavar="MODULE[:ATTR]", help="modules that define the workflows")
+    checking.add_argument("--workflow", metavar="ID", help="only the runs of this workflow ID")
+    checking.add_argument("--limit", type=int, metavar="N", help="check at most N runs (default: all)")
+    _connection(checking, json=True)
 
     queues = commands.add_parser("queues", help="the queues: limits in force, runs waiting and running")
     queues_actions = queues.add_subparsers(dest="action", required=True)
@@ -283,6 +293,8 @@ def _command(args: argparse.Namespace) -> int:
         return _worker(args)
     if args.command == "server":
         return _server(args)
+    if args.command == "check":
+        return check(args)
     command = {"runs": runs, "hooks": hooks, "dead": dead, "queues": queues, "schedules": schedules}[args.command]
     return blocking(args.command, lambda: command(args))
 
