@@ -109,3 +109,17 @@ async def appended(order: str) -> str:
 async def argtyped(order: int) -> str:  # v1 took the order as a string
     await a(str(order))
     return "done"
+
+
+class Approval(msgspec.Struct, frozen=True):
+    """Version 2's approval payload: an amount is now required (version 1's payloads had only a note)."""
+
+    note: str
+    amount: int
+
+
+@workflow(name="chk.payload")
+async def payload(order: str) -> str:
+    approval = await hook(f"pay:{order}", type=Approval)
+    await a(order)
+    return approval.note + str(await hook(f"go:{order}", type=bool))

@@ -19,6 +19,7 @@ from werkfluss import (
     StepFailedError,
     _ids,
     enqueue_async,
+    get_events_async,
     hook,
     invoke_hook_async,
     start_async,
@@ -26,6 +27,7 @@ from werkfluss import (
     workflow,
 )
 from werkfluss._check import check_deploy, check_deploy_async, iter_check_async
+from werkfluss.events import RunPaused
 from werkfluss.testing import check_replay_async
 
 from . import check_flows
@@ -326,3 +328,28 @@ async def test_patch_markers_are_reported_with_each_runs_branch(wf: Settings, re
     report = await check_deploy_async(v2, settings=wf)
     assert report.ok and (report.clean, report.patched) == (2, 2) and executions == {}
     assert report.summary() == "2 runs: 2 clean (2 patched), 0 diverge, 0 schema"
+
+
+async def test_a_recorded_hook_payload_that_no_longer_decodes(wf: Settings, registry: dict[str, Any]) -> None:
+    _ids._registry.pop("chk.payload", None)
+
+    @workflow(name="chk.payload")
+    async def v1(order: str) -> str:
+        approval = await hook(f"pay:{order}", type=dict)
+        await a(order)
+        return str(approval) + str(await hook(f"go:{order}", type=bool))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(lambda: start_async(v1.options(run_id="pay-1", settings=wf), "pay-1"))
+        await until_status(wf, "pay-1", "paused")
+        await invoke_hook_async("pay:pay-1", {"note": "ok"}, settings=wf)
+        with anyio.fail_after(10):  # paused again, on its second hook
+            while sum(isinstance(e, RunPaused) for e in await get_events_async("pay-1", settings=wf)) < 2:
+                await anyio.sleep(0.01)
+        tg.cancel_scope.cancel()
+    restore(registry)
+    (verdict,) = [v async for v in iter_check_async(check_flows.payload, settings=wf)]
+    assert verdict.verdict == "schema" and verdict.mismatch is None
+    (problem,) = verdict.schema
+    assert (problem.seq, problem.owner, problem.where) == (1, "hook 'pay:pay-1'", "payload")
+    assert "missing required field `amount`" in problem.error
