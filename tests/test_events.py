@@ -28,6 +28,7 @@ from werkfluss._events import (
     ErrorInfo,
     Event,
     HookReceived,
+    PatchMarked,
     RaceWon,
     RunBlocked,
     RunCancelled,
@@ -551,6 +552,7 @@ ALL_EVENTS: list[AnyEvent] = [
     TimerStarted(8.5, 3, 86408.5),
     HookReceived(9.0, 4, "approve:7", 1, "1700000000000-0", msgspec.Raw(encode_value({"ok": True}))),
     RaceWon(9.5, 5, 1),
+    PatchMarked(9.75, "charge-v2", 6),
     RunCancelled(10.0, "customer asked"),
 ]
 
@@ -576,6 +578,7 @@ def test_events_are_compact_tagged_arrays() -> None:
     assert set(tags) == {
         "run-started", "run-resumed", "step-completed", "step-failed", "run-completed", "run-failed", "run-blocked",
         "run-paused", "timer-started", "hook-received", "race-won", "run-cancelled",
+        "patch-marked",
     }  # fmt: skip
 
 

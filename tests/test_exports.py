@@ -123,7 +123,7 @@ LAYER_OF = {
     "werkfluss._context": "context",
     "werkfluss._wrappers": "api", "werkfluss._waits": "api", "werkfluss._sync": "api", "werkfluss._client": "api",
     "werkfluss._queries": "api", "werkfluss._dead_letters": "api", "werkfluss._queue_info": "api",
-    "werkfluss._schedule_info": "api",
+    "werkfluss._schedule_info": "api", "werkfluss._patches": "api",
     "werkfluss._test_clock": "api", "werkfluss._fork": "api", "werkfluss._check": "api",
 }  # fmt: skip
 FOLDERS = {

@@ -76,6 +76,7 @@ if _typing.TYPE_CHECKING:
     )
     from ._fork import fork_run, fork_run_async
     from ._options import RetryPolicy, Settings
+    from ._patches import deprecate_patch, patched
     from ._queries import (
         ErrorRecord,
         RunInfo,
@@ -149,6 +150,7 @@ __all__ = [
     "cancel_async",
     "dead_letters",
     "dead_letters_async",
+    "deprecate_patch",
     "enqueue",
     "enqueue_async",
     "expire_hooks",
@@ -168,6 +170,7 @@ __all__ = [
     "list_runs_async",
     "list_schedules",
     "list_schedules_async",
+    "patched",
     "pause_schedule",
     "pause_schedule_async",
     "pending_hooks",
@@ -252,6 +255,7 @@ _DEFINED_IN = {
         ("KeyLoad", "QueueInfo", "list_queues", "list_queues_async", "queue_info", "queue_info_async"), "_queue_info"
     ),
     **dict.fromkeys(("Hook", "hook", "race", "sleep", "sleep_until"), "_waits"),
+    **dict.fromkeys(("deprecate_patch", "patched"), "_patches"),
     **dict.fromkeys(("Step", "Workflow", "step", "workflow"), "_wrappers"),
     "Queue": "_queues",
     **dict.fromkeys(("fork_run", "fork_run_async"), "_fork"),

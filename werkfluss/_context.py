@@ -103,6 +103,12 @@ class Runner(Protocol):
     async def race(self, seq: int, awaitables: list[Awaitable[Any]]) -> tuple[int, Any]:
         """The index and value of the first of `awaitables` to finish."""
 
+    def patched(self, name: str, seq: int) -> bool:
+        """Whether the body takes patch `name`'s new branch, reached before call `seq`."""
+
+    def deprecate_patch(self, name: str, seq: int) -> None:
+        """Patch `name`'s old branch is gone; reached before call `seq`."""
+
 
 @dataclass(eq=False, slots=True)
 class RunContext:
@@ -116,6 +122,10 @@ class RunContext:
         """Hand out the next step sequence number (1-based)."""
         self._seq += 1
         return self._seq
+
+    def upcoming(self) -> int:
+        """The sequence number the next call will take, without taking it."""
+        return self._seq + 1
 
 
 @dataclass(frozen=True, slots=True)

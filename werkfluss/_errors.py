@@ -118,7 +118,9 @@ class NonDeterminismError(WerkflussError):
     the run again.
     """
 
-    def __init__(self, run_id: str, seq: int, recorded: str, called: str, *, arguments: str | None = None) -> None:
+    def __init__(
+        self, run_id: str, seq: int, recorded: str, called: str, *, arguments: str | None = None, hint: str = ""
+    ) -> None:
         if arguments is None:
             message = (
                 f"run {run_id!r}: step #{seq} was recorded as {recorded!r} but the workflow now "
@@ -134,12 +136,15 @@ class NonDeterminismError(WerkflussError):
                 f"and earlier steps' results, or declare the step @step(check_args=False) if it "
                 f"legitimately takes a changing value."
             )
+        if hint:  # what else is known about the change, e.g. a patch deprecated too early
+            message = f"{message} {hint}"
         super().__init__(message)
         self.run_id = run_id
         self.seq = seq
         self.recorded = recorded
         self.called = called
         self.arguments = arguments
+        self.hint = hint
 
 
 class StepFailedError(WerkflussError):

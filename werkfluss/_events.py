@@ -30,6 +30,7 @@ __all__ = [
     "ErrorInfo",
     "Event",
     "HookReceived",
+    "PatchMarked",
     "RaceWon",
     "RunBlocked",
     "RunCancelled",
@@ -183,6 +184,17 @@ class RaceWon(Event, tag="race-won", frozen=True, array_like=True):
     index: int
 
 
+class PatchMarked(Event, tag="patch-marked", frozen=True, array_like=True):
+    """``patched(name)`` first returned True here, with `seq` the next call's sequence number.
+
+    Takes no sequence number of its own: the calls after it are numbered as in
+    a run recorded before the patch, so such a run still replays (`_engine._patches`).
+    """
+
+    name: str
+    seq: int
+
+
 class RunCancelled(Event, tag="run-cancelled", frozen=True, array_like=True):
     """The run was cancelled, with the canceller's `reason`."""
 
@@ -217,6 +229,7 @@ AnyEvent: TypeAlias = (
     | TimerStarted
     | HookReceived
     | RaceWon
+    | PatchMarked
     | RunCompleted
     | RunFailed
     | RunBlocked

@@ -41,7 +41,7 @@ same server: by itself whenever nothing else goes on (auto mode, the
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ._check import (
@@ -112,11 +112,14 @@ class ReplayCheck:
         run_id: The run checked.
         replayed: How many recorded calls the current code made again, in order.
         divergence: The first mismatch, or None when the code replays the run.
+        patches: The branch each ``patched(name)`` took on this replay (True: the
+            new one; a run that has not reached it yet would take the new one).
     """
 
     run_id: str
     replayed: int
     divergence: Divergence | None
+    patches: dict[str, bool] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -159,7 +162,8 @@ async def check_replay_async(
     checker = RunExecutor.replayer(workflow, run_id, replay)
     outcome = await checker.replay_body(args, kwargs)
     failed = next((e for e in reversed(events) if isinstance(e, RunFailed)), None)
-    return ReplayCheck(run_id, len(checker.reached or ()), _divergence(checker, outcome, failed))
+    reached = len(checker.reached or ())
+    return ReplayCheck(run_id, reached, _divergence(checker, outcome, failed), dict(checker.patches))
 
 
 def check_replay(

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 from .._events import (
     AnyEvent,
     HookReceived,
+    PatchMarked,
     RaceWon,
     RunBlocked,
     RunCancelled,
@@ -139,6 +140,12 @@ def rows(events: list[AnyEvent], *, now: float | None = None) -> list[Row]:
             out.append(_moment("sleep", event.seq, "sleep", sleep, event.time, end=event.due, span="sleep"))
         elif isinstance(event, RaceWon):
             out.append(_moment("race", event.seq, "race", f"won by #{event.index}", event.time))
+        elif isinstance(event, PatchMarked):
+            # No seq of its own: the call after it has that number.
+            when, note = event.time, f"new branch, before #{event.seq}"
+            mark = Row("patch", None, f"patched {event.name!r}", note, start=when, end=when)
+            mark.spans.append((when, when, "mark"))
+            out.append(mark)
         elif isinstance(event, RunPaused):
             pause = Row("pause", None, "paused", "", start=event.time, end=event.time)
             pause.notes.append(f"waiting for {describe(event.waits)}")

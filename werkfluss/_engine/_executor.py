@@ -30,6 +30,7 @@ from .._logging import log, note
 from .._options import Settings
 from .._values import convert_value, encode_checked
 from ._cancel import cancel_run, child_reason
+from ._patches import PatchCalls
 from ._pause import Paused, Released, wait_for_wake
 from ._run_deadline import cancelled_error
 from ._run_deadline import watch as watch_deadline
@@ -61,7 +62,7 @@ class Body:
     error: BaseException | None = None
 
 
-class RunExecutor(StepCalls, WaitCalls):
+class RunExecutor(PatchCalls, StepCalls, WaitCalls):
     """Runs one workflow body for a run this process holds (epoch `epoch`), and concludes it."""
 
     @classmethod
@@ -267,6 +268,7 @@ class RunExecutor(StepCalls, WaitCalls):
         # A child driven by its parent's process needs no wake-up call: the
         # parent is awaiting it. One resumed on its own wakes its parent, and
         # first sets a later wake-up in case this process dies in between.
+        await self.flush_marks()  # a replay of the ended run must find them
         parent_queue = ""
         if self.parent and not self.inline:
             parent_queue = await self.store.queue_of(self.parent)
@@ -281,6 +283,7 @@ class RunExecutor(StepCalls, WaitCalls):
 
     async def _park(self, waits: list[Waiting]) -> Any:
         """Record that the run waits for `waits`, and arrange to be woken."""
+        await self.flush_marks()  # before the pause: its waits would count as passed the patch
         encoded = _waits_encoder.encode(waits)
         paused = encode_event(RunPaused(time.time(), waits))
         cancel = await self.store.pause(self.run_id, self.epoch, paused, encoded, seen=self.events)

@@ -11,12 +11,14 @@ from __future__ import annotations
 from .._events import (
     AnyEvent,
     HookReceived,
+    PatchMarked,
     RaceWon,
     RunPaused,
     RunStarted,
     StepCompleted,
     StepFailed,
     TimerStarted,
+    Waiting,
 )
 
 __all__ = ["Replay", "entry_key"]
@@ -44,10 +46,12 @@ class Replay:
         "failed",
         "hooks",
         "labels",
+        "patches",
         "paused",
         "races",
         "started",
         "timers",
+        "waits",
     )
 
     def __init__(self) -> None:
@@ -59,6 +63,8 @@ class Replay:
         self.cursors: dict[str, str] = {}  # token -> last mailbox entry the run took
         self.timers: dict[int, float] = {}
         self.races: dict[int, int] = {}
+        self.patches: dict[str, int] = {}  # patch name -> the seq its marker was recorded at
+        self.waits: list[Waiting] = []  # what the run waited for in its pauses
         self.started: RunStarted | None = None
         self.paused = False  # the run paused before: it may have a timer entry
         self.count = 0
@@ -96,3 +102,6 @@ class Replay:
             self.started = event
         elif isinstance(event, RunPaused):
             self.paused = True
+            self.waits.extend(event.waits)
+        elif isinstance(event, PatchMarked):
+            self.patches.setdefault(event.name, event.seq)
