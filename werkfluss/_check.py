@@ -53,6 +53,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DeployCheck",
+    "Found",
     "Mismatch",
     "RunVerdict",
     "SchemaProblem",
@@ -60,6 +61,7 @@ __all__ = [
     "check_deploy",
     "check_deploy_async",
     "check_events",
+    "first_mismatch",
     "in_flight_workflows",
     "iter_check_async",
     "steps_of",
@@ -507,19 +509,39 @@ def _reason(error: SerializationError) -> str:
     return head if sep else rest or text
 
 
-def _mismatch(checker: RunExecutor, outcome: Body, events: list[AnyEvent]) -> Mismatch | None:
-    """The first mismatch the replayer found between the code and the log.
+@dataclass(frozen=True, slots=True)
+class Found:
+    """The first mismatch between a replayed run's code and its log (see `first_mismatch`).
 
-    The rule of `werkfluss.testing.check_replay` (tests/test_check.py holds the two
-    to the same answers): the API layer cannot import the testing module.
+    Attributes:
+        kind: ``"call"`` (the code calls something else at `seq`), ``"missing"`` (it ended
+            without calling what the log recorded at `seq`), ``"outcome"`` (it raises what
+            the log did not record).
+        seq: The recorded call's sequence number (None for ``"outcome"``).
+        recorded: What the log recorded there, or the recorded error type, or ``"nothing"``.
+        did: What the code did instead: the call it makes, ``"returned"``/``"raised X"``,
+            or the error type it raises now.
+        arguments: For ``"call"``, the arguments that differ when that is the difference.
+        message: All of it in one sentence.
+    """
+
+    kind: str
+    seq: int | None
+    recorded: str
+    did: str
+    arguments: str | None
+    message: str
+
+
+def first_mismatch(checker: RunExecutor, outcome: Body, failed: RunFailed | None) -> Found | None:
+    """The first mismatch a `RunExecutor.replayer` found between the code and the log, or None.
+
+    The one rule behind `werkfluss check` and `werkfluss.testing.check_replay`; each words it its own way.
     """
     where = f"run {checker.run_id!r}"
-    failed = next((e for e in reversed(events) if isinstance(e, RunFailed)), None)
     if checker.diverged is not None:
         d = checker.diverged
-        args = _recorded_args(events, d.seq)
-        current = f"calls {d.called!r}" if d.arguments is None else f"calls it with {d.arguments}"
-        return Mismatch(d.seq, d.recorded, args, current, str(d))
+        return Found("call", d.seq, d.recorded, d.called, d.arguments, str(d))
     if checker.frontier is not None:
         return None  # the code got past everything recorded before this point
     reached = checker.reached or set()
@@ -529,14 +551,30 @@ def _mismatch(checker: RunExecutor, outcome: Body, events: list[AnyEvent]) -> Mi
         recorded = checker.replay.labels[seq]
         ended = "returned" if outcome.returned else f"raised {type(outcome.error).__name__}"
         message = f"{where}: step #{seq} was recorded as {recorded!r} but the workflow now {ended} without calling it"
-        return Mismatch(seq, recorded, _recorded_args(events, seq), f"{ended} without calling it", message)
+        return Found("missing", seq, recorded, ended, None, message)
     if outcome.error is not None:
         now = ErrorInfo.from_exception(outcome.error)
         if failed is None or failed.error.type != now.type:
             before = f"recorded {failed.error.type}" if failed else "did not record a failure there"
             message = f"{where}: the workflow now raises {now.type}: {now.message}; the log {before}"
-            return Mismatch(None, failed.error.type if failed else "nothing", None, f"raises {now.type}", message)
+            return Found("outcome", None, failed.error.type if failed else "nothing", now.type, None, message)
     return None
+
+
+def _mismatch(checker: RunExecutor, outcome: Body, events: list[AnyEvent]) -> Mismatch | None:
+    """`first_mismatch`, with the recorded step's arguments, worded for the check's report."""
+    failed = next((e for e in reversed(events) if isinstance(e, RunFailed)), None)
+    found = first_mismatch(checker, outcome, failed)
+    if found is None:
+        return None
+    if found.kind == "call":
+        current = f"calls {found.did!r}" if found.arguments is None else f"calls it with {found.arguments}"
+    elif found.kind == "missing":
+        current = f"{found.did} without calling it"
+    else:
+        current = f"raises {found.did}"
+    args = None if found.seq is None else _recorded_args(events, found.seq)
+    return Mismatch(found.seq, found.recorded, args, current, found.message)
 
 
 def _recorded_args(events: list[AnyEvent], seq: int) -> str | None:

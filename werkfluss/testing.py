@@ -51,12 +51,13 @@ from ._check import (
     SchemaProblem,
     check_deploy,
     check_deploy_async,
+    first_mismatch,
     iter_check_async,
 )
 from ._engine._executor import Body, RunExecutor
 from ._engine._replay import Replay
 from ._errors import ConfigurationError
-from ._events import ErrorInfo, RunFailed, RunStarted
+from ._events import RunFailed, RunStarted
 from ._queries import get_events_async
 from ._store._embedded import throwaway_server
 from ._sync import blocking
@@ -192,28 +193,12 @@ def assert_replays(
 
 
 def _divergence(checker: RunExecutor, outcome: Body, failed: RunFailed | None) -> Divergence | None:
-    """The first mismatch a `RunExecutor.replayer` found between the code and the log."""
-    where = f"run {checker.run_id!r}"
-    if checker.diverged is not None:
-        d = checker.diverged
-        return Divergence(d.seq, d.recorded, d.called, str(d))
-    if checker.frontier is not None:
-        return None  # the code got past everything recorded before this point
-    reached = checker.reached or set()
-    missing = sorted(seq for seq in checker.replay.labels if seq not in reached)
-    if missing:
-        seq = missing[0]
-        recorded = checker.replay.labels[seq]
-        ended = "returned" if outcome.returned else f"raised {type(outcome.error).__name__}"
-        message = f"{where}: step #{seq} was recorded as {recorded!r} but the workflow now {ended} without calling it"
-        return Divergence(seq, recorded, f"nothing: the workflow {ended}", message)
-    if outcome.error is not None:
-        now = ErrorInfo.from_exception(outcome.error)
-        if failed is None or failed.error.type != now.type:
-            before = f"recorded {failed.error.type}" if failed else "did not record a failure there"
-            message = f"{where}: the workflow now raises {now.type}: {now.message}; the log {before}"
-            return Divergence(None, failed.error.type if failed else "nothing", now.type, message)
-    return None
+    """The first mismatch a `RunExecutor.replayer` found between the code and the log (`first_mismatch`)."""
+    found = first_mismatch(checker, outcome, failed)
+    if found is None:
+        return None
+    current = f"nothing: the workflow {found.did}" if found.kind == "missing" else found.did
+    return Divergence(found.seq, found.recorded, current, found.message)
 
 
 try:
